@@ -1,0 +1,127 @@
+"""The main flow end to end on make-demo data with tiny backbones: finetune, evaluate, resume, predict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vtransfer.api as api
+from vtransfer.data.demo import make_demo
+from vtransfer.models.registry import build_backbone
+from vtransfer.weights.checkpoint import save_checkpoint
+
+FAST = dict(epochs=2, batch_size=8, clips_per_video=2, val_clips=1, workers=0, patience=0, device="cpu", cache="memory")
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """Three appearance and three motion classes, 6 videos each (tiny)."""
+    root = tmp_path_factory.mktemp("demo") / "target"
+    make_demo(root, class_set="target", videos_per_class=6, frames=16, size=48, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Random-init tiny checkpoints standing in for pretrained weights, one per backbone."""
+    folder = tmp_path_factory.mktemp("pretrained")
+    out = {}
+    for name in ("i3d", "vivit", "slowfusion"):
+        torch.manual_seed(1)
+        m = build_backbone(name, "tiny", num_classes=7)
+        out[name] = save_checkpoint(folder / f"{name}.safetensors", m, classes=[f"src{i}" for i in range(7)],
+                                    source={"dataset": "synthetic-source", "classes": 7})
+    return out
+
+
+def _kw(name):
+    return dict(backbone=name, preset="tiny", size=48 if name != "vivit" else None, **FAST)
+
+
+def test_top_layer_changes_only_the_classifier(demo_data, pretrained, tmp_path):
+    res = api.finetune(demo_data, policy="top-layer", weights=str(pretrained["i3d"]), out=tmp_path / "run", **_kw("i3d"))
+    before, after = load_file(pretrained["i3d"]), load_file(res.model_path)
+    changed = {k for k in after if k in before and before[k].shape == after[k].shape and not torch.equal(before[k], after[k])}
+    assert changed == set()  # only the (replaced, differently shaped) classifier differs
+    assert {k for k in after if before.get(k) is None or before[k].shape != after[k].shape} == {"logits.conv3d.weight", "logits.conv3d.bias"}
+    # the run folder holds what the issue lists
+    for f in ("config.json", "split.csv", "metrics.jsonl", "model.safetensors", "report/report.json", "report/per_class.csv"):
+        assert (res.run_dir / f).exists(), f
+    assert len((res.run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_temporal_on_vivit_changes_only_temporal_and_head(demo_data, pretrained, tmp_path):
+    res = api.finetune(demo_data, policy="temporal", weights=str(pretrained["vivit"]), out=tmp_path / "run", **_kw("vivit"))
+    before, after = load_file(pretrained["vivit"]), load_file(res.model_path)
+    m = build_backbone("vivit", "tiny", num_classes=6)
+    group_of = {p: g.name for g in m.layer_groups() for p in g.params}
+    changed_groups = {group_of[k] for k in after if k in group_of and (k not in before or before[k].shape != after[k].shape or not torch.equal(before[k], after[k]))}
+    assert changed_groups and all(g.startswith("temporal") or g == "head" for g in changed_groups)
+    assert any(g.startswith("temporal") for g in changed_groups)
+
+
+def test_frozen_batchnorm_stats_unchanged(demo_data, pretrained, tmp_path):
+    res = api.finetune(demo_data, policy="top-3", weights=str(pretrained["i3d"]), out=tmp_path / "run", cached_views=0, **_kw("i3d"))
+    before, after = load_file(pretrained["i3d"]), load_file(res.model_path)
+    for k in ("Mixed_3b.b0.bn.running_mean", "Mixed_4f.b1b.bn.running_var", "Conv3d_1a_7x7.bn.running_mean"):
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["Mixed_5c.b0.bn.running_mean"], after["Mixed_5c.b0.bn.running_mean"])
+
+
+def test_same_seed_same_metrics_and_evaluate_reproduces(demo_data, tmp_path):
+    a = api.finetune(demo_data, policy="all", out=tmp_path / "a", seed=5, **_kw("slowfusion"))
+    b = api.finetune(demo_data, policy="all", out=tmp_path / "b", seed=5, **_kw("slowfusion"))
+    assert a.history == [{**h, "time_s": a.history[i]["time_s"]} for i, h in enumerate(b.history)]
+    assert a.test.video_hit1 == b.test.video_hit1
+    # evaluate on the saved model and the saved split gives finetune's test accuracy
+    ev = api.evaluate(a.model_path, demo_data, manifest=a.run_dir / "split.csv", clips_per_video=2, workers=0, device="cpu")
+    assert ev.video_hit1 == pytest.approx(a.test.video_hit1)
+    assert ev.mean_class_accuracy == pytest.approx(a.test.mean_class_accuracy)
+
+
+def test_resume_finishes_with_same_epochs_and_metrics(demo_data, tmp_path):
+    kw = {**_kw("slowfusion"), "epochs": 3}
+    full = api.finetune(demo_data, policy="all", out=tmp_path / "full", **kw)
+    part = api.finetune(demo_data, policy="all", out=tmp_path / "part", stop_after_epochs=1, **kw)
+    assert len(part.history) == 1 and not part.report
+    resumed = api.finetune(demo_data, resume=tmp_path / "part")
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    strip = lambda hs: [{k: v for k, v in h.items() if k != "time_s"} for h in hs]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    assert resumed.test.video_hit1 == full.test.video_hit1
+
+
+def test_existing_run_folder_needs_overwrite(demo_data, tmp_path):
+    from vtransfer.errors import ConfigError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("user file")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        api.finetune(demo_data, policy="top-layer", out=tmp_path / "run", **_kw("slowfusion"))
+    assert (tmp_path / "run" / "keep.txt").read_text() == "user file"
+
+
+def test_predict_gives_probabilities_and_reports_bad_files(demo_data, tmp_path):
+    res = api.finetune(demo_data, policy="top-layer", out=tmp_path / "run", **_kw("slowfusion"))
+    videos = sorted(demo_data.glob("*/*.mp4"))[:2]
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    rows = api.predict(res.model_path, [*videos, bad], top_k=3, clips_per_video=2, device="cpu")
+    assert [r["path"] for r in rows] == [str(v) for v in videos] + [str(bad)]
+    for r in rows[:2]:
+        probs = [t["prob"] for t in r["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert "error" in rows[2]
+
+
+def test_config_records_resolved_options(demo_data, tmp_path):
+    res = api.finetune(demo_data, policy="top-3", out=tmp_path / "run", **_kw("i3d"))
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg["options"]["policy"] == "top-3"
+    assert cfg["resolved"]["train"]["optimizer"] == "sgd"
+    assert cfg["resolved"]["trainable_params"] == res.trainable_params < res.total_params
+    assert np.isclose(sum(cfg["resolved"]["split_sizes"].values()), 36)

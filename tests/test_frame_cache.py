@@ -1,0 +1,212 @@
+"""Tests for the decoded-frame cache (memory and disk) and its reader."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vtransfer.data import frame_cache as fc
+from vtransfer.data.dataset import ClipDataset, collate_clips
+from vtransfer.data.decode import DirectReader, read_clip, read_video
+from vtransfer.data.frame_cache import CachedReader, DecodedFrameCache, choose_cache_mode, estimate_cache_bytes
+from vtransfer.data.records import VideoRecord
+from vtransfer.errors import ConfigError, VideoDecodeError
+from vtransfer.models.base import Preprocessing
+
+
+def write_video(path: Path, num_frames: int, seed: int = 0, width: int = 64, height: int = 48) -> Path:
+    """A small H.264 file whose frames depend on ``seed``."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=0), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+@pytest.fixture()
+def video(tmp_path) -> Path:
+    return write_video(tmp_path / "v.mp4", 30)
+
+
+def test_memory_cache_hits_and_matches_direct_decode(video):
+    cache = DecodedFrameCache("memory", short_side=32)
+    frames = cache.get(video)
+    assert cache.stats() == {"hits": 0, "misses": 1, "bytes": frames.nbytes, "entries": 1}
+    assert frames.shape == (30, 3, 32, 43) and frames.dtype == np.uint8
+    assert torch.equal(torch.from_numpy(frames), read_video(video, short_side=32))
+    assert cache.get(video) is frames
+    assert cache.stats()["hits"] == 1
+    reader = CachedReader(cache)
+    assert reader.num_frames(video) == 30
+    for start, n, stride in [(0, 4, 1), (11, 5, 3), (27, 6, 2)]:
+        assert torch.equal(reader.read_clip(video, start, n, stride, 32), read_clip(video, start, n, stride, 32))
+    assert cache.hit_rate() > 0.8
+
+
+def test_changed_file_is_a_miss(video):
+    cache = DecodedFrameCache("memory", short_side=32)
+    old = cache.get(video).copy()
+    write_video(video, 30, seed=1)  # same name and size class, different content
+    new = cache.get(video)
+    assert cache.stats()["misses"] == 2
+    assert not np.array_equal(old, new)
+    assert np.array_equal(new, read_video(video, short_side=32).numpy())
+
+
+def test_settings_are_part_of_the_key(video, tmp_path):
+    a = DecodedFrameCache("disk", tmp_path / "c", short_side=32)
+    b = DecodedFrameCache("disk", tmp_path / "c", short_side=24)
+    assert a.key(video) != b.key(video)
+    assert b.get(video).shape[-2:] == (24, 32)
+    assert a.get(video).shape[-2:] == (32, 43)
+    assert a.stats()["entries"] == 2
+
+
+def test_disk_cache_survives_a_new_cache_object(video, tmp_path):
+    cache_dir = tmp_path / "cache"
+    first = DecodedFrameCache("disk", cache_dir, short_side=32)
+    frames = np.array(first.get(video))
+    entries = list(cache_dir.glob("*.npy"))
+    assert len(entries) == 1 and not list(cache_dir.glob(".*"))  # no temporary files left
+    second = DecodedFrameCache("disk", cache_dir, short_side=32)
+    again = second.get(video)
+    assert isinstance(again, np.memmap)
+    assert np.array_equal(again, frames)
+    assert second.stats() == {"hits": 1, "misses": 0, "bytes": entries[0].stat().st_size, "entries": 1}
+
+
+def test_corrupt_disk_entry_is_rewritten(video, tmp_path):
+    cache = DecodedFrameCache("disk", tmp_path / "cache", short_side=32)
+    good = np.array(cache.get(video))
+    entry = next((tmp_path / "cache").glob("*.npy"))
+    entry.write_bytes(b"garbage")
+    fresh = DecodedFrameCache("disk", tmp_path / "cache", short_side=32)
+    assert np.array_equal(fresh.get(video), good)
+    assert fresh.stats()["misses"] == 1
+
+
+def test_undecodable_file_raises_and_is_remembered(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("text")
+    cache = DecodedFrameCache("memory", short_side=32)
+    for _ in range(2):
+        with pytest.raises(VideoDecodeError, match="bad.mp4"):
+            cache.get(bad)
+    errors = []
+    cache.prefill([bad], on_error=lambda p, r: errors.append((p, r)))
+    assert errors and errors[0][0] == bad
+
+
+def test_cached_reader_rejects_other_resolution(video):
+    reader = CachedReader(DecodedFrameCache("memory", short_side=32))
+    with pytest.raises(ValueError, match="short side"):
+        reader.read_clip(video, 0, 2, 1, 40)
+
+
+def test_bad_mode_and_missing_dir():
+    with pytest.raises(ConfigError):
+        DecodedFrameCache("ssd", short_side=32)
+    with pytest.raises(ConfigError):
+        DecodedFrameCache("disk", None, short_side=32)
+
+
+def test_dataset_with_disk_cache_across_workers(tmp_path):
+    paths = [write_video(tmp_path / f"{i}.mp4", 20 + 5 * i, seed=i) for i in range(3)]
+    records = [VideoRecord(p, "a" if i < 2 else "b") for i, p in enumerate(paths)]
+    pre = Preprocessing(frames=4, stride=2, crop_size=(24, 24), resize_short=32)
+    cache = DecodedFrameCache("disk", tmp_path / "cache", short_side=32)
+    cached = ClipDataset(records, {"a": 0, "b": 1}, pre, mode="eval", clips_per_video=2, reader=CachedReader(cache))
+    direct = ClipDataset(records, {"a": 0, "b": 1}, pre, mode="eval", clips_per_video=2, reader=DirectReader())
+    loader = DataLoader(cached, batch_size=3, num_workers=2, collate_fn=collate_clips)
+    first = torch.cat([b["clip"] for b in loader])
+    second = torch.cat([b["clip"] for b in loader])
+    reference = torch.cat([b["clip"] for b in DataLoader(direct, batch_size=3, collate_fn=collate_clips)])
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+    stats = cache.stats()  # counted in the workers, visible here
+    assert stats["entries"] == 3
+    # every read_clip (2 epochs x 6 items) plus each worker's first num_frames per video
+    assert stats["hits"] + stats["misses"] >= 2 * len(cached) + 3
+    assert 3 <= stats["misses"] <= 6  # each video decoded once (twice at most: two workers racing)
+
+
+def test_memory_prefill_before_workers(tmp_path):
+    paths = [write_video(tmp_path / f"{i}.mp4", 12, seed=i) for i in range(2)]
+    cache = DecodedFrameCache("memory", short_side=24)
+    cache.prefill(paths)
+    assert cache.stats()["misses"] == 2
+    records = [VideoRecord(p, "a") for p in paths]
+    pre = Preprocessing(frames=2, stride=1, crop_size=(16, 16), resize_short=24)
+    ds = ClipDataset(records, {"a": 0}, pre, mode="train", reader=CachedReader(cache))
+    for batch in DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_clips):
+        assert batch["clip"].shape == (2, 2, 3, 16, 16)
+    assert cache.stats()["misses"] == 2  # workers only hit the inherited arrays
+
+
+def test_choose_cache_mode(tmp_path, monkeypatch):
+    paths = [write_video(tmp_path / f"{i}.mp4", 10, seed=i) for i in range(2)]
+    records = [VideoRecord(p, "a") for p in paths]
+    need = estimate_cache_bytes(records, 32)
+    assert need == 2 * 10 * 3 * 32 * 43
+    assert choose_cache_mode(records, 32, available_memory=10 * need) == "memory"
+    assert choose_cache_mode(records, 32, available_memory=need, cache_dir=tmp_path) == "disk"
+
+    class Usage:
+        free = need // 2
+
+    monkeypatch.setattr(fc.shutil, "disk_usage", lambda p: Usage)
+    assert choose_cache_mode(records, 32, available_memory=need, cache_dir=tmp_path / "new" / "dir") == "none"
+    assert fc.available_memory_bytes() > 0
+    assert os.path.exists(paths[0])
+
+
+def test_disk_digests_spare_rehashing(video, tmp_path, monkeypatch):
+    first = DecodedFrameCache("disk", tmp_path / "cache", short_side=32)
+    key = first.key(video)
+    monkeypatch.setattr(fc, "file_sha256", lambda p: pytest.fail("unchanged file was hashed again"))
+    assert DecodedFrameCache("disk", tmp_path / "cache", short_side=32).key(video) == key
+    monkeypatch.undo()
+    write_video(video, 31, seed=5)  # changed stat -> hashed again, new key
+    assert DecodedFrameCache("disk", tmp_path / "cache", short_side=32).key(video) != key
+
+
+def test_make_reader_modes(tmp_path):
+    paths = [write_video(tmp_path / f"{i}.mp4", 10, seed=i) for i in range(2)]
+    records = [VideoRecord(p, "a") for p in paths]
+    pre = Preprocessing(frames=2, stride=1, crop_size=(16, 16), resize_short=24)
+    assert fc.make_reader("none", None, records, pre) is None
+    memory = fc.make_reader("memory", None, records, pre)
+    assert memory.cache.mode == "memory" and memory.cache.stats()["entries"] == 2  # prefilled
+    disk = fc.make_reader("disk", tmp_path / "c", records, pre)
+    assert disk.cache.mode == "disk" and disk.cache.stats()["entries"] == 0  # filled lazily
+    assert fc.make_reader("auto", tmp_path / "c", records, pre, available_memory=10**12).cache.mode == "memory"
+    assert fc.make_reader("auto", tmp_path / "c", records, pre, available_memory=1000).cache.mode == "disk"
+    with pytest.raises(ConfigError):
+        fc.make_reader("ram", None, records, pre)
+
+
+def test_memory_cache_workers_read_unfilled_videos_directly(tmp_path):
+    filled, other = write_video(tmp_path / "f.mp4", 12, seed=1), write_video(tmp_path / "o.mp4", 12, seed=2)
+    cache = DecodedFrameCache("memory", short_side=24)
+    cache.prefill([filled])
+    pre = Preprocessing(frames=3, stride=2, crop_size=(16, 16), resize_short=24)
+    records = [VideoRecord(filled, "a"), VideoRecord(other, "a")]
+    ds = ClipDataset(records, {"a": 0}, pre, mode="eval", clips_per_video=2, reader=CachedReader(cache))
+    direct = ClipDataset(records, {"a": 0}, pre, mode="eval", clips_per_video=2)
+    got = torch.cat([b["clip"] for b in DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_clips)])
+    want = torch.cat([b["clip"] for b in DataLoader(direct, batch_size=2, collate_fn=collate_clips)])
+    assert torch.equal(got, want)
+    assert cache.stats()["misses"] == 1 and not cache.contains(other)  # workers did not decode whole videos

@@ -1,0 +1,278 @@
+"""Report files (JSON/CSV/Markdown/PNG/HTML), Rich tables, atomic writes and the policy table."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import re
+import stat
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+from rich.console import Console
+
+from vtransfer import plots
+from vtransfer.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from vtransfer.metrics import EvalResult, classification_report
+from vtransfer.report import (
+    PolicyRow,
+    aggregate_seed_rows,
+    format_duration,
+    format_pct,
+    render_eval_table,
+    render_policy_table,
+    write_eval_report,
+    write_policy_table,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CLASSES = ["brush_hair", "clap", "drink", "jump", "run", "wave"]
+CATEGORIES = {"brush_hair": "appearance", "drink": "appearance", "wave": "appearance",
+              "clap": "motion", "jump": "motion", "run": "motion"}
+HISTORY = [
+    {"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.1 * e, "val_video_acc": 0.08 * e, "lr": 1e-3 / e}
+    for e in range(1, 6)
+]
+
+
+def _result(num_classes: int = 6, classes=None, categories=None, seed: int = 0) -> EvalResult:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, max(num_classes - 1, 1), size=4 * num_classes)  # last class has no videos
+    clip_video = np.repeat(np.arange(labels.size), 3)
+    logits = rng.normal(size=(clip_video.size, num_classes))
+    logits[np.arange(clip_video.size), labels[clip_video]] += 1.5
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    classes = classes or [f"class_{i:03d}" for i in range(num_classes)]
+    return classification_report(probs, clip_video, labels, classes, categories)
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    image = mpimg.imread(path)  # full decode
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image.std() > 0.01  # not a blank canvas
+    return image
+
+
+def _no_temp_files(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_write_eval_report_files_parse(tmp_path):
+    result = _result(classes=CLASSES, categories=CATEGORIES)
+    paths = write_eval_report(result, tmp_path / "rep", title="demo · top-layer",
+                              extra={"backbone": "vivit", "policy": "top-layer", "cfg": {"lr": 1e-3}},
+                              history=HISTORY)
+    out = tmp_path / "rep"
+    assert set(paths) == {"json", "per_class_csv", "confusion_csv", "markdown", "confusion_png",
+                          "per_class_png", "training_curves_png", "html"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.json", "per_class.csv", "confusion.csv", "report.md", "confusion.png",
+         "per_class.png", "training_curves.png", "report.html"])
+
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["title"] == "demo · top-layer"
+    assert doc["summary"]["video_hit1"] == pytest.approx(result.video_hit1)
+    assert doc["extra"]["cfg"] == {"lr": 1e-3}
+    assert len(doc["history"]) == 5
+    assert EvalResult.from_dict(doc).summary() == result.summary()
+
+    rows = list(csv.DictReader((out / "per_class.csv").open()))
+    assert [r["class"] for r in rows] == CLASSES
+    assert rows[-1]["accuracy"] == "" and rows[-1]["support"] == "0"  # "wave" has no videos
+    for r, m in zip(rows, result.per_class):
+        assert r["category"] == m.category and int(r["support"]) == m.support
+        assert float(r["f1"]) == pytest.approx(m.f1, abs=1e-6)
+
+    cm_rows = list(csv.reader((out / "confusion.csv").open()))
+    assert cm_rows[0] == ["true\\predicted", *CLASSES]
+    assert [r[0] for r in cm_rows[1:]] == CLASSES
+    np.testing.assert_array_equal(np.array([r[1:] for r in cm_rows[1:]], dtype=int), result.confusion)
+
+    md = (out / "report.md").read_text()
+    assert "| Video hit@1 | " + format_pct(result.video_hit1) + " |" in md
+    assert "## Per category" in md and "![confusion.png](confusion.png)" in md
+
+    for name in ("confusion.png", "per_class.png", "training_curves.png"):
+        _assert_png(out / name)
+
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 3
+    assert {base64.b64decode(i) for i in images} == {(out / n).read_bytes() for n in
+                                                     ("confusion.png", "per_class.png", "training_curves.png")}
+    assert "<table>" in page and "<td class=\"\">brush_hair</td>" in page
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+    assert _no_temp_files(out) == []
+
+
+def test_eval_report_without_history_or_categories(tmp_path):
+    result = _result(num_classes=2)
+    paths = write_eval_report(result, tmp_path, title="two classes")
+    assert "training_curves_png" not in paths and not (tmp_path / "training_curves.png").exists()
+    page = paths["html"].read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert "Per category" not in page
+    assert json.loads(paths["json"].read_text())["top_k"] == 2
+
+
+def test_render_eval_table_shows_summary_classes_and_pairs():
+    result = _result(classes=CLASSES, categories=CATEGORIES)
+    console = Console(record=True, width=160)
+    render_eval_table(result, console, title="Test split")
+    text = console.export_text()
+    assert "Test split" in text and "Video hit@1" in text and "Mean class accuracy" in text
+    assert format_pct(result.video_hit1) in text
+    for name in CLASSES + ["appearance", "motion", "Most confused pairs"]:
+        assert name in text
+
+
+def test_plots_handle_ucf101_size(tmp_path):
+    n = 101
+    result = _result(num_classes=n, categories={f"class_{i:03d}": f"group {i % 5}" for i in range(n)})
+    cats = [c.category for c in result.per_class]
+    conf = plots.write_png(plots.confusion_png(result.confusion, result.classes, categories=cats),
+                           tmp_path / "c.png")
+    bars = plots.write_png(plots.per_class_accuracy_png(result.classes, [c.accuracy for c in result.per_class],
+                                                        categories=cats), tmp_path / "b.png")
+    img = _assert_png(conf)
+    assert img.shape[0] > 1500 and img.shape[1] > 1500  # big enough to read 101 names
+    assert _assert_png(bars).shape[0] > 1500
+    with pytest.raises(ValueError, match="does not match 5 classes"):
+        plots.confusion_png(np.zeros((4, 4)), ["a"] * 5)
+
+
+def test_training_curves_tolerate_missing_values(tmp_path):
+    history = [{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_video_acc": None, "lr": 0.1},
+               {"epoch": 2, "train_loss": 0.5, "train_acc": 0.7, "val_video_acc": 0.6, "lr": 0.05}]
+    _assert_png(plots.write_png(plots.training_curves_png(history), tmp_path / "t.png"))
+    with pytest.raises(ValueError, match="at least one epoch"):
+        plots.training_curves_png([])
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_replaces_keeps_mode_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "sub" / "a.txt"
+    atomic_write_text(target, "one")
+    assert target.read_text() == "one"
+    os.chmod(target, 0o640)
+    atomic_write_bytes(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert _no_temp_files(target.parent) == []
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+    atomic_write_json(target, {"a": 1})
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new text")
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert _no_temp_files(tmp_path) == []
+    with pytest.raises(ValueError):
+        atomic_write_json(tmp_path / "nan.json", {"x": float("nan")})
+    assert not (tmp_path / "nan.json").exists() and _no_temp_files(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- policy table
+
+
+def _row(policy, seed, hit1, cats, time_s=10.0, trainable=1000):
+    return PolicyRow(policy=policy, seeds=[seed], trainable_params=trainable, total_params=50_000,
+                     train_time_s=time_s, val_video_acc=hit1 - 0.05, test_video_hit1=hit1,
+                     test_video_hit5=min(1.0, hit1 + 0.2), test_clip_hit1=hit1 - 0.1,
+                     mean_class_acc=hit1 - 0.02, per_category=cats, top_k=5)
+
+
+def test_aggregate_seed_rows_mean_and_sample_std():
+    hits = [0.60, 0.70, 0.65]
+    motion = [0.5, 0.55, None]  # one seed without a motion value
+    rows = [_row("top-3", s, h, {"appearance": h + 0.1, "motion": m}, time_s=10.0 + s)
+            for s, h, m in zip((1, 2, 3), hits, motion)]
+    agg = aggregate_seed_rows(rows)
+    assert agg.seeds == [1, 2, 3] and agg.trainable_params == 1000
+    assert agg.test_video_hit1 == pytest.approx(np.mean(hits))
+    assert agg.std["test_video_hit1"] == pytest.approx(np.std(hits, ddof=1))
+    assert agg.train_time_s == pytest.approx(12.0) and agg.std["train_time_s"] == pytest.approx(1.0)
+    assert agg.per_category["appearance"] == pytest.approx(np.mean(hits) + 0.1)
+    assert agg.per_category["motion"] == pytest.approx(0.525)
+    assert agg.per_category_std["motion"] == pytest.approx(np.std([0.5, 0.55], ddof=1))
+    single = aggregate_seed_rows(rows[:1])
+    assert single.std == {} and single.test_video_hit1 == pytest.approx(0.60)
+    with pytest.raises(ValueError, match="different policies"):
+        aggregate_seed_rows([rows[0], _row("all", 1, 0.5, {})])
+    with pytest.raises(ValueError, match="trainable_params"):
+        aggregate_seed_rows([rows[0], _row("top-3", 2, 0.5, {}, trainable=7)])
+    with pytest.raises(ValueError, match="at least one"):
+        aggregate_seed_rows([])
+
+
+def _compare_rows():
+    per_policy = {"scratch": [0.30, 0.34], "top-layer": [0.60, 0.64], "all": [0.55, 0.61]}
+    return [aggregate_seed_rows([_row(p, s, h, {"appearance": h + 0.1, "motion": h - 0.1}, time_s=10.0 + s)
+                                 for s, h in zip((1, 2), hits)]) for p, hits in per_policy.items()]
+
+
+def test_render_policy_table_papers_form():
+    rows = _compare_rows()
+    console = Console(record=True, width=220)
+    render_policy_table(rows, console, title="Policies on demo")
+    text = console.export_text()
+    for header in ("Policy", "Seeds", "Trainable params", "Train time", "Val acc", "Test hit@1",
+                   "Test hit@5", "Mean class acc", "appearance", "motion"):
+        assert header in text
+    assert f"62.0 ± {100 * np.std([0.60, 0.64], ddof=1):.1f}%" in text
+    assert "1e+03" not in text and "1K (2%)" in text
+    assert format_duration(11.5, 0.7071) in text
+
+
+def test_write_policy_table_files(tmp_path):
+    rows = _compare_rows()
+    paths = write_policy_table(rows, tmp_path, extra={"backbone": "vivit", "seeds": [1, 2]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["compare.json", "compare.csv", "compare.md", "compare_categories.png", "compare.html"])
+    doc = json.loads(paths["json"].read_text())
+    assert doc["categories"] == ["appearance", "motion"]
+    back = [PolicyRow.from_dict(d) for d in doc["rows"]]
+    assert [r.policy for r in back] == ["scratch", "top-layer", "all"]
+    assert back[1].test_video_hit1 == pytest.approx(0.62) and back[1].std == rows[1].std
+
+    table = list(csv.DictReader(paths["csv"].open()))
+    assert [r["policy"] for r in table] == ["scratch", "top-layer", "all"]
+    assert float(table[1]["test_video_hit1"]) == pytest.approx(0.62)
+    assert float(table[1]["test_video_hit1_std"]) == pytest.approx(np.std([0.60, 0.64], ddof=1), rel=1e-5)
+    assert float(table[0]["category:motion"]) == pytest.approx(0.22)
+    assert table[0]["seeds"] == "1;2"
+
+    md = paths["markdown"].read_text()
+    assert "| top-layer |" in md and "**62.0 ± 2.8%**" in md  # best test hit@1 in bold
+    assert "![compare_categories](compare_categories.png)" in md
+    _assert_png(paths["categories_png"])
+    page = paths["html"].read_text()
+    (img,) = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert base64.b64decode(img) == paths["categories_png"].read_bytes()
+    assert "<td class=\"\">top-layer</td>" in page and "<b>62.0 ± 2.8%</b>" in page
+    assert _no_temp_files(tmp_path) == []
+
+
+def test_policy_row_from_eval_and_unknown_fields():
+    result = _result(classes=CLASSES, categories=CATEGORIES)
+    row = PolicyRow.from_eval("temporal", 3, trainable_params=10, total_params=100, train_time_s=1.5,
+                              val_video_acc=0.4, test=result, run_dir="runs/x")
+    assert row.test_video_hit1 == result.video_hit1 and row.mean_class_acc == result.mean_class_accuracy
+    assert row.per_category == result.category_accuracy() and row.seeds == [3]
+    with pytest.raises(ValueError, match="unknown PolicyRow field"):
+        PolicyRow.from_dict({**row.to_dict(), "colour": "red"})

@@ -1,0 +1,660 @@
+"""The Python API: every command of the CLI is one function here.
+
+::
+
+    import vtransfer
+    res = vtransfer.finetune("data/", backbone="vivit", preset="tiny", policy="temporal", out="runs/a")
+    rep = vtransfer.evaluate("runs/a/model.safetensors", "data/", manifest="runs/a/split.csv")
+    tab = vtransfer.compare_policies("data/", backbone="i3d", weights="pretrained.safetensors")
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtransfer.errors import ConfigError, DatasetError
+from vtransfer.models.base import Preprocessing, VideoBackbone
+
+DEFAULT_POLICY = "top-3"
+
+
+@dataclass
+class DataOptions:
+    """Where the videos are and how they are split."""
+
+    data: Path
+    manifest: Path | None = None
+    split_files: Path | None = None
+    split_seed: int = 0
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    group_pattern: str | None = None
+    categories: Path | None = None
+
+
+@dataclass
+class ClipOptions:
+    """How clips are cut and fed (``None`` = the backbone's declared preprocessing)."""
+
+    frames: int | None = None
+    stride: int | None = None
+    size: int | None = None
+    clips_per_video: int = 10
+    val_clips: int = 3
+    batch_size: int = 8
+    workers: int | None = None
+    cache: str = "auto"
+    cache_dir: Path | None = None
+    cached_views: int | None = None  # None: auto (see feature_cache.resolve_views); 0: off
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` produced."""
+
+    run_dir: Path
+    model_path: Path
+    report: dict[str, Any]
+    history: list[dict]
+    trainable_params: int
+    total_params: int
+    train_time_s: float
+    best_val_video_acc: float
+    plan: dict[str, Any] = field(default_factory=dict)
+    test: Any = None  # vtransfer.metrics.EvalResult of the test split (None for an interrupted run)
+
+
+# -- shared steps ---------------------------------------------------------------------
+def open_dataset(opts: DataOptions):
+    """Scan (or read) the dataset and give every video a split."""
+    from vtransfer.data.scan import load_dataset
+
+    return load_dataset(
+        Path(opts.data),
+        manifest=Path(opts.manifest) if opts.manifest else None,
+        split_files=Path(opts.split_files) if opts.split_files else None,
+        ratios=tuple(opts.ratios),
+        split_seed=opts.split_seed,
+        group_pattern=opts.group_pattern,
+    )
+
+
+def load_categories_for(path: Path | None, classes: list[str]) -> dict[str, str] | None:
+    """Class -> category mapping from a categories file (``None`` when no file is given)."""
+    if path is None:
+        return None
+    from vtransfer.data.categories import load_categories
+
+    return load_categories(Path(path), classes)
+
+
+def adapt_preprocessing(base: Preprocessing, frames: int | None, stride: int | None, size: int | None) -> Preprocessing:
+    """The backbone's preprocessing with user overrides; the resize keeps the crop/short-side ratio."""
+    resize_short = None
+    if size is not None:
+        ratio = base.resize_short / max(base.crop_size)
+        resize_short = max(size, int(round(size * ratio)))
+    return base.replace(frames=frames, stride=stride, crop_size=(size, size) if size else None, resize_short=resize_short)
+
+
+# Constructor keywords that set each backbone's clip geometry (for models built from a preset).
+_GEOMETRY_KEYS = {
+    "slowfusion": {"size": "input_size", "stride": "frame_stride"},
+    "i3d": {"size": "crop_size", "frames": "frames", "stride": "frame_stride"},
+    "vivit": {"size": "image_size", "frames": "frames", "stride": "frame_stride"},
+}
+
+
+def geometry_overrides(backbone: str, preset: str | None, frames: int | None, stride: int | None, size: int | None) -> dict[str, Any]:
+    """Constructor overrides so a freshly built backbone takes ``frames``/``stride``/``size`` clips.
+
+    The short-side resize keeps the preset's crop-to-resize ratio (8/7 when the preset does not say).
+    """
+    from vtransfer.models.registry import resolve_config
+
+    keys = _GEOMETRY_KEYS.get(backbone, {})
+    wanted = {"frames": frames, "stride": stride, "size": size}
+    out = {keys[k]: v for k, v in wanted.items() if v is not None and k in keys}
+    if size is not None and "size" in keys:
+        cfg = resolve_config(backbone, preset)
+        base = cfg.get(keys["size"])
+        base = max(base) if isinstance(base, (list, tuple)) else base
+        ratio = cfg["resize_short"] / base if cfg.get("resize_short") and base else 8 / 7
+        out["resize_short"] = max(size, int(round(size * ratio)))
+    return out
+
+
+def make_clip_dataset(records, class_to_idx, preprocessing, mode, opts: ClipOptions, seed: int, clips: int | None = None, reader=None, views: int | None = None):
+    """A :class:`~vtransfer.data.dataset.ClipDataset` for ``mode`` (train or eval)."""
+    from vtransfer.data.dataset import ClipDataset
+
+    return ClipDataset(
+        records,
+        class_to_idx,
+        preprocessing,
+        mode=mode,
+        clips_per_video=clips or opts.clips_per_video,
+        fixed_views=views,
+        seed=seed,
+        reader=reader,
+    )
+
+
+def evaluate_records(
+    model: VideoBackbone,
+    records,
+    classes: list[str],
+    opts: ClipOptions,
+    device: torch.device,
+    precision: str = "fp32",
+    categories: dict[str, str] | None = None,
+    clips: int | None = None,
+    reader=None,
+    progress=None,
+    prefix_stop: int = 0,
+):
+    """Video- and clip-level metrics of ``model`` on ``records`` (N uniform clips per video).
+
+    With ``prefix_stop > 0`` the (frozen) groups below it are computed once per
+    clip and shared (:mod:`vtransfer.feature_cache`); evaluation clips are
+    deterministic, so this changes nothing but the time taken.
+    """
+    from vtransfer.batches import make_loader
+    from vtransfer.feature_cache import cached_clip_probs
+    from vtransfer.inference import predict_clip_probs
+    from vtransfer.metrics import classification_report
+    from vtransfer.runtime import default_workers
+
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    ds = make_clip_dataset(records, class_to_idx, model.preprocessing, "eval", opts, seed=0, clips=clips, reader=reader)
+    workers = opts.workers if opts.workers is not None else default_workers(device)
+    if prefix_stop > 0:
+        preds = cached_clip_probs(model, ds, prefix_stop, opts.batch_size, workers, device, precision)
+    else:
+        preds = predict_clip_probs(model, make_loader(ds, opts.batch_size, workers), device, precision, on_batch=progress)
+    video_labels = [class_to_idx[r.label] for r in records]
+    result = classification_report(preds.probs, preds.video, video_labels, classes, categories)
+    return result, preds
+
+
+def _default_run_dir(prefix: str) -> Path:
+    return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_classes(model_classes: list[str], data_classes: list[str], model_path: Path) -> None:
+    unknown = [c for c in data_classes if c not in model_classes]
+    if unknown:
+        raise DatasetError(f"classes {unknown} are not among the classes of {model_path} ({len(model_classes)} classes)")
+
+
+# -- finetune -------------------------------------------------------------------------
+def finetune(
+    data: str | Path,
+    *,
+    backbone: str = "i3d",
+    preset: str | None = None,
+    weights: str | None = None,
+    policy: str = DEFAULT_POLICY,
+    train_groups: list[str] | None = None,
+    epochs: int = 10,
+    batch_size: int = 8,
+    lr: float | None = None,
+    optimizer: str = "auto",
+    weight_decay: float | None = None,
+    warmup_epochs: float = 1.0,
+    patience: int = 5,
+    dropout: float | None = None,
+    frames: int | None = None,
+    stride: int | None = None,
+    size: int | None = None,
+    clips_per_video: int = 10,
+    val_clips: int = 3,
+    precision: str = "fp32",
+    seed: int = 0,
+    device: str = "auto",
+    out: str | Path | None = None,
+    categories: str | Path | None = None,
+    balance: str = "none",
+    manifest: str | Path | None = None,
+    split_files: str | Path | None = None,
+    split_seed: int = 0,
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    group_pattern: str | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    cache: str = "auto",
+    cache_dir: str | Path | None = None,
+    cached_views: int | None = None,
+    max_bad_fraction: float = 0.2,
+    deterministic: bool = False,
+    overwrite: bool = False,
+    resume: str | Path | None = None,
+    reporter=None,
+    stop_after_epochs: int | None = None,
+    pretrain_source: dict | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``backbone`` on the videos in ``data`` under a freezing ``policy``.
+
+    Writes a run folder (``out``): ``config.json``, ``split.csv``,
+    ``metrics.jsonl``, ``model.safetensors`` (best validation epoch) and a
+    test-set report under ``report/``. ``resume=RUN_DIR`` continues a stopped
+    run with the options it was started with. See ``vtransfer finetune --help``
+    for every option.
+    """
+    from vtransfer import runs
+    from vtransfer.runtime import configure_threads, resolve_device, seed_everything
+    from vtransfer.train import TrainConfig
+
+    options = {k: v for k, v in locals().items() if k not in ("reporter", "stop_after_epochs", "resume", "overwrite")}
+    if resume is not None:
+        run_dir = runs.prepare_run_dir(Path(resume), resume=True)
+        saved = runs.read_json(run_dir / runs.CONFIG_FILE)["options"]
+        saved.update(reporter=reporter, stop_after_epochs=stop_after_epochs, out=str(run_dir))
+        return _finetune_run(run_dir, saved, resume=True)
+    run_dir = runs.prepare_run_dir(Path(out) if out else _default_run_dir(f"{backbone}-{policy}"), overwrite=overwrite)
+    options.update(reporter=reporter, stop_after_epochs=stop_after_epochs, out=str(run_dir))
+    return _finetune_run(run_dir, options, resume=False)
+
+
+def _jsonable(options: dict) -> dict:
+    out = {}
+    for k, v in options.items():
+        if k in ("reporter", "stop_after_epochs"):
+            continue
+        out[k] = str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
+    from vtransfer import runs
+    from vtransfer.batches import LivePrefixSource
+    from vtransfer.data.splits import write_manifest
+    from vtransfer.feature_cache import build_prefix_source
+    from vtransfer.loading import load_backbone_with_info
+    from vtransfer.policies import apply_policy, resolve_policy
+    from vtransfer.report import write_eval_report
+    from vtransfer.runtime import configure_threads, default_workers, resolve_device, seed_everything
+    from vtransfer.train import Trainer, TrainConfig, class_weights
+    from vtransfer.weights.checkpoint import save_checkpoint
+
+    reporter = o.get("reporter")
+    device = resolve_device(o["device"])
+    threads = configure_threads(o.get("threads"))
+    seed_everything(int(o["seed"]), bool(o["deterministic"]))
+
+    dopts = DataOptions(
+        data=Path(o["data"]),
+        manifest=(run_dir / runs.SPLIT_FILE) if resume else (Path(o["manifest"]) if o["manifest"] else None),
+        split_files=Path(o["split_files"]) if o["split_files"] else None,
+        split_seed=int(o["split_seed"]),
+        ratios=tuple(o["ratios"]),
+        group_pattern=o["group_pattern"],
+        categories=Path(o["categories"]) if o["categories"] else None,
+    )
+    index = open_dataset(dopts)
+    classes = index.classes
+    categories = load_categories_for(dopts.categories, classes)
+    train_records, val_records, test_records = index.split("train"), index.split("val"), index.split("test")
+    if not train_records:
+        raise DatasetError(f"{dopts.data}: the train split is empty")
+    if not resume:
+        write_manifest(run_dir / runs.SPLIT_FILE, index)
+
+    policy = o["policy"]
+    arch_overrides = {}
+    if o.get("dropout") is not None:
+        arch_overrides["dropout"] = o["dropout"]
+    weights = None if policy == "scratch" else o["weights"]
+    if weights is None:
+        arch_overrides.update(geometry_overrides(o["backbone"], o["preset"], o["frames"], o["stride"], o["size"]))
+    model, info = load_backbone_with_info(o["backbone"], weights=weights, num_classes=len(classes), preset=o["preset"], **arch_overrides)
+    model.preprocessing = adapt_preprocessing(model.preprocessing, o["frames"], o["stride"], o["size"])
+    model.to(device)
+    plan = resolve_policy(model, policy, o.get("train_groups"))
+    apply_policy(model, plan)
+
+    config = TrainConfig(
+        epochs=int(o["epochs"]),
+        batch_size=int(o["batch_size"]),
+        lr=o["lr"],
+        optimizer=o["optimizer"],
+        weight_decay=o["weight_decay"],
+        warmup_epochs=float(o["warmup_epochs"]),
+        patience=int(o["patience"]),
+        precision=o["precision"],
+        seed=int(o["seed"]),
+        balance=o["balance"],
+        max_bad_fraction=float(o["max_bad_fraction"]),
+    ).resolved(o["backbone"])
+    copts = ClipOptions(
+        frames=o["frames"], stride=o["stride"], size=o["size"],
+        clips_per_video=int(o["clips_per_video"]), val_clips=int(o["val_clips"]),
+        batch_size=int(o["batch_size"]), workers=o["workers"], cache=o["cache"],
+        cache_dir=Path(o["cache_dir"]) if o["cache_dir"] else None, cached_views=o["cached_views"],
+    )
+    workers = copts.workers if copts.workers is not None else default_workers(device)
+    copts.workers = workers
+
+    total_params = sum(p.numel() for p in model.parameters())
+    trainable_params = plan.trainable_count(model)
+    if not resume:
+        runs.write_json(run_dir / runs.CONFIG_FILE, {
+            "options": _jsonable(o),
+            "resolved": {
+                "train": asdict(config), "device": str(device), "threads": threads, "workers": workers,
+                "preprocessing": model.preprocessing.to_dict(), "classes": classes,
+                "policy": plan.to_dict(), "trainable_params": trainable_params, "total_params": total_params,
+                "weights": info,
+                "split_sizes": {s: len(index.split(s)) for s in ("train", "val", "test")},
+            },
+        })
+
+    class_to_idx = index.class_to_idx
+    train_labels = [class_to_idx[r.label] for r in train_records]
+    source, reader = build_prefix_source(
+        model=model, plan=plan, train_records=train_records, class_to_idx=class_to_idx,
+        labels=train_labels, opts=copts, config=config, device=device, run_dir=run_dir,
+        balance_sampler=(config.balance == "sampler"), extra_records=val_records + test_records,
+    )
+    val_eval_records = val_records or train_records
+
+    def validate(m: VideoBackbone) -> tuple[float, float]:
+        res, _ = evaluate_records(m, val_eval_records, classes, copts, device, config.precision, clips=copts.val_clips,
+                                  reader=reader, prefix_stop=plan.first_trainable_group)
+        return res.video_hit1, res.clip_hit1
+
+    provenance = _provenance(o, info, index)
+
+    def save_best(m: VideoBackbone, record) -> None:
+        save_checkpoint(run_dir / runs.MODEL_FILE, m, classes=classes, source=provenance,
+                        training={"policy": plan.to_dict(), "best_epoch": record.epoch, "val_video_acc": record.val_video_acc,
+                                  "epochs": config.epochs, "dataset": str(dopts.data), "trainable_params": trainable_params})
+
+    trainer = Trainer(
+        model, plan, config, device, source, validate, save_best,
+        save_state=lambda st: (runs.save_resume_state(run_dir, st), runs.write_metrics(run_dir, st["history"])),
+        reporter=reporter,
+        loss_weights=class_weights(train_labels, len(classes)) if config.balance == "weights" else None,
+        train_size=len(train_records),
+    )
+    if resume:
+        trainer.load_state_dict(runs.load_resume_state(run_dir))
+    state = trainer.fit(stop_after=o.get("stop_after_epochs"))
+    train_time = sum(h["time_s"] for h in state.history)
+    if state.epoch < config.epochs and not state.stopped_early:
+        # interrupted on purpose (stop_after_epochs): resumable, no report yet
+        return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, {}, state.history, trainable_params, total_params,
+                              train_time, state.best_score, plan.to_dict())
+
+    from vtransfer.weights.checkpoint import model_from_checkpoint
+
+    best, _ = model_from_checkpoint(run_dir / runs.MODEL_FILE)
+    best.to(device)
+    test_set = test_records or val_records
+    apply_policy(best, plan)
+    result, preds = evaluate_records(best, test_set, classes, copts, device, config.precision, categories, reader=reader,
+                                     prefix_stop=plan.first_trainable_group)
+    report = result.to_dict()
+    extra = {"run": str(run_dir), "backbone": o["backbone"], "policy": plan.policy, "trainable_params": trainable_params,
+             "total_params": total_params, "train_time_s": train_time, "best_epoch": state.best_epoch,
+             "decode_errors": sorted({f"{p}: {r}" for p, r in preds.errors})}
+    write_eval_report(result, run_dir / "report", title=f"{o['backbone']} / {plan.policy} — test split",
+                      extra=extra, history=state.history)
+    return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, report, state.history, trainable_params, total_params,
+                          train_time, state.best_score, plan.to_dict(), test=result)
+
+
+def _provenance(o: dict, info: dict, index) -> dict:
+    """What the saved model was trained from: its pretraining source and the fine-tuning data."""
+    return {
+        "pretrained": info,
+        "finetuned_on": {"dataset": str(o["data"]), "classes": index.classes, "videos": len(index.records)},
+        **({"pretrain_source": o["pretrain_source"]} if o.get("pretrain_source") else {}),
+    }
+
+
+# -- evaluate -------------------------------------------------------------------------
+def evaluate(
+    model: str | Path,
+    data: str | Path,
+    *,
+    manifest: str | Path | None = None,
+    split: str = "test",
+    clips_per_video: int = 10,
+    categories: str | Path | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 8,
+    workers: int | None = None,
+    precision: str = "fp32",
+    device: str = "auto",
+    threads: int | None = None,
+    progress=None,
+):
+    """Evaluate a saved model on a dataset's test split, a whole folder, or a manifest.
+
+    ``split`` picks ``train``/``val``/``test`` or ``all``; a folder without
+    split folders and without ``manifest`` is evaluated whole. Writes
+    ``report.json``, ``per_class.csv``, ``confusion.csv``, ``report.md``, plots
+    and ``report.html`` into ``out`` when given. Returns the
+    :class:`~vtransfer.metrics.EvalResult`.
+    """
+    from vtransfer.data.scan import load_dataset, scan_dataset
+    from vtransfer.report import write_eval_report
+    from vtransfer.runtime import configure_threads, resolve_device
+    from vtransfer.weights.checkpoint import model_from_checkpoint
+
+    dev = resolve_device(device)
+    configure_threads(threads)
+    net, ckpt = model_from_checkpoint(Path(model))
+    net.to(dev)
+    data = Path(data)
+    if manifest is None and data.is_dir() and not any((data / s).is_dir() for s in ("train", "val", "test")):
+        index = scan_dataset(data)
+        records = index.records
+    else:
+        index = load_dataset(data, manifest=Path(manifest) if manifest else None)
+        records = index.records if split == "all" else index.split(split)
+    if not records:
+        raise DatasetError(f"{data}: no videos in split {split!r}")
+    _check_classes(ckpt.classes, sorted({r.label for r in records}), Path(model))
+    cats = load_categories_for(Path(categories), ckpt.classes) if categories else None
+    opts = ClipOptions(clips_per_video=clips_per_video, batch_size=batch_size, workers=workers)
+    result, preds = evaluate_records(net, records, ckpt.classes, opts, dev, precision, cats, progress=progress)
+    if out is not None:
+        write_eval_report(result, Path(out), title=f"{Path(model).name} on {data.name}",
+                          extra={"model": str(model), "data": str(data), "split": split,
+                                 "decode_errors": sorted({f'{p}: {r}' for p, r in preds.errors})})
+    return result
+
+
+# -- predict --------------------------------------------------------------------------
+def predict(
+    model: str | Path,
+    videos: list[str | Path],
+    *,
+    top_k: int = 5,
+    clips_per_video: int = 10,
+    batch_size: int = 8,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> list[dict[str, Any]]:
+    """Top-k labels with probabilities for each video, using the model's stored preprocessing and classes.
+
+    A video that cannot be decoded gets ``{"path": ..., "error": reason}``.
+    """
+    from vtransfer.data.records import VideoRecord
+    from vtransfer.errors import VideoDecodeError
+    from vtransfer.data.decode import probe_video
+    from vtransfer.metrics import aggregate_video_scores
+    from vtransfer.batches import make_loader
+    from vtransfer.inference import predict_clip_probs
+    from vtransfer.runtime import resolve_device
+
+    dev = resolve_device(device)
+    from vtransfer.weights.checkpoint import model_from_checkpoint
+
+    net, ckpt = model_from_checkpoint(Path(model))
+    net.to(dev)
+    out: list[dict[str, Any]] = []
+    good: list[VideoRecord] = []
+    for v in videos:
+        try:
+            probe_video(Path(v))
+            good.append(VideoRecord(path=Path(v), label=ckpt.classes[0]))
+        except VideoDecodeError as e:
+            out.append({"path": str(v), "error": e.reason})
+    if good:
+        opts = ClipOptions(clips_per_video=clips_per_video, batch_size=batch_size, workers=0)
+        ds = make_clip_dataset(good, {ckpt.classes[0]: 0}, net.preprocessing, "eval", opts, seed=0)
+        preds = predict_clip_probs(net, make_loader(ds, batch_size, 0), dev, precision)
+        scores = aggregate_video_scores(preds.probs, preds.video, len(good))
+        failed = {p for p, _ in preds.errors}
+        for i, rec in enumerate(good):
+            if str(rec.path) in failed and not (preds.video == i).any():
+                out.append({"path": str(rec.path), "error": "no clip could be decoded"})
+                continue
+            order = scores[i].argsort()[::-1][: max(1, top_k)]
+            out.append({"path": str(rec.path), "top": [{"label": ckpt.classes[j], "prob": float(scores[i][j])} for j in order]})
+    order_map = {str(v): i for i, v in enumerate(videos)}
+    return sorted(out, key=lambda d: order_map.get(d["path"], 0))
+
+
+# -- load_backbone --------------------------------------------------------------------
+def load_backbone(name: str, weights: str | Path | None = None, num_classes: int | None = None, preset: str | None = None, **overrides):
+    """A backbone in eval mode, optionally with weights (source name or file) and a new head."""
+    from vtransfer.loading import load_backbone as _load
+
+    return _load(name, weights=weights, num_classes=num_classes, preset=preset, **overrides)
+
+
+# -- compare-policies -----------------------------------------------------------------
+@dataclass
+class CompareResult:
+    """What :func:`compare_policies` produced: one row per policy (mean ± std over seeds)."""
+
+    out_dir: Path
+    rows: list[Any]
+    skipped: dict[str, str]
+    runs: dict[str, list[Path]]
+
+
+def compare_policies(
+    data: str | Path,
+    *,
+    backbone: str = "i3d",
+    policies: tuple[str, ...] | list[str] = ("scratch", "top-layer", "top-3", "temporal", "all"),
+    seeds: tuple[int, ...] | list[int] = (0,),
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    categories: str | Path | None = None,
+    manifest: str | Path | None = None,
+    split_files: str | Path | None = None,
+    split_seed: int = 0,
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    group_pattern: str | None = None,
+    reporter=None,
+    on_policy=None,
+    **finetune_options: Any,
+) -> CompareResult:
+    """Run each policy on the same split with the same seeds and epoch budget; one table.
+
+    Every run lives in ``OUT/<policy>`` (``OUT/<policy>/seed-N`` for several
+    seeds); the table is written as ``compare.json``/``.csv``/``.md``/``.html``
+    plus a per-category bar chart. A policy that does not apply to the backbone
+    (``temporal`` without temporal layers) is skipped and reported. Re-running
+    with the same options reuses finished runs.
+    """
+    from vtransfer import runs
+    from vtransfer.data.splits import write_manifest
+    from vtransfer.report import PolicyRow, aggregate_seed_rows, write_policy_table
+
+    out_dir = Path(out) if out else _default_run_dir(f"compare-{backbone}")
+    reuse = out_dir.exists() and (out_dir / runs.SPLIT_FILE).exists() and not overwrite
+    if not reuse:
+        out_dir = runs.prepare_run_dir(out_dir, overwrite=overwrite)
+        index = open_dataset(DataOptions(Path(data), Path(manifest) if manifest else None,
+                                         Path(split_files) if split_files else None, split_seed, tuple(ratios), group_pattern))
+        write_manifest(out_dir / runs.SPLIT_FILE, index)
+    split_manifest = out_dir / runs.SPLIT_FILE
+
+    rows, skipped, run_dirs = [], {}, {}
+    for policy in policies:
+        per_seed = []
+        for seed in seeds:
+            sub = out_dir / policy if len(seeds) == 1 else out_dir / policy / f"seed-{seed}"
+            if on_policy:
+                on_policy(policy, seed)
+            try:
+                res = _finished_or_run(sub, reporter, dict(
+                    data=data, backbone=backbone, policy=policy, seed=seed, categories=categories,
+                    manifest=split_manifest, **finetune_options))
+            except ConfigError as e:
+                skipped[policy] = str(e)
+                break
+            run_dirs.setdefault(policy, []).append(sub)
+            per_seed.append(PolicyRow.from_eval(
+                policy, seed, trainable_params=res.trainable_params, total_params=res.total_params,
+                train_time_s=res.train_time_s, val_video_acc=res.best_val_video_acc, test=res.test, run_dir=sub))
+        if per_seed and policy not in skipped:
+            rows.append(aggregate_seed_rows(per_seed))
+    if rows:
+        write_policy_table(rows, out_dir)
+    runs.write_json(out_dir / "skipped.json", skipped)
+    return CompareResult(out_dir, rows, skipped, run_dirs)
+
+
+def _finished_or_run(run_dir: Path, reporter, options: dict) -> FinetuneResult:
+    """Reuse a finished run with identical options, else (re)run it."""
+    from vtransfer import runs
+
+    report_file = run_dir / "report" / "report.json"
+    if report_file.exists() and (run_dir / runs.CONFIG_FILE).exists():
+        saved = runs.read_json(run_dir / runs.CONFIG_FILE)
+        wanted = _jsonable({**saved["options"], **options, "out": str(run_dir)})
+        if _jsonable(saved["options"]) == wanted:
+            from vtransfer.metrics import EvalResult
+
+            report = runs.read_json(report_file)
+            history = runs.read_metrics(run_dir)
+            res = saved["resolved"]
+            return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, report, history, res["trainable_params"],
+                                  res["total_params"], sum(h["time_s"] for h in history),
+                                  max((h["val_video_acc"] for h in history), default=0.0), res["policy"],
+                                  test=EvalResult.from_dict(report))
+    return finetune(reporter=reporter, out=run_dir, overwrite=True, **options)
+
+
+# -- pretrain -------------------------------------------------------------------------
+def pretrain(
+    source: str | Path,
+    *,
+    backbone: str = "i3d",
+    name: str | None = None,
+    register: bool = True,
+    policy: str = "scratch",
+    **finetune_options: Any,
+) -> FinetuneResult:
+    """Train a backbone on a source dataset and save it as a weight source.
+
+    The checkpoint records the source dataset's name, classes and size, so a
+    later ``finetune --weights RUN/model.safetensors`` names what it was
+    pretrained on. With ``register`` the file is also registered under
+    ``name`` (default ``<backbone>:<dataset folder name>``) for ``vtransfer weights list``.
+    """
+    from vtransfer.data.scan import load_dataset
+
+    source = Path(source)
+    name = name or f"{backbone}:{source.name}"
+    idx = load_dataset(source) if source.is_dir() else None
+    info = {"name": name, "dataset": source.name, "path": str(source.resolve()),
+            "classes": idx.classes if idx else [], "videos": len(idx.records) if idx else 0}
+    res = finetune(source, backbone=backbone, policy=policy, pretrain_source=info, **finetune_options)
+    if register and res.report:
+        from vtransfer.weights.sources import register_source
+
+        register_source(res.model_path, name)
+    return res

@@ -1,0 +1,29 @@
+"""Command-line entry point: ``vtransfer`` and ``python -m vtransfer``."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+from vtransfer.cli.app import app, err_console
+from vtransfer.errors import VtransferError
+
+
+def _register_commands() -> None:
+    """Import every ``vtransfer/cli/*_cmds.py`` module so its commands register on the app."""
+    package_dir = Path(__file__).parent
+    for module in sorted(pkgutil.iter_modules([str(package_dir)]), key=lambda m: m.name):
+        if module.name.endswith("_cmds"):
+            importlib.import_module(f"vtransfer.cli.{module.name}")
+
+
+def main() -> None:
+    """Run the CLI; user errors print one red line (no traceback) and exit with code 2."""
+    _register_commands()
+    try:
+        app()
+    except VtransferError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,329 @@
+"""Commands of the main flow: finetune, pretrain, compare-policies, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from vtransfer.cli import options as O
+from vtransfer.cli.app import app, console
+
+# Options every training command shares: (CLI parameter name) -> api keyword.
+_TRAINING_KEYS = (
+    "backbone", "preset", "weights", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs",
+    "patience", "dropout", "frames", "stride", "size", "clips_per_video", "val_clips", "precision", "device",
+    "categories", "balance", "manifest", "split_files", "split_seed", "group_pattern", "workers", "threads",
+    "cache", "cache_dir", "cached_views", "max_bad_fraction", "deterministic",
+)
+_DATA_KEYS = ("manifest", "split_files", "split_seed", "group_pattern", "categories")
+
+
+def _training_kwargs(p: dict[str, Any], keys=_TRAINING_KEYS) -> dict[str, Any]:
+    kw = {k: p[k] for k in keys if k in p}
+    if "ratios" in p:
+        kw["ratios"] = O.parse_ratios(p["ratios"])
+    return kw
+
+
+def _with_recipe(ctx: typer.Context, command: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``--recipe`` values to options not given on the command line."""
+    recipe = params.get("recipe")
+    if recipe is None:
+        return params
+    from vtransfer.recipes import merge_with_cli, recipe_values
+
+    command_keys = {p.name for p in ctx.command.params}
+    values = recipe_values(recipe, command, command_keys, _all_recipe_keys(ctx))
+    for k, v in list(values.items()):
+        if isinstance(v, list):
+            values[k] = ",".join(str(x) for x in v)
+    return merge_with_cli(ctx, params, values)
+
+
+def _all_recipe_keys(ctx: typer.Context) -> set[str]:
+    import typer.main
+
+    root = ctx.find_root().command
+    names: set[str] = set()
+    for name in ("pretrain", "finetune", "compare-policies", "demo"):
+        cmd = getattr(root, "commands", {}).get(name)
+        if cmd is not None:
+            names |= {p.name for p in cmd.params}
+    names.discard("recipe")
+    return names
+
+
+def _print_result_summary(res) -> None:
+    console.print(f"[bold]run folder:[/] {res.run_dir}")
+    console.print(f"trainable parameters: {res.trainable_params:,} of {res.total_params:,}; "
+                  f"train time {res.train_time_s:.1f}s; best val video acc {res.best_val_video_acc:.3f}")
+
+
+@app.command(rich_help_panel="Train and evaluate")
+def finetune(
+    ctx: typer.Context,
+    data: O.Data,
+    backbone: O.Backbone = "i3d",
+    preset: O.Preset = None,
+    weights: O.Weights = None,
+    policy: O.Policy = "top-3",
+    train: O.TrainGroups = None,
+    epochs: O.Epochs = 10,
+    batch_size: O.BatchSize = 8,
+    lr: O.Lr = None,
+    optimizer: O.Optimizer = "auto",
+    weight_decay: O.WeightDecay = None,
+    warmup_epochs: O.Warmup = 1.0,
+    patience: O.Patience = 5,
+    dropout: O.Dropout = None,
+    frames: O.Frames = None,
+    stride: O.Stride = None,
+    size: O.Size = None,
+    clips_per_video: O.ClipsPerVideo = 10,
+    val_clips: O.ValClips = 3,
+    precision: O.Precision = "fp32",
+    seed: O.Seed = 0,
+    device: O.Device = "auto",
+    out: O.Out = None,
+    categories: O.Categories = None,
+    balance: O.Balance = "none",
+    manifest: O.Manifest = None,
+    split_files: O.SplitFiles = None,
+    split_seed: O.SplitSeed = 0,
+    ratios: O.Ratios = "0.7,0.15,0.15",
+    group_pattern: O.GroupPattern = None,
+    workers: O.Workers = None,
+    threads: O.Threads = None,
+    cache: O.Cache = "auto",
+    cache_dir: O.CacheDir = None,
+    cached_views: O.CachedViews = None,
+    max_bad_fraction: O.MaxBad = 0.2,
+    deterministic: O.Deterministic = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a stopped run in this folder with its saved options.")] = None,
+    overwrite: O.Overwrite = False,
+    recipe: O.Recipe = None,
+) -> None:
+    """Fine-tune a backbone on DATA under a freezing policy; saves the model, metrics and a test report."""
+    import vtransfer.api as api
+    from vtransfer.progress import RichReporter
+
+    p = _with_recipe(ctx, "finetune", dict(locals()))
+    reporter = RichReporter(console)
+    if p["resume"] is not None:
+        res = api.finetune(p["data"], resume=p["resume"], reporter=reporter)
+    else:
+        res = api.finetune(p["data"], policy=p["policy"], train_groups=O.split_list(p["train"]), out=p["out"],
+                           overwrite=p["overwrite"], seed=p["seed"], reporter=reporter, **_training_kwargs(p))
+    _show_finetune(res)
+
+
+def _show_finetune(res) -> None:
+    from vtransfer.report import render_eval_table
+
+    if res.test is not None:
+        render_eval_table(res.test, console, title=f"test split — {res.plan.get('policy')}")
+    _print_result_summary(res)
+
+
+@app.command(rich_help_panel="Train and evaluate")
+def pretrain(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Argument(help="Source dataset folder (e.g. your Sports-1M, UCF-101 or Kinetics copy).")],
+    backbone: O.Backbone = "i3d",
+    preset: O.Preset = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Name to register the weights under (default: <backbone>:<folder name>).")] = None,
+    weights: O.Weights = None,
+    epochs: O.Epochs = 20,
+    batch_size: O.BatchSize = 8,
+    lr: O.Lr = None,
+    optimizer: O.Optimizer = "auto",
+    weight_decay: O.WeightDecay = None,
+    warmup_epochs: O.Warmup = 1.0,
+    patience: O.Patience = 5,
+    dropout: O.Dropout = None,
+    frames: O.Frames = None,
+    stride: O.Stride = None,
+    size: O.Size = None,
+    clips_per_video: O.ClipsPerVideo = 10,
+    val_clips: O.ValClips = 3,
+    precision: O.Precision = "fp32",
+    seed: O.Seed = 0,
+    device: O.Device = "auto",
+    out: O.Out = None,
+    categories: O.Categories = None,
+    balance: O.Balance = "none",
+    manifest: O.Manifest = None,
+    split_files: O.SplitFiles = None,
+    split_seed: O.SplitSeed = 0,
+    ratios: O.Ratios = "0.7,0.15,0.15",
+    group_pattern: O.GroupPattern = None,
+    workers: O.Workers = None,
+    threads: O.Threads = None,
+    cache: O.Cache = "auto",
+    cache_dir: O.CacheDir = None,
+    cached_views: O.CachedViews = None,
+    max_bad_fraction: O.MaxBad = 0.2,
+    deterministic: O.Deterministic = False,
+    register: Annotated[bool, typer.Option("--register/--no-register", help="Register the result as a named weight source.")] = True,
+    overwrite: O.Overwrite = False,
+    recipe: O.Recipe = None,
+) -> None:
+    """Train a backbone on a source dataset and save it as a weight source for later fine-tuning."""
+    import vtransfer.api as api
+    from vtransfer.progress import RichReporter
+
+    p = _with_recipe(ctx, "pretrain", dict(locals()))
+    policy = "all" if p["weights"] else "scratch"
+    res = api.pretrain(p["data"], name=p["name"], register=p["register"], policy=policy, out=p["out"],
+                       overwrite=p["overwrite"], seed=p["seed"], reporter=RichReporter(console), **_training_kwargs(p))
+    _show_finetune(res)
+    console.print(f"use it with: vtransfer finetune DATA --backbone {p['backbone']} --weights {res.model_path}")
+
+
+@app.command("compare-policies", rich_help_panel="Train and evaluate")
+def compare_policies(
+    ctx: typer.Context,
+    data: O.Data,
+    backbone: O.Backbone = "i3d",
+    preset: O.Preset = None,
+    weights: O.Weights = None,
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to compare.")] = "scratch,top-layer,top-3,temporal,all",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds; each policy runs once per seed, the table shows mean ± std.")] = "0",
+    epochs: O.Epochs = 10,
+    batch_size: O.BatchSize = 8,
+    lr: O.Lr = None,
+    optimizer: O.Optimizer = "auto",
+    weight_decay: O.WeightDecay = None,
+    warmup_epochs: O.Warmup = 1.0,
+    patience: O.Patience = 5,
+    dropout: O.Dropout = None,
+    frames: O.Frames = None,
+    stride: O.Stride = None,
+    size: O.Size = None,
+    clips_per_video: O.ClipsPerVideo = 10,
+    val_clips: O.ValClips = 3,
+    precision: O.Precision = "fp32",
+    device: O.Device = "auto",
+    out: O.Out = None,
+    categories: O.Categories = None,
+    balance: O.Balance = "none",
+    manifest: O.Manifest = None,
+    split_files: O.SplitFiles = None,
+    split_seed: O.SplitSeed = 0,
+    ratios: O.Ratios = "0.7,0.15,0.15",
+    group_pattern: O.GroupPattern = None,
+    workers: O.Workers = None,
+    threads: O.Threads = None,
+    cache: O.Cache = "auto",
+    cache_dir: O.CacheDir = None,
+    cached_views: O.CachedViews = None,
+    max_bad_fraction: O.MaxBad = 0.2,
+    deterministic: O.Deterministic = False,
+    overwrite: O.Overwrite = False,
+    json_out: O.Json = False,
+    recipe: O.Recipe = None,
+) -> None:
+    """Run several freezing policies on the same split and seeds; print one table in the papers' form."""
+    import vtransfer.api as api
+    from vtransfer.progress import RichReporter
+    from vtransfer.report import render_policy_table
+
+    p = _with_recipe(ctx, "compare-policies", dict(locals()))
+    kw = _training_kwargs(p)
+    data_kw = {k: kw.pop(k) for k in (*_DATA_KEYS, "ratios") if k in kw}
+    seeds_list = [int(s) for s in O.split_list(p["seeds"]) or ["0"]]
+    reporter = RichReporter(console)
+
+    def on_policy(policy: str, seed: int) -> None:
+        reporter.label = f"[{policy} s{seed}] "
+        if not p["json_out"]:
+            console.rule(f"{policy} (seed {seed})")
+
+    res = api.compare_policies(p["data"], policies=O.split_list(p["policies"]), seeds=seeds_list, out=p["out"],
+                               overwrite=p["overwrite"], reporter=reporter, on_policy=on_policy, **data_kw, **kw)
+    if p["json_out"]:
+        console.print_json(json.dumps({"out": str(res.out_dir), "rows": [r.to_dict() for r in res.rows], "skipped": res.skipped}))
+        return
+    render_policy_table(res.rows, console, title=f"{p['backbone']}: policies on {Path(p['data']).name}")
+    for policy, why in res.skipped.items():
+        console.print(f"[yellow]skipped {policy}:[/] {why}")
+    console.print(f"[bold]results:[/] {res.out_dir}")
+
+
+@app.command(rich_help_panel="Train and evaluate")
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="A vtransfer model file (model.safetensors).")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder or split manifest CSV.")],
+    manifest: O.Manifest = None,
+    split: Annotated[str, typer.Option("--split", help="Which split to evaluate: test, val, train or all (a folder without splits is evaluated whole).")] = "test",
+    clips_per_video: O.ClipsPerVideo = 10,
+    categories: O.Categories = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for report.json, per_class.csv, confusion.csv, report.md, plots and report.html.")] = None,
+    batch_size: O.BatchSize = 8,
+    workers: O.Workers = None,
+    precision: O.Precision = "fp32",
+    device: O.Device = "auto",
+    threads: O.Threads = None,
+    overwrite: O.Overwrite = False,
+    json_out: O.Json = False,
+) -> None:
+    """Clip/video hit@1/@5, mean class accuracy, per-class and per-category accuracy of a saved model."""
+    import vtransfer.api as api
+    from vtransfer.errors import ConfigError
+    from vtransfer.report import render_eval_table
+
+    if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder {out} is not empty; pass --overwrite or choose another --out")
+    result = api.evaluate(model, data, manifest=manifest, split=split, clips_per_video=clips_per_video, categories=categories,
+                          out=out, batch_size=batch_size, workers=workers, precision=precision, device=device, threads=threads)
+    if json_out:
+        console.print_json(json.dumps(result.to_dict()))
+        return
+    render_eval_table(result, console, title=f"{model.name} on {data.name} ({split})")
+    if out is not None:
+        console.print(f"[bold]report:[/] {out}")
+
+
+@app.command(rich_help_panel="Train and evaluate")
+def predict(
+    model: Annotated[Path, typer.Argument(help="A vtransfer model file (model.safetensors).")],
+    videos: Annotated[list[Path], typer.Argument(help="Video files to classify.")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Labels to show per video.")] = 5,
+    clips_per_video: O.ClipsPerVideo = 10,
+    batch_size: O.BatchSize = 8,
+    precision: O.Precision = "fp32",
+    device: O.Device = "auto",
+    json_out: O.Json = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV rows path,rank,label,prob.")] = False,
+) -> None:
+    """Labels with probabilities for new videos, using the model's stored preprocessing and classes."""
+    import vtransfer.api as api
+    from rich.table import Table
+
+    rows = api.predict(model, videos, top_k=top_k, clips_per_video=clips_per_video, batch_size=batch_size,
+                       device=device, precision=precision)
+    if json_out:
+        console.print_json(json.dumps(rows))
+        return
+    if csv_out:
+        print("path,rank,label,prob")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['path']},,ERROR: {r['error']},")
+            for i, t in enumerate(r.get("top", []), 1):
+                print(f"{r['path']},{i},{t['label']},{t['prob']:.6f}")
+        return
+    table = Table(title=f"predictions of {model.name}")
+    table.add_column("video")
+    table.add_column("rank", justify="right")
+    table.add_column("label")
+    table.add_column("prob", justify="right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["path"], "", f"[red]cannot decode: {r['error']}[/]", "")
+        for i, t in enumerate(r.get("top", []), 1):
+            table.add_row(r["path"] if i == 1 else "", str(i), t["label"], f"{t['prob']:.3f}")
+    console.print(table)

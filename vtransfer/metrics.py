@@ -1,0 +1,425 @@
+"""Classification metrics for video models: clip and video level.
+
+The evaluation protocol of Karpathy et al. (2014) and I3D: several clips are
+taken from each video, each gets softmax probabilities, and a video's score is
+the mean of its clips' probabilities. From these we report hit@1/hit@5 at clip
+and video level, mean class accuracy, per-class precision/recall/F1
+(scikit-learn), per-category accuracy, the confusion matrix and the most
+confused class pairs.
+
+Everything here is plain numpy (torch tensors are accepted and converted);
+nothing reads files or knows about models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+UNCATEGORISED = "uncategorised"
+"""Category given to classes missing from a categories mapping."""
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    """``np.asarray`` that also accepts torch tensors (on any device, with grad)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.float()  # bf16/fp16 have no numpy dtype
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _check_probs(probs: np.ndarray, name: str) -> np.ndarray:
+    """Validate a 2-D ``[N, C]`` finite score array; return it as float64."""
+    probs = _as_numpy(probs)
+    if probs.ndim != 2 or probs.shape[1] == 0:
+        raise ValueError(f"{name} must be a 2-D array [N, C] with C >= 1, got shape {probs.shape}")
+    probs = probs.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(probs)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return probs
+
+
+def _check_labels(labels: Any, n: int, num_classes: int, name: str) -> np.ndarray:
+    """Validate integer labels of length ``n`` in ``[0, num_classes)``."""
+    labels = _as_numpy(labels)
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D with {n} entries, got shape {labels.shape}")
+    if n and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer class indices, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64, copy=False)
+    if n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{name} has values outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
+    return labels
+
+
+def _ranked(probs: np.ndarray) -> np.ndarray:
+    """Class indices per row, best first; ties go to the lower index (as ``argmax``)."""
+    return np.argsort(-probs, axis=1, kind="stable")
+
+
+def aggregate_video_scores(clip_probs: np.ndarray, clip_video: np.ndarray, num_videos: int) -> np.ndarray:
+    """Video scores as the mean of each video's clip probabilities.
+
+    Args:
+        clip_probs: ``[N_clips, C]`` softmax probabilities (numpy or torch).
+        clip_video: ``[N_clips]`` index of the video each clip came from.
+        num_videos: number of videos; every index in ``range(num_videos)`` must have a clip.
+
+    Returns:
+        ``[num_videos, C]`` float64 array; row ``v`` is the mean over video ``v``'s clips.
+
+    Raises:
+        ValueError: on mismatched shapes, out-of-range video indices, or a video with no clips.
+    """
+    probs = _check_probs(clip_probs, "clip_probs")
+    if num_videos < 0:
+        raise ValueError(f"num_videos must be >= 0, got {num_videos}")
+    video = _check_labels(clip_video, probs.shape[0], max(num_videos, 1), "clip_video")
+    counts = np.bincount(video, minlength=num_videos).astype(np.float64)
+    if num_videos and np.any(counts == 0):
+        missing = np.flatnonzero(counts == 0)
+        shown = ", ".join(str(i) for i in missing[:10]) + (" ..." if missing.size > 10 else "")
+        raise ValueError(f"{missing.size} video(s) have no clips: {shown}")
+    sums = np.zeros((num_videos, probs.shape[1]), dtype=np.float64)
+    np.add.at(sums, video, probs)
+    return sums / np.maximum(counts, 1.0)[:, None]
+
+
+def hit_at_k(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose true label is among the ``k`` highest scores.
+
+    ``k`` larger than the number of classes is capped (hit@k is then 1.0).
+    Ties rank the lower class index first, so hit@1 agrees with ``argmax``.
+    Returns ``nan`` for zero rows.
+    """
+    probs = _check_probs(probs, "probs")
+    labels = _check_labels(labels, probs.shape[0], probs.shape[1], "labels")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if probs.shape[0] == 0:
+        return float("nan")
+    k = min(k, probs.shape[1])
+    top = _ranked(probs)[:, :k]
+    return float(np.mean(np.any(top == labels[:, None], axis=1)))
+
+
+@dataclass
+class ClassMetrics:
+    """Video-level metrics of one class.
+
+    ``accuracy`` is the fraction of the class's videos predicted correctly
+    (= recall), ``None`` when the class has no videos in the evaluated set.
+    Precision/recall/F1 follow scikit-learn with ``zero_division=0``.
+    """
+
+    name: str
+    category: str | None
+    support: int
+    accuracy: float | None
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclass
+class CategoryMetrics:
+    """Per-category accuracy: the mean accuracy of its classes that have videos.
+
+    ``num_classes`` counts all classes of the category, ``classes_with_support``
+    those that contributed; ``accuracy`` is ``None`` when none did.
+    """
+
+    name: str
+    accuracy: float | None
+    num_classes: int
+    classes_with_support: int
+    support: int
+
+
+@dataclass
+class ConfusedPair:
+    """An off-diagonal confusion-matrix cell: ``count`` videos of ``true`` predicted as ``predicted``.
+
+    ``fraction`` is ``count`` over the true class's support.
+    """
+
+    true: str
+    predicted: str
+    count: int
+    fraction: float
+
+
+@dataclass
+class VideoPrediction:
+    """One video's prediction: its index (and name, when given), labels and top-k probabilities."""
+
+    index: int
+    true: str
+    predicted: str
+    correct: bool
+    top: list[tuple[str, float]]
+    name: str | None = None
+
+
+def _nan_to_none(x: float | None) -> float | None:
+    """JSON-safe float: NaN becomes ``None``."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+@dataclass
+class EvalResult:
+    """Everything :func:`classification_report` computes; ``to_dict`` is JSON-safe.
+
+    Attributes:
+        classes: class names, index order.
+        num_videos, num_clips: sizes of the evaluated set.
+        top_k: the k of the "hit@5" fields (5, or fewer when there are fewer classes).
+        clip_hit1, clip_hit5, video_hit1, video_hit5: fractions in [0, 1].
+        mean_class_accuracy: mean per-class video accuracy over classes with videos
+            (scikit-learn's balanced accuracy).
+        per_class: one :class:`ClassMetrics` per class, index order.
+        per_category: one :class:`CategoryMetrics` per category (empty without categories).
+        confusion: ``[C, C]`` video counts, rows true, columns predicted.
+        most_confused: up to 10 largest off-diagonal cells, largest first.
+        predictions: one :class:`VideoPrediction` per video.
+        categories: the class -> category mapping used, or ``None``.
+    """
+
+    classes: list[str]
+    num_videos: int
+    num_clips: int
+    top_k: int
+    clip_hit1: float
+    clip_hit5: float
+    video_hit1: float
+    video_hit5: float
+    mean_class_accuracy: float
+    per_class: list[ClassMetrics]
+    per_category: list[CategoryMetrics]
+    confusion: np.ndarray
+    most_confused: list[ConfusedPair]
+    predictions: list[VideoPrediction]
+    categories: dict[str, str] | None = None
+
+    SUMMARY_KEYS: ClassVar[tuple[str, ...]] = (
+        "video_hit1",
+        "video_hit5",
+        "clip_hit1",
+        "clip_hit5",
+        "mean_class_accuracy",
+    )
+
+    def summary(self) -> dict[str, float | None]:
+        """The headline numbers as ``{name: fraction}`` (``None`` where undefined)."""
+        return {k: _nan_to_none(getattr(self, k)) for k in self.SUMMARY_KEYS}
+
+    def category_accuracy(self) -> dict[str, float | None]:
+        """``{category: accuracy}`` in category order (empty without categories)."""
+        return {c.name: c.accuracy for c in self.per_category}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (NaN -> ``None``); :meth:`from_dict` reverses it."""
+        return {
+            "classes": list(self.classes),
+            "num_videos": self.num_videos,
+            "num_clips": self.num_clips,
+            "top_k": self.top_k,
+            "summary": self.summary(),
+            "per_class": [
+                {**asdict(c), "accuracy": _nan_to_none(c.accuracy)} for c in self.per_class
+            ],
+            "per_category": [
+                {**asdict(c), "accuracy": _nan_to_none(c.accuracy)} for c in self.per_category
+            ],
+            "confusion": self.confusion.astype(int).tolist(),
+            "most_confused": [asdict(p) for p in self.most_confused],
+            "predictions": [
+                {**asdict(p), "top": [[name, prob] for name, prob in p.top]} for p in self.predictions
+            ],
+            "categories": dict(self.categories) if self.categories is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
+        """Rebuild an :class:`EvalResult` from :meth:`to_dict` output (e.g. a ``report.json``)."""
+        summary = data["summary"]
+
+        def num(key: str) -> float:
+            value = summary.get(key)
+            return float("nan") if value is None else float(value)
+
+        return cls(
+            classes=list(data["classes"]),
+            num_videos=int(data["num_videos"]),
+            num_clips=int(data["num_clips"]),
+            top_k=int(data["top_k"]),
+            clip_hit1=num("clip_hit1"),
+            clip_hit5=num("clip_hit5"),
+            video_hit1=num("video_hit1"),
+            video_hit5=num("video_hit5"),
+            mean_class_accuracy=num("mean_class_accuracy"),
+            per_class=[ClassMetrics(**c) for c in data["per_class"]],
+            per_category=[CategoryMetrics(**c) for c in data["per_category"]],
+            confusion=np.asarray(data["confusion"], dtype=np.int64).reshape(len(data["classes"]), -1),
+            most_confused=[ConfusedPair(**p) for p in data["most_confused"]],
+            predictions=[
+                VideoPrediction(**{**p, "top": [(str(n), float(v)) for n, v in p["top"]]})
+                for p in data["predictions"]
+            ],
+            categories=data.get("categories"),
+        )
+
+
+def _category_metrics(categories: dict[str, str], per_class: list[ClassMetrics]) -> list[CategoryMetrics]:
+    """Group per-class accuracies by category, categories in first-appearance order."""
+    order: list[str] = []
+    for cat in list(categories.values()) + [c.category or UNCATEGORISED for c in per_class]:
+        if cat not in order:
+            order.append(cat)
+    out = []
+    for cat in order:
+        members = [c for c in per_class if (c.category or UNCATEGORISED) == cat]
+        if not members:
+            continue  # a category of the file whose classes are all absent from this model
+        supported = [c for c in members if c.support > 0 and c.accuracy is not None]
+        acc = float(np.mean([c.accuracy for c in supported])) if supported else None
+        out.append(
+            CategoryMetrics(
+                name=cat,
+                accuracy=acc,
+                num_classes=len(members),
+                classes_with_support=len(supported),
+                support=int(sum(c.support for c in members)),
+            )
+        )
+    return out
+
+
+def _most_confused(confusion: np.ndarray, classes: Sequence[str], limit: int = 10) -> list[ConfusedPair]:
+    """The ``limit`` largest off-diagonal cells (ties: by true then predicted index)."""
+    off = confusion.copy()
+    np.fill_diagonal(off, 0)
+    true_idx, pred_idx = np.nonzero(off)
+    counts = off[true_idx, pred_idx]
+    order = np.lexsort((pred_idx, true_idx, -counts))[:limit]
+    support = confusion.sum(axis=1)
+    return [
+        ConfusedPair(
+            true=classes[t],
+            predicted=classes[p],
+            count=int(off[t, p]),
+            fraction=float(off[t, p] / support[t]),
+        )
+        for t, p in zip(true_idx[order], pred_idx[order])
+    ]
+
+
+def classification_report(
+    clip_probs: np.ndarray,
+    clip_video: np.ndarray,
+    video_labels: np.ndarray,
+    classes: Sequence[str],
+    categories: dict[str, str] | None = None,
+    *,
+    video_names: Sequence[str] | None = None,
+    top_k: int = 5,
+) -> EvalResult:
+    """Compute clip- and video-level metrics from per-clip probabilities.
+
+    Args:
+        clip_probs: ``[N_clips, C]`` softmax probabilities.
+        clip_video: ``[N_clips]`` video index of each clip (``0 .. num_videos-1``).
+        video_labels: ``[num_videos]`` true class index of each video.
+        classes: the ``C`` class names, index order.
+        categories: optional class name -> category name; classes it does not
+            mention are put in the ``"uncategorised"`` category.
+        video_names: optional name (e.g. path) per video, kept in the predictions.
+        top_k: the k of hit@k (capped at ``C``) and of the per-video top list.
+
+    Returns:
+        An :class:`EvalResult`.
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    classes = [str(c) for c in classes]
+    probs = _check_probs(clip_probs, "clip_probs")
+    num_classes = probs.shape[1]
+    if len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names given for {num_classes} probability columns")
+    labels = _as_numpy(video_labels)
+    num_videos = int(labels.shape[0]) if labels.ndim == 1 else -1
+    labels = _check_labels(labels, max(num_videos, 0), num_classes, "video_labels")
+    if num_videos == 0:
+        raise ValueError("cannot compute metrics on zero videos")
+    if video_names is not None and len(video_names) != num_videos:
+        raise ValueError(f"{len(video_names)} video names given for {num_videos} videos")
+    video = _check_labels(clip_video, probs.shape[0], num_videos, "clip_video")
+    video_probs = aggregate_video_scores(probs, video, num_videos)
+    clip_labels = labels[video]
+    k = min(top_k, num_classes)
+
+    ranked = _ranked(video_probs)
+    pred = ranked[:, 0]
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    support = confusion.sum(axis=1)
+    correct = np.diag(confusion)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        class_acc = np.where(support > 0, correct / np.maximum(support, 1), np.nan)
+
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, pred, labels=np.arange(num_classes), zero_division=0
+    )
+    cat_of = None
+    if categories is not None:
+        cat_of = {c: categories.get(c, UNCATEGORISED) for c in classes}
+    per_class = [
+        ClassMetrics(
+            name=name,
+            category=cat_of[name] if cat_of else None,
+            support=int(support[i]),
+            accuracy=None if support[i] == 0 else float(class_acc[i]),
+            precision=float(precision[i]),
+            recall=float(recall[i]),
+            f1=float(f1[i]),
+        )
+        for i, name in enumerate(classes)
+    ]
+    per_category = _category_metrics(categories, per_class) if categories is not None else []
+
+    predictions = [
+        VideoPrediction(
+            index=v,
+            true=classes[labels[v]],
+            predicted=classes[pred[v]],
+            correct=bool(labels[v] == pred[v]),
+            top=[(classes[j], float(video_probs[v, j])) for j in ranked[v, :k]],
+            name=None if video_names is None else str(video_names[v]),
+        )
+        for v in range(num_videos)
+    ]
+    return EvalResult(
+        classes=classes,
+        num_videos=num_videos,
+        num_clips=int(probs.shape[0]),
+        top_k=k,
+        clip_hit1=hit_at_k(probs, clip_labels, 1),
+        clip_hit5=hit_at_k(probs, clip_labels, k),
+        video_hit1=hit_at_k(video_probs, labels, 1),
+        video_hit5=hit_at_k(video_probs, labels, k),
+        mean_class_accuracy=float(np.nanmean(class_acc)),
+        per_class=per_class,
+        per_category=per_category,
+        confusion=confusion,
+        most_confused=_most_confused(confusion, classes),
+        predictions=predictions,
+        categories=dict(categories) if categories is not None else None,
+    )

@@ -1,0 +1,204 @@
+"""The contract every vtransfer backbone meets.
+
+A backbone is a sequence of *layer groups* run one after another, from the
+input clip to the logits. Each group owns a disjoint set of parameters and is
+tagged by what it mixes:
+
+* ``spatial``  - mixes information within a frame only,
+* ``temporal`` - mixes information across time (at least partly; see
+  :attr:`LayerGroup.temporal_params` for the parameter-level rule),
+* ``head``     - the classifier (always the last group; its input is the
+  ``B x D`` pre-classifier embedding).
+
+Because groups run in sequence, a policy can freeze a prefix of them and run
+that prefix once without autograd (or cache its output), then train the rest:
+``model.forward_groups(x, 0, k)`` gives the activations after group ``k-1``,
+and ``model.forward_groups(h, k, len(groups))`` finishes the forward pass.
+The state passed between groups is a tensor or a tuple of tensors (the
+two-stream slow-fusion variants pass a tuple).
+
+Models know nothing of files or training: they declare their preprocessing
+(:class:`Preprocessing`) and the data pipeline honours it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence, Union
+
+import torch
+from torch import nn
+
+GROUP_TAGS = ("spatial", "temporal", "head")
+
+State = Union[torch.Tensor, tuple]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How clips must be prepared for a backbone.
+
+    The pipeline decodes ``frames`` frames taken every ``stride`` frames,
+    resizes so the short side is ``resize_short``, crops ``crop_size``
+    (height, width), converts uint8 to float in [0, 1], then applies
+    ``(x - mean) / std`` per RGB channel. I3D's [-1, 1] range is
+    ``mean = std = (0.5, 0.5, 0.5)``.
+    """
+
+    frames: int
+    stride: int
+    crop_size: tuple[int, int]
+    resize_short: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict (tuples become lists)."""
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        """Rebuild from :meth:`to_dict` output."""
+        return cls(
+            frames=int(d["frames"]),
+            stride=int(d["stride"]),
+            crop_size=(int(d["crop_size"][0]), int(d["crop_size"][1])),
+            resize_short=int(d["resize_short"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+        )
+
+    def replace(self, **changes: Any) -> "Preprocessing":
+        """Return a copy with some fields changed (``None`` values are ignored)."""
+        d = {k: v for k, v in asdict(self).items()}
+        d.update({k: v for k, v in changes.items() if v is not None})
+        if isinstance(d["crop_size"], int):
+            d["crop_size"] = (d["crop_size"], d["crop_size"])
+        return Preprocessing(**{**d, "crop_size": tuple(d["crop_size"])})
+
+
+@dataclass
+class LayerGroup:
+    """One named, tagged set of parameters, in input-to-output order.
+
+    Attributes:
+        name: stable name (``conv1``, ``Mixed_4b``, ``spatial.3``, ``head``).
+        tag: one of ``spatial``, ``temporal``, ``head``.
+        params: fully qualified parameter names (as in ``model.named_parameters()``).
+        temporal_params: the subset of ``params`` that mixes information across
+            time. Equal to ``params`` for a purely temporal group, empty for a
+            spatial group, a proper subset for mixed groups (an I3D Inception
+            block's convs with temporal extent > 1, and their BatchNorms).
+        buffers: fully qualified buffer names owned by the group (BatchNorm stats).
+    """
+
+    name: str
+    tag: str
+    params: list[str]
+    temporal_params: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.tag not in GROUP_TAGS:
+            raise ValueError(f"group {self.name!r}: tag must be one of {GROUP_TAGS}, got {self.tag!r}")
+        extra = set(self.temporal_params) - set(self.params)
+        if extra:
+            raise ValueError(f"group {self.name!r}: temporal_params not in params: {sorted(extra)}")
+
+
+class VideoBackbone(nn.Module):
+    """Base class of all backbones.
+
+    Subclasses set ``self.backbone_name`` (registry name), ``self.config``
+    (JSON-serialisable constructor kwargs, so ``type(m)(**m.config)`` rebuilds
+    the architecture) and ``self.preprocessing``, and implement
+    :meth:`layer_groups`, :meth:`run_group` and :meth:`reset_classifier`.
+    """
+
+    backbone_name: str = ""
+    config: dict[str, Any]
+    preprocessing: Preprocessing
+
+    # -- what subclasses implement ------------------------------------------------
+    def layer_groups(self) -> list[LayerGroup]:
+        """Ordered groups from input to output; together they partition all parameters."""
+        raise NotImplementedError
+
+    def run_group(self, index: int, state: State) -> State:
+        """Apply group ``index`` to ``state`` (the clip for index 0)."""
+        raise NotImplementedError
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a freshly initialised one for ``num_classes`` classes."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes of the current classifier."""
+        raise NotImplementedError
+
+    # -- shared behaviour ---------------------------------------------------------
+    def forward_groups(self, state: State, start: int, stop: int) -> State:
+        """Run groups ``start .. stop-1`` on ``state`` and return the new state."""
+        for i in range(start, stop):
+            state = self.run_group(i, state)
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``B x classes`` for a normalised float clip ``B x 3 x T x H x W``."""
+        return self.forward_groups(x, 0, len(self.layer_groups()))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``B x D`` pre-classifier embedding (the head group's input)."""
+        return self.forward_groups(x, 0, len(self.layer_groups()) - 1)
+
+    def group_names(self) -> list[str]:
+        """Names of the layer groups, input to output."""
+        return [g.name for g in self.layer_groups()]
+
+    def describe(self) -> dict[str, Any]:
+        """Architecture metadata stored in checkpoints: name, config, preprocessing."""
+        return {
+            "backbone": self.backbone_name,
+            "config": copy.deepcopy(self.config),
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+
+def group_param_counts(model: VideoBackbone) -> list[tuple[str, str, int]]:
+    """``(name, tag, number of parameters)`` for each layer group of ``model``."""
+    params = dict(model.named_parameters())
+    return [(g.name, g.tag, sum(params[p].numel() for p in g.params)) for g in model.layer_groups()]
+
+
+def check_groups_partition(model: VideoBackbone) -> None:
+    """Raise ``AssertionError`` unless the groups cover every parameter exactly once."""
+    seen: dict[str, str] = {}
+    for g in model.layer_groups():
+        for p in g.params:
+            assert p not in seen, f"parameter {p} is in groups {seen[p]} and {g.name}"
+            seen[p] = g.name
+    missing = [n for n, _ in model.named_parameters() if n not in seen]
+    assert not missing, f"parameters in no group: {missing}"
+    groups = model.layer_groups()
+    assert groups[-1].tag == "head", "the last group must be the head"
+
+
+def module_param_names(prefix: str, module: nn.Module) -> list[str]:
+    """Fully qualified names of ``module``'s parameters under ``prefix``."""
+    return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+
+
+def module_buffer_names(prefix: str, module: nn.Module) -> list[str]:
+    """Fully qualified names of ``module``'s buffers under ``prefix``."""
+    return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_buffers()]
+
+
+def as_pair(v: int | Sequence[int]) -> tuple[int, int]:
+    """``7 -> (7, 7)``; ``(h, w) -> (h, w)``."""
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))

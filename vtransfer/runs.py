@@ -1,0 +1,95 @@
+"""Run folders: creation rules, config and metrics files, resumable state.
+
+A run folder holds everything one command produced::
+
+    RUN/config.json        resolved options (what was asked + what was chosen)
+    RUN/split.csv          the split manifest every later command can reuse
+    RUN/metrics.jsonl      one JSON line per finished epoch
+    RUN/model.safetensors  best checkpoint (vtransfer format)
+    RUN/resume.pt          last finished epoch's full state (tensors only, loaded with weights_only)
+    RUN/report/...         test-set report
+
+All files are written atomically, so a run killed at any moment never leaves a
+half-written model or state file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtransfer.atomic import atomic_write_bytes, atomic_write_text
+from vtransfer.errors import ConfigError, WeightsError
+
+RESUME_FILE = "resume.pt"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+SPLIT_FILE = "split.csv"
+
+
+def prepare_run_dir(path: Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create (or reopen, with ``resume``) a run folder; refuse to clobber one without ``overwrite``."""
+    path = Path(path)
+    if resume:
+        if not (path / RESUME_FILE).exists():
+            raise ConfigError(f"--resume {path}: no {RESUME_FILE} there, nothing to resume")
+        return path
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run folder {path} already exists and is not empty; pass --overwrite or choose another --out")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file; a missing or broken file is a ConfigError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: file not found") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """Rewrite ``metrics.jsonl`` with one line per finished epoch (atomic)."""
+    atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Per-epoch records from ``metrics.jsonl`` (empty when absent)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_resume_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """Save the resumable training state atomically (tensors and plain containers only)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(Path(run_dir) / RESUME_FILE, buf.getvalue())
+
+
+def load_resume_state(run_dir: Path) -> dict[str, Any]:
+    """Load ``resume.pt`` with ``weights_only=True``: never runs code from the file."""
+    path = Path(run_dir) / RESUME_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: not found; nothing to resume") from e
+    except Exception as e:  # noqa: BLE001 - anything unloadable is reported the same way
+        raise WeightsError(f"{path}: cannot load resume state safely ({e})") from e

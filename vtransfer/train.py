@@ -1,0 +1,316 @@
+"""The fine-tuning loop: optimiser, schedule, early stopping, resume.
+
+One readable loop. The frozen prefix of the model (every group below the
+policy's first trainable group) runs without autograd; only the rest builds a
+graph. The prefix's output comes from a :class:`PrefixSource`: computed on
+the fly from decoded clips, or read from a feature cache
+(:mod:`vtransfer.feature_cache`), which gives the same numbers for the same
+clips.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from vtransfer.errors import ConfigError, VtransferError
+from vtransfer.models.base import VideoBackbone
+from vtransfer.policies import PolicyPlan, set_train_mode
+from vtransfer.runtime import autocast
+
+OPTIMIZERS = ("auto", "sgd", "adamw")
+BALANCE_MODES = ("none", "weights", "sampler")
+
+
+@dataclass
+class TrainConfig:
+    """Options of one fine-tuning run (defaults are per backbone where ``None``)."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float | None = None
+    optimizer: str = "auto"
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    patience: int = 5
+    precision: str = "fp32"
+    seed: int = 0
+    balance: str = "none"
+    max_bad_fraction: float = 0.2
+    label_smoothing: float = 0.0
+
+    def resolved(self, backbone: str) -> "TrainConfig":
+        """Fill per-backbone defaults: SGD+momentum (Karpathy, I3D) for CNNs, AdamW for ViViT."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.balance not in BALANCE_MODES:
+            raise ConfigError(f"--balance must be one of {BALANCE_MODES}, got {self.balance!r}")
+        if self.epochs < 1:
+            raise ConfigError("--epochs must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
+        opt = self.optimizer
+        if opt == "auto":
+            opt = "adamw" if backbone == "vivit" else "sgd"
+        lr = self.lr if self.lr is not None else (3e-4 if opt == "adamw" else 1e-2)
+        wd = self.weight_decay if self.weight_decay is not None else (0.05 if opt == "adamw" else 5e-4)
+        return TrainConfig(**{**asdict(self), "optimizer": opt, "lr": lr, "weight_decay": wd})
+
+
+@dataclass
+class EpochRecord:
+    """One finished epoch, as written to ``metrics.jsonl``."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_video_acc: float
+    val_clip_acc: float
+    lr: float
+    time_s: float
+    bad_clips: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        return asdict(self)
+
+
+class PrefixSource(Protocol):
+    """Yields training batches as (state after the frozen prefix, labels)."""
+
+    def batches(self, epoch: int) -> Iterator[tuple[Any, torch.Tensor, list]]:
+        """(prefix output, integer labels, decode errors) for every batch of ``epoch``."""
+        ...
+
+    def num_batches(self) -> int:
+        """Batches per epoch."""
+        ...
+
+
+class Reporter(Protocol):
+    """Receives progress (the CLI shows Rich bars; the API default prints nothing)."""
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None: ...
+    def batch_end(self, loss: float, acc: float) -> None: ...
+    def epoch_end(self, record: EpochRecord, improved: bool) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class QuietReporter:
+    """A reporter that reports nothing."""
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+        """Ignore."""
+
+    def batch_end(self, loss: float, acc: float) -> None:
+        """Ignore."""
+
+    def epoch_end(self, record: EpochRecord, improved: bool) -> None:
+        """Ignore."""
+
+    def message(self, text: str) -> None:
+        """Ignore."""
+
+
+def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the trainable parameters (no decay on biases and norms)."""
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=False)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay towards 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights, normalised to mean 1 over present classes."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    present = counts > 0
+    w = w / w[present].mean()
+    return torch.tensor(w, dtype=torch.float32)
+
+
+@dataclass
+class FitState:
+    """Everything needed to continue a run after its last finished epoch."""
+
+    epoch: int = 0  # epochs finished
+    best_score: float = -1.0
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class Trainer:
+    """Fine-tunes the trainable part of ``model`` as ``plan`` says.
+
+    ``validate(model) -> (video_acc, clip_acc)`` scores the current model;
+    ``save_best(model, record)`` is called whenever validation improves;
+    ``save_state(state_dict)`` after every epoch (for ``--resume``).
+    """
+
+    def __init__(
+        self,
+        model: VideoBackbone,
+        plan: PolicyPlan,
+        config: TrainConfig,
+        device: torch.device,
+        source: PrefixSource,
+        validate: Callable[[VideoBackbone], tuple[float, float]],
+        save_best: Callable[[VideoBackbone, EpochRecord], None],
+        save_state: Callable[[dict], None],
+        reporter: Reporter | None = None,
+        loss_weights: torch.Tensor | None = None,
+        train_size: int = 0,
+    ):
+        self.model = model
+        self.plan = plan
+        self.config = config
+        self.device = device
+        self.source = source
+        self.validate = validate
+        self.save_best = save_best
+        self.save_state = save_state
+        self.reporter = reporter or QuietReporter()
+        self.train_size = train_size
+        self.num_groups = len(model.layer_groups())
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("nothing to train: the policy left every parameter frozen")
+        self.optimizer = build_optimizer(params, config)
+        steps_per_epoch = max(1, source.num_batches())
+        total = steps_per_epoch * config.epochs
+        warmup = int(round(config.warmup_epochs * steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total, min(warmup, total - 1)))
+        weight = loss_weights.to(device) if loss_weights is not None else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+        self.state = FitState()
+
+    # -- resume --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Resumable state: model, optimiser, schedule, progress, RNG."""
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.state.epoch,
+            "best_score": self.state.best_score,
+            "best_epoch": self.state.best_epoch,
+            "history": self.state.history,
+            "stopped_early": self.state.stopped_early,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` output."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.state = FitState(
+            epoch=int(state["epoch"]),
+            best_score=float(state["best_score"]),
+            best_epoch=int(state["best_epoch"]),
+            history=list(state["history"]),
+            stopped_early=bool(state.get("stopped_early", False)),
+        )
+        torch.set_rng_state(state["rng"])
+
+    # -- the loop ------------------------------------------------------------------
+    def train_step(self, prefix_out: Any, labels: torch.Tensor) -> tuple[float, int]:
+        """One optimisation step on a batch; returns (loss, number correct)."""
+        with autocast(self.device, self.config.precision):
+            logits = self.model.forward_groups(prefix_out, self.plan.first_trainable_group, self.num_groups)
+            loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        correct = int((logits.detach().argmax(1) == labels).sum())
+        return float(loss.detach()), correct
+
+    def fit(self, stop_after: int | None = None) -> FitState:
+        """Train until ``config.epochs``, early stopping, or ``stop_after`` epochs this call."""
+        cfg = self.config
+        done_this_call = 0
+        while self.state.epoch < cfg.epochs and not self.state.stopped_early:
+            if stop_after is not None and done_this_call >= stop_after:
+                break
+            epoch = self.state.epoch + 1
+            t0 = time.perf_counter()
+            set_train_mode(self.model, True)
+            self.reporter.epoch_start(epoch, cfg.epochs, self.source.num_batches())
+            loss_sum, correct, seen, bad = 0.0, 0, 0, 0
+            for prefix_out, labels, errors in self.source.batches(epoch):
+                bad += len(errors)
+                n = labels.shape[0]
+                if n == 0:
+                    continue
+                labels = labels.to(self.device)
+                loss, c = self.train_step(prefix_out, labels)
+                loss_sum += loss * n
+                correct += c
+                seen += n
+                self.reporter.batch_end(loss, c / n)
+            attempted = seen + bad
+            if attempted and bad / attempted > cfg.max_bad_fraction:
+                raise VtransferError(
+                    f"epoch {epoch}: {bad} of {attempted} training clips failed to decode "
+                    f"(more than --max-bad-fraction {cfg.max_bad_fraction:g}); see bad_videos.json in the run folder"
+                )
+            if seen == 0:
+                raise VtransferError(f"epoch {epoch}: no training clip could be decoded")
+            val_video, val_clip = self.validate(self.model)
+            record = EpochRecord(
+                epoch=epoch,
+                train_loss=loss_sum / seen,
+                train_acc=correct / seen,
+                val_video_acc=val_video,
+                val_clip_acc=val_clip,
+                lr=self.optimizer.param_groups[0]["lr"],
+                time_s=time.perf_counter() - t0,
+                bad_clips=bad,
+            )
+            improved = val_video > self.state.best_score
+            if improved:
+                self.state.best_score = val_video
+                self.state.best_epoch = epoch
+                self.save_best(self.model, record)
+            self.state.epoch = epoch
+            self.state.history.append(record.to_dict())
+            if cfg.patience > 0 and epoch - self.state.best_epoch >= cfg.patience:
+                self.state.stopped_early = True
+                self.reporter.message(f"early stop: no val improvement for {cfg.patience} epochs")
+            self.save_state(self.state_dict())
+            self.reporter.epoch_end(record, improved)
+            done_this_call += 1
+        return self.state
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    """Where the best model of a run lives."""
+    return Path(run_dir) / "model.safetensors"
