@@ -8,7 +8,7 @@ under the same load compare fairly. The helpers here are:
 * :func:`setup_threads` - apply ``--threads`` (default: every CPU we may use);
 * :func:`median_time` / :func:`time_interleaved` - warm-up, then the median
   of N timed calls (interleaved across variants, so load changes hit all
-  variants alike);
+  variants alike), by wall clock or by this process's CPU time;
 * :func:`peak_rss_mib` / :func:`rss_line` - peak resident memory of the run
   (``resource.getrusage``), printed as the last line of every script;
 * :func:`load_line` - the load average when the run started, so a reader can
@@ -60,26 +60,40 @@ def setup_threads(threads: int | None) -> int:
     return n
 
 
-def median_time(fn: Callable[[], object], warmup: int = 1, repeat: int = 5) -> float:
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,
+    # CPU seconds of every thread of this process: time spent descheduled by
+    # other users' jobs does not count. Only meaningful for work done in this
+    # process (not DataLoader workers); with several threads it also counts
+    # OpenMP threads spinning while they wait.
+    "cpu": time.process_time,
+}
+
+
+def median_time(fn: Callable[[], object], warmup: int = 1, repeat: int = 5, clock: str = "wall") -> float:
     """Seconds per call of ``fn``: ``warmup`` untimed calls, then the median of ``repeat`` timed ones."""
-    return time_interleaved({"fn": fn}, warmup, repeat)["fn"]
+    return time_interleaved({"fn": fn}, warmup, repeat, clock)["fn"]
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, repeat: int = 5) -> dict[str, float]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], warmup: int = 1, repeat: int = 5, clock: str = "wall"
+) -> dict[str, float]:
     """Median seconds per call of each variant, timing them round-robin.
 
     Each round calls every variant once, so a burst of load from other users
-    slows all variants alike and their ratio stays meaningful.
+    slows all variants alike and their ratio stays meaningful. ``clock`` is
+    ``wall`` (elapsed time) or ``cpu`` (this process's CPU time, see :data:`CLOCKS`).
     """
+    now = CLOCKS[clock]
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(max(1, repeat)):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(now() - t0)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

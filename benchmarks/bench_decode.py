@@ -14,9 +14,15 @@ peak memory is its own:
   every video decoded once up front (prefill time printed separately), then
   clips are sliced from uint8 arrays.
 
-Prints clips/s for each, the ratios against whole-decode, and peak RSS.
-Absolute numbers on a shared machine are noise; the ratios, measured side by
-side in one run, are the result.
+Every worker decodes with one thread (PyAV's default would add slice and
+swscale threads, which on a busy shared machine only take CPU from other
+tenants and make wall-clock ratios depend on their load; single-threaded it
+is also the cheaper baseline). The methods run interleaved in rounds (A B C
+A B C ...) so load changes hit all alike.
+
+Prints clips/s for each, the worker CPU time per clip, the ratios against
+whole-decode, and peak RSS. Absolute numbers on a shared machine are noise;
+the ratios, measured side by side in one run, are the result.
 
     python benchmarks/bench_decode.py --quick          # ~20 s, small synthetic data
     python benchmarks/bench_decode.py                  # synthetic H.264, 320x240
@@ -29,11 +35,15 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+try:
+    import vtransfer  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v"}
 METHODS = ("whole-decode", "loader", "cached")
@@ -112,7 +122,9 @@ class WholeDecodeDataset:
         from vtransfer.data.sampling import random_clip_start
 
         with av.open(str(self.paths[index])) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1  # one thread per worker, like the loader (see module doc)
+            frames = [f.to_ndarray(format="rgb24", threads=1) for f in container.decode(stream)]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
         p = self.pre
         start = random_clip_start(len(frames), p.frames, p.stride, g)
@@ -124,73 +136,173 @@ class WholeDecodeDataset:
         return {"clip": self.transform(clip, g), "label": 0, "video": index, "view": 0}
 
 
-def measure(spec: dict) -> dict:
-    """Run one method and return clips/s, timings and peak RSS."""
-    import torch
-    from torch.utils.data import DataLoader
+class CpuTimed:
+    """Wraps a dataset; each item carries the CPU seconds its worker spent making it."""
 
-    from vtransfer.data.dataset import ClipDataset, collate_clips
-    from vtransfer.data.frame_cache import make_reader
-    from vtransfer.data.records import VideoRecord
-    from vtransfer.models.base import Preprocessing
+    def __init__(self, dataset):
+        self.dataset = dataset
 
-    torch.set_num_threads(1)
-    pre = Preprocessing(frames=spec["frames"], stride=spec["stride"], crop_size=(spec["size"], spec["size"]),
-                        resize_short=spec["short_side"])
-    paths = [Path(p) for p in spec["paths"]]
-    records = [VideoRecord(p, "x") for p in paths]
-    prefill_s = 0.0
-    if spec["method"] == "whole-decode":
-        dataset = WholeDecodeDataset(paths, pre)
-    else:
-        reader = None
-        if spec["method"] == "cached":
-            t = time.perf_counter()
-            reader = make_reader("memory", None, records, pre)
-            prefill_s = time.perf_counter() - t
-        dataset = ClipDataset(records, {"x": 0}, pre, mode="train", reader=reader)
-    loader = DataLoader(dataset, batch_size=spec["batch"], shuffle=False, num_workers=spec["workers"],
-                        collate_fn=collate_clips, persistent_workers=spec["workers"] > 0)
-    clips, errors, epoch, started = 0, 0, 0, None
-    while clips < spec["min_clips"]:
-        dataset.set_epoch(epoch)
-        for batch in loader:
-            if started is None:  # the first batch pays for worker start-up: not timed
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch):
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index):
+        started = time.process_time()
+        item = self.dataset[index]
+        item["cpu_s"] = time.process_time() - started
+        return item
+
+
+def collate_timed(items):
+    """collate_clips plus the summed worker CPU seconds of the batch."""
+    from vtransfer.data.dataset import collate_clips
+
+    batch = collate_clips(items)
+    batch["cpu_s"] = sum(it["cpu_s"] for it in items)
+    return batch
+
+
+class MethodRunner:
+    """One method's dataset, fed through a fresh DataLoader for each timed chunk."""
+
+    def __init__(self, spec: dict):
+        import torch
+
+        from vtransfer.data.dataset import ClipDataset
+        from vtransfer.data.frame_cache import make_reader
+        from vtransfer.data.records import VideoRecord
+        from vtransfer.models.base import Preprocessing
+
+        torch.set_num_threads(1)
+        self.spec = spec
+        self.pre = Preprocessing(frames=spec["frames"], stride=spec["stride"], crop_size=(spec["size"], spec["size"]),
+                                 resize_short=spec["short_side"])
+        paths = [Path(p) for p in spec["paths"]]
+        records = [VideoRecord(p, "x") for p in paths]
+        self.prefill_s = 0.0
+        self.cache_bytes = 0
+        if spec["method"] == "whole-decode":
+            self.dataset = WholeDecodeDataset(paths, self.pre)
+        else:
+            reader = None
+            if spec["method"] == "cached":
+                t = time.perf_counter()
+                reader = make_reader("memory", None, records, self.pre)
+                self.prefill_s = time.perf_counter() - t
+                self.cache_bytes = reader.cache.stats()["bytes"]
+            self.dataset = ClipDataset(records, {"x": 0}, self.pre, mode="train", reader=reader)
+        self.dataset = CpuTimed(self.dataset)
+        self.chunk = 0
+
+    def run(self, clips: int) -> tuple[int, float, float]:
+        """Deliver about ``clips`` clips; return (clips timed, seconds, worker CPU seconds).
+
+        Worker start-up and the first batch are not timed; nothing runs in
+        the background between chunks, so interleaved methods do not steal
+        each other's CPU.
+        """
+        from torch.utils.data import DataLoader
+
+        batch = self.spec["batch"]
+        n = len(self.dataset)
+        order = [(self.chunk * clips + i) % n for i in range(clips + batch)]
+        self.dataset.set_epoch(self.chunk)
+        self.chunk += 1
+        loader = DataLoader(self.dataset, batch_size=batch, sampler=order, num_workers=self.spec["workers"],
+                            collate_fn=collate_timed)
+        timed, cpu, started = 0, 0.0, None
+        for b in loader:
+            assert not b["errors"], b["errors"]
+            assert b["clip"].shape[1:] == (self.pre.frames, 3, self.spec["size"], self.spec["size"])
+            if started is None:
                 started = time.perf_counter()
                 continue
-            clips += batch["clip"].shape[0]
-            errors += len(batch["errors"])
-            assert batch["clip"].shape[1:] == (pre.frames, 3, spec["size"], spec["size"]), batch["clip"].shape
-        epoch += 1
-    elapsed = time.perf_counter() - started
-    del loader  # joins persistent workers, so their peak RSS is counted below
-    kib = 1024 if sys.platform != "darwin" else 1
-    return {
-        "method": spec["method"],
-        "clips": clips,
-        "seconds": elapsed,
-        "clips_per_s": clips / elapsed,
-        "prefill_s": prefill_s,
-        "errors": errors,
-        "peak_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 2**20,
-        "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib / 2**20,
-    }
+            timed += b["clip"].shape[0]
+            cpu += b["cpu_s"]
+        return timed, time.perf_counter() - started, cpu
 
 
-def run_child(spec: dict) -> dict:
-    """Measure ``spec`` in a fresh Python process (clean peak-RSS accounting)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
+def _child(spec: dict, conn) -> None:
+    """Serve ("run", clips) requests for one method until ("stop",), then report peak RSS."""
     try:
-        env = dict(os.environ)
-        repo = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-        out = subprocess.run([sys.executable, __file__, "--_measure", f.name], capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            raise RuntimeError(f"{spec['method']} run failed:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        runner = MethodRunner(spec)
+        conn.send(("ready", {"prefill_s": runner.prefill_s, "cache_bytes": runner.cache_bytes}))
+        while True:
+            command, arg = conn.recv()
+            if command == "stop":
+                break
+            conn.send(("ok", runner.run(arg)))
+        kib = 1024 if sys.platform != "darwin" else 1
+        conn.send(("ok", {
+            "peak_rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 2**20,
+            "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib / 2**20,
+        }))
+    except BaseException as e:  # noqa: BLE001 - report any failure to the parent
+        import traceback
+
+        conn.send(("error", f"{e!r}\n{traceback.format_exc()}"))
     finally:
-        os.unlink(f.name)
+        conn.close()
+
+
+class Child:
+    """A method running in its own process (its own peak RSS); forked on Linux, so torch is not re-imported."""
+
+    def __init__(self, spec: dict):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        self.method = spec["method"]
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(target=_child, args=(spec, child_conn))
+        self.proc.start()
+        child_conn.close()
+        self.info = self._recv()
+
+    def _recv(self):
+        try:
+            status, payload = self.conn.recv()
+        except EOFError:
+            status, payload = "error", f"process exited with code {self.proc.exitcode}"
+        if status == "error":
+            raise RuntimeError(f"{self.method} run failed: {payload}")
+        return payload
+
+    def run(self, clips: int) -> tuple[int, float, float]:
+        self.conn.send(("run", clips))
+        return self._recv()
+
+    def stop(self) -> dict:
+        self.conn.send(("stop", None))
+        rss = self._recv()
+        self.proc.join()
+        return rss
+
+
+def measure_all(methods: list[str], base_spec: dict, rounds: int, chunk: int) -> dict[str, dict]:
+    """Time ``methods`` in interleaved rounds (A B C A B C ...), so load changes hit all alike."""
+    children = {}
+    try:
+        for m in methods:
+            children[m] = Child({**base_spec, "method": m})
+        totals = {m: [0, 0.0, 0.0] for m in methods}
+        for _ in range(rounds):
+            for m in methods:
+                for i, v in enumerate(children[m].run(chunk)):
+                    totals[m][i] += v
+        results = {}
+        for m in methods:
+            clips, seconds, cpu = totals[m]
+            results[m] = {"method": m, "clips": clips, "seconds": seconds, "clips_per_s": clips / seconds,
+                          "worker_cpu_ms_per_clip": 1000 * cpu / clips, **children[m].info, **children[m].stop()}
+        return results
+    finally:
+        for child in children.values():
+            if child.proc.is_alive():
+                child.proc.kill()
+                child.proc.join()
 
 
 # -- main ------------------------------------------------------------------------------
@@ -200,21 +312,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small synthetic data and few clips (for the test suite)")
     parser.add_argument("--data", type=Path, help="a folder of videos to use instead of synthetic ones")
+    parser.add_argument("--video-frames", type=int, default=175,
+                        help="frames per synthetic video (default 175 = 7 s at 25 fps, UCF-101's mean length)")
+    parser.add_argument("--gop", type=int, default=25, help="keyframe interval of the synthetic videos (default 25 = 1 s)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for every method (default 2)")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     parser.add_argument("--frames", type=int, default=16, help="clip length T (default 16)")
     parser.add_argument("--stride", type=int, default=2, help="frame stride (default 2)")
     parser.add_argument("--size", type=int, default=112, help="crop size (default 112)")
     parser.add_argument("--short-side", type=int, default=128, help="resize short side (default 128)")
-    parser.add_argument("--min-clips", type=int, help="clips timed per method (default 48 quick, 320 full)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per method (default 2 quick, 4 full)")
+    parser.add_argument("--chunk", type=int, help="clips per method per round (default 24 quick, 80 full)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--_measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    if args._measure:
-        print(json.dumps(measure(json.loads(Path(args._measure).read_text()))))
-        return 0
 
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         if args.data:
@@ -223,38 +334,44 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--data {args.data}: no video files found")
             described = f"{len(paths)} videos from {args.data}"
         else:
-            videos, frames, w, h = (6, 64, 160, 120) if args.quick else (16, 128, 320, 240)
-            gop = 25
+            videos, frames, w, h = (6, 64, 160, 120) if args.quick else (16, args.video_frames, 320, 240)
+            gop = args.gop
             t = time.perf_counter()
             paths = write_synthetic_videos(Path(tmp), videos, frames, w, h, fps=25, gop=gop)
             described = (f"{videos} synthetic H.264 videos, {w}x{h}, {frames} frames, 25 fps, keyframe every {gop} "
                          f"(written in {time.perf_counter() - t:.1f} s)")
+        # Imported here, before the children fork, so they do not pay for it again.
+        import vtransfer.data.dataset  # noqa: F401
+        import vtransfer.data.frame_cache  # noqa: F401
         from vtransfer.data.decode import probe_video
 
         infos = [probe_video(p) for p in paths]
         total_frames = sum(i.num_frames for i in infos)
-        min_clips = args.min_clips or (48 if args.quick else 320)
+        rounds = args.rounds or (2 if args.quick else 4)
+        chunk = args.chunk or (24 if args.quick else 80)
         print(f"data: {described}; {total_frames} frames in all")
         print(f"clip {args.frames}x{args.size}x{args.size}, stride {args.stride}, short side {args.short_side}, "
-              f"batch {args.batch}, workers {args.workers}, {min_clips}+ clips timed per method, cpus {os.cpu_count()}")
-        results = {}
-        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            if method not in METHODS:
-                parser.error(f"--methods: unknown method {method!r}")
-            spec = {"method": method, "paths": [str(p) for p in paths], "frames": args.frames, "stride": args.stride,
-                    "size": args.size, "short_side": args.short_side, "batch": args.batch, "workers": args.workers,
-                    "min_clips": min_clips}
-            r = run_child(spec)
-            results[method] = r
-            extra = f", prefill {r['prefill_s']:.2f} s" if method == "cached" else ""
+              f"batch {args.batch}, workers {args.workers}, cpus {os.cpu_count()}; methods interleaved: "
+              f"{rounds} rounds of {chunk} clips each")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {METHODS}")
+        spec = {"paths": [str(p) for p in paths], "frames": args.frames, "stride": args.stride, "size": args.size,
+                "short_side": args.short_side, "batch": args.batch, "workers": args.workers}
+        results = measure_all(methods, spec, rounds, chunk)
+        for method, r in results.items():
+            extra = f", prefill {r['prefill_s']:.2f} s for {r['cache_bytes'] / 2**20:.0f} MiB" if method == "cached" else ""
             print(f"{method:>13}: {r['clips_per_s']:8.1f} clips/s ({r['clips']} clips in {r['seconds']:.2f} s{extra}); "
+                  f"worker CPU {r['worker_cpu_ms_per_clip']:.1f} ms/clip; "
                   f"peak RSS main {r['peak_rss_main_mib']:.0f} MiB, worker {r['peak_rss_worker_mib']:.0f} MiB")
         base = results.get("whole-decode")
         if base:
-            if "loader" in results:
-                print(f"ratio loader/whole-decode: {results['loader']['clips_per_s'] / base['clips_per_s']:.1f}x")
-            if "cached" in results:
-                print(f"ratio cached/whole-decode: {results['cached']['clips_per_s'] / base['clips_per_s']:.1f}x")
+            for m in ("loader", "cached"):
+                if m in results:
+                    r = results[m]
+                    print(f"ratio {m}/whole-decode: {r['clips_per_s'] / base['clips_per_s']:.1f}x "
+                          f"(worker CPU per clip: {base['worker_cpu_ms_per_clip'] / r['worker_cpu_ms_per_clip']:.1f}x less)")
         if args.json:
             args.json.write_text(json.dumps({"data": described, "results": results}, indent=2))
     return 0

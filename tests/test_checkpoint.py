@@ -453,5 +453,10 @@ def test_shape_preserving_overrides_apply_to_a_checkpoint_and_others_fail(tmp_pa
         assert torch.equal(loaded(x), model(x))  # eval mode: dropout does not change outputs
     with pytest.raises(WeightsError, match="shape mismatch"):
         load_backbone("vivit", weights=path, mlp_dim=96)
-    with pytest.warns(UserWarning, match="preset 'tiny' was ignored"):
-        load_backbone("vivit", weights=path, preset="tiny")
+    with pytest.warns(UserWarning, match="differs from preset 'vivit-b'; the preset was ignored"):
+        assert load_backbone("vivit", weights=path, preset="vivit-b").config == model.config
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_backbone("vivit", weights=path, preset="tiny")  # the checkpoint's own preset: nothing to warn about

@@ -210,3 +210,23 @@ def test_memory_cache_workers_read_unfilled_videos_directly(tmp_path):
     want = torch.cat([b["clip"] for b in DataLoader(direct, batch_size=2, collate_fn=collate_clips)])
     assert torch.equal(got, want)
     assert cache.stats()["misses"] == 1 and not cache.contains(other)  # workers did not decode whole videos
+
+
+@pytest.mark.slow
+def test_bench_decode_quick_runs_and_prints_ratios(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick", "--rounds", "1", "--chunk", "8", "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ratio loader/whole-decode:" in out.stdout and "ratio cached/whole-decode:" in out.stdout
+    assert "peak RSS" in out.stdout
+    import json
+
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert set(results) == {"whole-decode", "loader", "cached"}
+    assert all(r["clips"] >= 8 and r["clips_per_s"] > 0 for r in results.values())

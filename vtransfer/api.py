@@ -112,7 +112,7 @@ _GEOMETRY_KEYS = {
 def geometry_overrides(backbone: str, preset: str | None, frames: int | None, stride: int | None, size: int | None) -> dict[str, Any]:
     """Constructor overrides so a freshly built backbone takes ``frames``/``stride``/``size`` clips.
 
-    The short-side resize keeps the preset's crop-to-resize ratio (8/7 when the preset does not say).
+    The short-side resize keeps the preset's crop-to-resize ratio (the backbone's own rule when the preset does not say).
     """
     from vtransfer.models.registry import resolve_config
 
@@ -123,8 +123,8 @@ def geometry_overrides(backbone: str, preset: str | None, frames: int | None, st
         cfg = resolve_config(backbone, preset)
         base = cfg.get(keys["size"])
         base = max(base) if isinstance(base, (list, tuple)) else base
-        ratio = cfg["resize_short"] / base if cfg.get("resize_short") and base else 8 / 7
-        out["resize_short"] = max(size, int(round(size * ratio)))
+        if cfg.get("resize_short") and base:  # else the constructor derives it from the size
+            out["resize_short"] = max(size, int(round(size * cfg["resize_short"] / base)))
     return out
 
 
@@ -171,7 +171,7 @@ def evaluate_records(
 
     class_to_idx = {c: i for i, c in enumerate(classes)}
     ds = make_clip_dataset(records, class_to_idx, model.preprocessing, "eval", opts, seed=0, clips=clips, reader=reader)
-    workers = opts.workers if opts.workers is not None else default_workers(device)
+    workers = opts.workers if opts.workers is not None else default_workers(device, reader)
     if prefix_stop > 0:
         preds = cached_clip_probs(model, ds, prefix_stop, opts.batch_size, workers, device, precision)
     else:
@@ -245,11 +245,9 @@ def finetune(
     run with the options it was started with. See ``vtransfer finetune --help``
     for every option.
     """
-    from vtransfer import runs
-    from vtransfer.runtime import configure_threads, resolve_device, seed_everything
-    from vtransfer.train import TrainConfig
-
     options = {k: v for k, v in locals().items() if k not in ("reporter", "stop_after_epochs", "resume", "overwrite")}
+    from vtransfer import runs
+
     if resume is not None:
         run_dir = runs.prepare_run_dir(Path(resume), resume=True)
         saved = runs.read_json(run_dir / runs.CONFIG_FILE)["options"]
@@ -303,6 +301,14 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
         raise DatasetError(f"{dopts.data}: the train split is empty")
     if not resume:
         write_manifest(run_dir / runs.SPLIT_FILE, index)
+    # -- bad input (issue 7): skipped files and undecodable videos are reported, never trained on --
+    from vtransfer.train import screen_dataset
+
+    index, skipped_files, unreadable = screen_dataset(index, float(o["max_bad_fraction"]), threads, reporter)
+    train_records, val_records, test_records = index.split("train"), index.split("val"), index.split("test")
+    if unreadable:
+        runs.write_bad_videos(run_dir, unreadable)
+    # -- end bad input --
 
     policy = o["policy"]
     arch_overrides = {}
@@ -336,7 +342,10 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
         batch_size=int(o["batch_size"]), workers=o["workers"], cache=o["cache"],
         cache_dir=Path(o["cache_dir"]) if o["cache_dir"] else None, cached_views=o["cached_views"],
     )
-    workers = copts.workers if copts.workers is not None else default_workers(device)
+    from vtransfer.data.readers import make_reader
+
+    reader = make_reader(copts.cache, copts.cache_dir or (run_dir / "frame_cache"), index.records, model.preprocessing, threads)
+    workers = copts.workers if copts.workers is not None else default_workers(device, reader)
     copts.workers = workers
 
     total_params = sum(p.numel() for p in model.parameters())
@@ -355,10 +364,9 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
 
     class_to_idx = index.class_to_idx
     train_labels = [class_to_idx[r.label] for r in train_records]
-    source, reader = build_prefix_source(
-        model=model, plan=plan, train_records=train_records, class_to_idx=class_to_idx,
-        labels=train_labels, opts=copts, config=config, device=device, run_dir=run_dir,
-        balance_sampler=(config.balance == "sampler"), extra_records=val_records + test_records,
+    source = build_prefix_source(
+        model=model, plan=plan, train_records=train_records, class_to_idx=class_to_idx, labels=train_labels,
+        opts=copts, config=config, device=device, reader=reader, balance_sampler=(config.balance == "sampler"),
     )
     val_eval_records = val_records or train_records
 
@@ -380,10 +388,14 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
         reporter=reporter,
         loss_weights=class_weights(train_labels, len(classes)) if config.balance == "weights" else None,
         train_size=len(train_records),
+        on_bad_videos=lambda entries: runs.write_bad_videos(run_dir, unreadable + entries),  # issue 7
     )
-    if resume:
+    if resume and runs.has_resume_state(run_dir):  # issue 7: no resume.pt = stopped before epoch 1 finished
         trainer.load_state_dict(runs.load_resume_state(run_dir))
-    state = trainer.fit(stop_after=o.get("stop_after_epochs"))
+    try:  # issue 7: Ctrl-C keeps the last finished epoch and says how to resume
+        state = trainer.fit(stop_after=o.get("stop_after_epochs"))
+    except KeyboardInterrupt:
+        raise runs.RunInterrupted(run_dir, trainer.state.epoch, config.epochs) from None
     train_time = sum(h["time_s"] for h in state.history)
     if state.epoch < config.epochs and not state.stopped_early:
         # interrupted on purpose (stop_after_epochs): resumable, no report yet
@@ -401,7 +413,8 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     report = result.to_dict()
     extra = {"run": str(run_dir), "backbone": o["backbone"], "policy": plan.policy, "trainable_params": trainable_params,
              "total_params": total_params, "train_time_s": train_time, "best_epoch": state.best_epoch,
-             "decode_errors": sorted({f"{p}: {r}" for p, r in preds.errors})}
+             "decode_errors": sorted({f"{p}: {r}" for p, r in preds.errors}),
+             "bad_videos": unreadable + state.bad_videos, "skipped_files": skipped_files}  # issue 7
     write_eval_report(result, run_dir / "report", title=f"{o['backbone']} / {plan.policy} — test split",
                       extra=extra, history=state.history)
     return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, report, state.history, trainable_params, total_params,

@@ -223,20 +223,10 @@ def resolve_views(cached_views: int | None, epochs: int, prefix_groups: int) -> 
     return max(0, int(cached_views))
 
 
-def build_prefix_source(*, model, plan, train_records, class_to_idx, labels, opts, config, device, run_dir: Path,
-                        balance_sampler: bool, extra_records=()):
-    """Choose how training batches are produced: cached prefix features or live decoding.
-
-    Returns ``(source, reader)``; ``reader`` is the decoded-frame cache (or
-    ``None``) that evaluation should share.
-    """
+def build_prefix_source(*, model, plan, train_records, class_to_idx, labels, opts, config, device, reader, balance_sampler: bool):
+    """Choose how training batches are produced: cached prefix features or live decoding."""
     from vtransfer.api import make_clip_dataset
-    from vtransfer.data.readers import make_reader
 
-    from vtransfer.runtime import cpu_count
-
-    all_records = list(train_records) + list(extra_records)
-    reader = make_reader(opts.cache, opts.cache_dir or (run_dir / "frame_cache"), all_records, model.preprocessing, cpu_count())
     k = plan.first_trainable_group
     views = resolve_views(opts.cached_views, config.epochs, k)
     train_ds = make_clip_dataset(train_records, class_to_idx, model.preprocessing, "train", opts, seed=config.seed,
@@ -246,6 +236,6 @@ def build_prefix_source(*, model, plan, train_records, class_to_idx, labels, opt
 
         set_train_mode(model, True)  # frozen prefix modules are in eval mode
         store = get_store(model, train_ds, k, opts.batch_size, opts.workers, device, config.precision)
-        return CachedPrefixSource(store, labels, views, opts.batch_size, config.seed, device, balance_sampler), reader
+        return CachedPrefixSource(store, labels, views, opts.batch_size, config.seed, device, balance_sampler)
     return LivePrefixSource(train_ds, labels, model, k, opts.batch_size, opts.workers, device, config.precision,
-                            seed=config.seed, balance_sampler=balance_sampler), reader
+                            seed=config.seed, balance_sampler=balance_sampler)

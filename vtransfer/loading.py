@@ -86,6 +86,19 @@ def _load_builtin_source(
     return _finish(model, info, num_classes)
 
 
+def _differs_from_preset(meta: dict[str, Any], preset: str) -> bool:
+    """True if a checkpoint's stored config is not the preset's (the class count aside)."""
+    from vtransfer.errors import ConfigError
+    from vtransfer.models.registry import resolve_config
+
+    try:
+        wanted = resolve_config(str(meta.get("backbone")), preset)
+    except ConfigError:
+        return True
+    stored = meta["config"]
+    return any(k != "num_classes" and k in stored and stored[k] != v for k, v in wanted.items())
+
+
 def _load_checkpoint_file(
     name: str | None, path: Path, num_classes: int | None, preset: str | None, overrides: dict[str, Any], weights: Any
 ) -> tuple[VideoBackbone, dict[str, Any]]:
@@ -94,8 +107,11 @@ def _load_checkpoint_file(
     meta = read_checkpoint_metadata(path) or {}
     if isinstance(meta.get("backbone"), str):  # otherwise model_from_checkpoint reports what is wrong
         _check_backbone(name, meta["backbone"], str(path))
-    if preset is not None:
-        warnings.warn(f"{path}: the architecture comes from the checkpoint; preset {preset!r} was ignored", stacklevel=4)
+    if preset is not None and isinstance(meta.get("config"), dict) and _differs_from_preset(meta, preset):
+        warnings.warn(
+            f"{path}: the architecture comes from the checkpoint, which differs from preset {preset!r}; the preset was ignored",
+            stacklevel=4,
+        )
     model, ckpt = model_from_checkpoint(path, config_overrides=overrides)
     source = ckpt.source or {}
     info = _info(

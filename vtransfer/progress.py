@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vtransfer.train import EpochRecord
@@ -24,7 +25,7 @@ class RichReporter:
         """Open a progress bar for this epoch."""
         self._loss, self._acc, self._n = 0.0, 0.0, 0
         self._progress = Progress(
-            TextColumn(f"{self.label}epoch {epoch}/{epochs}"),
+            TextColumn(f"{escape(self.label)}epoch {epoch}/{epochs}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.2f}"),
@@ -52,12 +53,19 @@ class RichReporter:
         star = " [green]*best[/]" if improved else ""
         bad = f" [yellow]{record.bad_clips} bad clips[/]" if record.bad_clips else ""
         self.console.print(
-            f"{self.label}epoch {record.epoch:3d}  loss {record.train_loss:.4f}  train acc {record.train_acc:.3f}  "
+            f"{escape(self.label)}epoch {record.epoch:3d}  loss {record.train_loss:.4f}  train acc {record.train_acc:.3f}  "
             f"val video acc {record.val_video_acc:.3f}  clip acc {record.val_clip_acc:.3f}  "
             f"lr {record.lr:.2e}  {record.time_s:.1f}s{bad}{star}",
             highlight=False,
         )
 
     def message(self, text: str) -> None:
-        """Print a note."""
-        self.console.print(f"{self.label}{text}", highlight=False)
+        """Print a note; one starting with ``warning:`` is shown in yellow (file names are never read as markup)."""
+        style = "yellow" if text.startswith("warning") else None
+        self.console.print(escape(f"{self.label}{text}"), style=style, highlight=False)
+
+    def close(self) -> None:
+        """Stop a live progress bar (after an error or Ctrl-C mid-epoch), so the terminal is left clean."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

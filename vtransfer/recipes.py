@@ -51,6 +51,16 @@ def _norm(key: str) -> str:
     return key.replace("-", "_")
 
 
+def demo_settings(path: Path) -> dict[str, Any]:
+    """The ``[demo]`` table of a recipe, checked against the demo's settings."""
+    table = read_recipe(path).get("demo", {})
+    known = _demo_setting_keys()
+    unknown = sorted(_norm(k) for k in table if _norm(k) not in known)
+    if unknown:
+        raise ConfigError(f"recipe {path}: unknown key(s) {unknown} in [demo]; known keys: {', '.join(sorted(known))}")
+    return {_norm(k): v for k, v in table.items()}
+
+
 def read_recipe(path: Path) -> dict[str, Any]:
     """Parse a recipe file; syntax errors name the file and line."""
     path = Path(path)

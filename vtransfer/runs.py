@@ -7,10 +7,12 @@ A run folder holds everything one command produced::
     RUN/metrics.jsonl      one JSON line per finished epoch
     RUN/model.safetensors  best checkpoint (vtransfer format)
     RUN/resume.pt          last finished epoch's full state (tensors only, loaded with weights_only)
+    RUN/bad_videos.json    videos that failed to decode: path, reason, epoch (0: before training), count
     RUN/report/...         test-set report
 
-All files are written atomically, so a run killed at any moment never leaves a
-half-written model or state file.
+All files are written atomically (temp file + rename), so a run killed at any
+moment never leaves a half-written model or state file; at worst a hidden
+``.NAME.XXXX.tmp`` file is left behind, which ``--resume`` removes.
 """
 
 from __future__ import annotations
@@ -23,21 +25,46 @@ from typing import Any
 import torch
 
 from vtransfer.atomic import atomic_write_bytes, atomic_write_text
-from vtransfer.errors import ConfigError, WeightsError
+from vtransfer.errors import ConfigError, VtransferError, WeightsError
 
 RESUME_FILE = "resume.pt"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 SPLIT_FILE = "split.csv"
+BAD_VIDEOS_FILE = "bad_videos.json"
+
+
+class RunInterrupted(VtransferError):
+    """Training was stopped by Ctrl-C; the run folder holds the last finished epoch and can be resumed.
+
+    ``exit_code`` (130, the shell's code for SIGINT) is what the CLI exits with.
+    """
+
+    exit_code = 130
+
+    def __init__(self, run_dir: Path, epochs_done: int, epochs: int):
+        self.run_dir = Path(run_dir)
+        self.epochs_done = epochs_done
+        self.epochs = epochs
+        super().__init__(
+            f"interrupted; resume with vtransfer finetune --resume {self.run_dir} "
+            f"({epochs_done} of {epochs} epochs finished and saved)"
+        )
 
 
 def prepare_run_dir(path: Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create (or reopen, with ``resume``) a run folder; refuse to clobber one without ``overwrite``."""
+    """Create (or reopen, with ``resume``) a run folder; refuse to clobber one without ``overwrite``.
+
+    Resuming needs the run's ``config.json`` (``resume.pt`` is absent when the
+    run stopped before its first epoch finished: it then starts from epoch 1)
+    and removes temp files a killed run left behind.
+    """
     path = Path(path)
     if resume:
-        if not (path / RESUME_FILE).exists():
-            raise ConfigError(f"--resume {path}: no {RESUME_FILE} there, nothing to resume")
+        if not (path / CONFIG_FILE).exists():
+            raise ConfigError(f"--resume {path}: no {CONFIG_FILE} there, nothing to resume")
+        remove_stale_temp_files(path)
         return path
     if path.exists() and any(path.iterdir()):
         if not overwrite:
@@ -45,6 +72,35 @@ def prepare_run_dir(path: Path, overwrite: bool = False, resume: bool = False) -
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the hidden ``.NAME.XXXX.tmp`` files an atomic write leaves when its process is killed.
+
+    Only call this when no other process writes into ``run_dir``. Returns the files removed.
+    """
+    removed = []
+    for tmp in Path(run_dir).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def has_resume_state(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds the state of at least one finished epoch."""
+    return (Path(run_dir) / RESUME_FILE).exists()
+
+
+def write_bad_videos(run_dir: Path, entries: list[dict]) -> None:
+    """Rewrite ``bad_videos.json`` (atomic): one ``{path, reason, epoch, count}`` per video and epoch."""
+    write_json(Path(run_dir) / BAD_VIDEOS_FILE, entries)
+
+
+def read_bad_videos(run_dir: Path) -> list[dict]:
+    """Entries of ``bad_videos.json`` (empty when the run met no bad video)."""
+    path = Path(run_dir) / BAD_VIDEOS_FILE
+    return read_json(path) if path.exists() else []
 
 
 def write_json(path: Path, data: Any) -> None:

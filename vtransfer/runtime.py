@@ -55,9 +55,14 @@ def configure_threads(threads: int | None = None) -> int:
     return n
 
 
-def default_workers(device: torch.device) -> int:
-    """DataLoader workers: decoding overlaps compute; more than the cores only thrashes."""
-    return min(4, cpu_count()) if device.type == "cpu" else min(8, cpu_count())
+def default_workers(device: torch.device, reader=None) -> int:
+    """DataLoader workers: none when frames come from an in-memory cache (cropping is cheap and
+    workers would only compete with the model for the cores); otherwise decoding overlaps compute,
+    and more workers than cores only thrash."""
+    cache = getattr(reader, "cache", None)
+    if cache is not None and getattr(cache, "mode", None) == "memory":
+        return 0
+    return min(2, cpu_count()) if device.type == "cpu" else min(8, cpu_count())
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

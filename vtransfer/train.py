@@ -6,12 +6,20 @@ graph. The prefix's output comes from a :class:`PrefixSource`: computed on
 the fly from decoded clips, or read from a feature cache
 (:mod:`vtransfer.feature_cache`), which gives the same numbers for the same
 clips.
+
+Bad input never stops an epoch half-way: clips that fail to decode are
+counted, recorded per video (``bad_videos``, written to the run folder by the
+caller's ``on_bad_videos``) and announced by the reporter; only when more than
+``max_bad_fraction`` of an epoch's clips fail does the run stop, with a
+message naming the files. Videos that cannot be read at all are removed before
+training by :func:`screen_videos`, under the same limit.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -104,6 +112,72 @@ class Reporter(Protocol):
     def message(self, text: str) -> None: ...
 
 
+def summarize_decode_errors(errors: list[tuple[str, str]], epoch: int) -> list[dict[str, Any]]:
+    """``(path, reason)`` pairs of failed clips -> one ``{path, reason, epoch, count}`` per video, sorted by path.
+
+    Paths are made printable (undecodable bytes as ``\\xNN``) so the entries are valid UTF-8 JSON.
+    """
+    from vtransfer.data.check import printable
+
+    counts = Counter((printable(path), str(reason)) for path, reason in errors)
+    return [{"path": path, "reason": reason, "epoch": epoch, "count": n} for (path, reason), n in sorted(counts.items())]
+
+
+def describe_bad_videos(entries: list[dict[str, Any]], limit: int = 10, root: str | None = None) -> str:
+    """A human list of bad files: ``a.mp4 (reason), b.mp4 (reason) and N more`` (paths relative to ``root``)."""
+
+    def name(path: str) -> str:
+        return path[len(root) + 1:] if root and path.startswith(root.rstrip("/") + "/") else path
+
+    shown = ", ".join(f"{name(e['path'])} ({e['reason']})" for e in entries[:limit])
+    return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def screen_dataset(index, max_bad_fraction: float, workers: int = 2, reporter: "Reporter | None" = None):
+    """Report the files a run will not use, and drop the videos that cannot be decoded, before training.
+
+    Files the scanner skipped (``index.skipped``: zero-byte, text, images,
+    symlink loops, ...) are listed. Every video is then probed and decoded at
+    its start and end as ``vtransfer check`` does
+    (:func:`vtransfer.data.check.check_dataset`); unreadable ones are removed
+    from every split, so neither training nor evaluation ever sees them. The
+    reporter gets one warning line for each kind of problem.
+
+    Returns ``(index, skipped, unreadable)``: the index without unreadable
+    videos (classes unchanged), ``[{path, reason}]`` of skipped files, and
+    ``[{path, reason, epoch: 0, count: 1}]`` of unreadable videos.
+
+    Raises:
+        DatasetError: more than ``max_bad_fraction`` of the train split is unreadable
+            (names the first files and the reasons).
+    """
+    from vtransfer.data.check import check_dataset, drop_unreadable, printable
+    from vtransfer.errors import DatasetError
+
+    reporter = reporter or QuietReporter()
+    skipped = [{"path": printable(s.path), "reason": s.reason} for s in index.skipped]
+    if skipped:
+        reporter.message(f"warning: {len(skipped)} file(s) in {printable(index.root)} are not used: "
+                         f"{describe_bad_videos(skipped, root=printable(index.root))}")
+    report = check_dataset(index, workers=max(1, workers))
+    unreadable = summarize_decode_errors([(u.path, u.reason) for u in report.unreadable], epoch=0)
+    if not unreadable:
+        return index, skipped, unreadable
+    train = [r for r in index.records if r.split == "train"]
+    bad_train = [u for u in report.unreadable if u.split == "train"]
+    if train and (len(bad_train) == len(train) or len(bad_train) / len(train) > max_bad_fraction):
+        raise DatasetError(
+            f"{len(bad_train)} of {len(train)} training videos in {printable(index.root)} cannot be decoded "
+            f"(more than --max-bad-fraction {max_bad_fraction:g}): {describe_bad_videos(unreadable)}; "
+            "run `vtransfer check` for the full list"
+        )
+    reporter.message(f"warning: {len(unreadable)} video(s) in {printable(index.root)} cannot be decoded and are "
+                     f"left out of every split: {describe_bad_videos(unreadable, root=printable(index.root))}")
+    for warning in report.warnings:
+        reporter.message(f"warning: {warning}")
+    return drop_unreadable(index, report), skipped, unreadable
+
+
 class QuietReporter:
     """A reporter that reports nothing."""
 
@@ -164,6 +238,7 @@ class FitState:
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    bad_videos: list[dict] = field(default_factory=list)  # {path, reason, epoch, count} of failed clips
 
 
 class Trainer:
@@ -171,7 +246,11 @@ class Trainer:
 
     ``validate(model) -> (video_acc, clip_acc)`` scores the current model;
     ``save_best(model, record)`` is called whenever validation improves;
-    ``save_state(state_dict)`` after every epoch (for ``--resume``).
+    ``save_state(state_dict)`` after every epoch (for ``--resume``);
+    ``on_bad_videos(entries)`` with every bad-video entry so far whenever an
+    epoch met clips that failed to decode (also just before the run stops for
+    too many of them). A Ctrl-C abandons the epoch in progress: what was saved
+    after the last finished epoch is the state to resume from.
     """
 
     def __init__(
@@ -187,6 +266,7 @@ class Trainer:
         reporter: Reporter | None = None,
         loss_weights: torch.Tensor | None = None,
         train_size: int = 0,
+        on_bad_videos: Callable[[list[dict]], None] | None = None,
     ):
         self.model = model
         self.plan = plan
@@ -198,6 +278,7 @@ class Trainer:
         self.save_state = save_state
         self.reporter = reporter or QuietReporter()
         self.train_size = train_size
+        self.on_bad_videos = on_bad_videos
         self.num_groups = len(model.layer_groups())
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -223,6 +304,7 @@ class Trainer:
             "best_epoch": self.state.best_epoch,
             "history": self.state.history,
             "stopped_early": self.state.stopped_early,
+            "bad_videos": self.state.bad_videos,
             "rng": torch.get_rng_state(),
         }
 
@@ -237,8 +319,11 @@ class Trainer:
             best_epoch=int(state["best_epoch"]),
             history=list(state["history"]),
             stopped_early=bool(state.get("stopped_early", False)),
+            bad_videos=list(state.get("bad_videos", [])),
         )
         torch.set_rng_state(state["rng"])
+        if self.state.bad_videos and self.on_bad_videos is not None:
+            self.on_bad_videos(list(self.state.bad_videos))  # the run folder's list survives a resume
 
     # -- the loop ------------------------------------------------------------------
     def train_step(self, prefix_out: Any, labels: torch.Tensor) -> tuple[float, int]:
@@ -254,7 +339,31 @@ class Trainer:
         return float(loss.detach()), correct
 
     def fit(self, stop_after: int | None = None) -> FitState:
-        """Train until ``config.epochs``, early stopping, or ``stop_after`` epochs this call."""
+        """Train until ``config.epochs``, early stopping, or ``stop_after`` epochs this call.
+
+        Any exception (Ctrl-C included) leaves ``self.state`` at the last
+        finished epoch and closes the reporter's live display.
+        """
+        try:
+            return self._fit(stop_after)
+        finally:
+            close = getattr(self.reporter, "close", None)
+            if close is not None:
+                close()
+
+    def _record_bad_clips(self, epoch: int, errors: list[tuple[str, str]]) -> list[dict]:
+        """Add this epoch's failed clips to ``bad_videos``, hand them to ``on_bad_videos`` and warn."""
+        entries = summarize_decode_errors(errors, epoch)
+        self.state.bad_videos.extend(entries)
+        if self.on_bad_videos is not None:
+            self.on_bad_videos(list(self.state.bad_videos))
+        self.reporter.message(
+            f"warning: epoch {epoch}: {len(errors)} clip(s) of {len(entries)} video(s) failed to decode "
+            f"and were skipped: {describe_bad_videos(entries)}"
+        )
+        return entries
+
+    def _fit(self, stop_after: int | None) -> FitState:
         cfg = self.config
         done_this_call = 0
         while self.state.epoch < cfg.epochs and not self.state.stopped_early:
@@ -265,8 +374,10 @@ class Trainer:
             set_train_mode(self.model, True)
             self.reporter.epoch_start(epoch, cfg.epochs, self.source.num_batches())
             loss_sum, correct, seen, bad = 0.0, 0, 0, 0
+            epoch_errors: list[tuple[str, str]] = []
             for prefix_out, labels, errors in self.source.batches(epoch):
                 bad += len(errors)
+                epoch_errors.extend(errors)
                 n = labels.shape[0]
                 if n == 0:
                     continue
@@ -277,10 +388,13 @@ class Trainer:
                 seen += n
                 self.reporter.batch_end(loss, c / n)
             attempted = seen + bad
+            entries = self._record_bad_clips(epoch, epoch_errors) if epoch_errors else []
             if attempted and bad / attempted > cfg.max_bad_fraction:
                 raise VtransferError(
                     f"epoch {epoch}: {bad} of {attempted} training clips failed to decode "
-                    f"(more than --max-bad-fraction {cfg.max_bad_fraction:g}); see bad_videos.json in the run folder"
+                    f"(more than --max-bad-fraction {cfg.max_bad_fraction:g}): {describe_bad_videos(entries)}; "
+                    "stopped rather than train on what is left. The list is in bad_videos.json in the run "
+                    "folder; repair those files and --resume the run, or start a new run without them"
                 )
             if seen == 0:
                 raise VtransferError(f"epoch {epoch}: no training clip could be decoded")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -15,15 +15,18 @@ from vtransfer.cli.app import app, console
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's data, models and reports (re-running reuses it).")] = Path("demo-run"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again from nothing.")] = False,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe whose \\[demo] table overrides the demo's settings (see recipes/demo.toml).")] = None,
 ) -> None:
     """Make demo data, pretrain a tiny backbone on it, compare all policies on new classes; no downloads."""
     from vtransfer.demo_run import run_demo
+    from vtransfer.recipes import demo_settings
     from vtransfer.progress import RichReporter
     from vtransfer.report import render_policy_table
 
     t0 = time.perf_counter()
     reporter = RichReporter(console)
-    res = run_demo(out, overwrite=overwrite, reporter=reporter, on_step=lambda text: console.rule(text))
+    settings = demo_settings(recipe) if recipe else None
+    res = run_demo(out, overwrite=overwrite, settings=settings, reporter=reporter, on_step=lambda text: console.rule(text))
     render_policy_table(res.rows, console, title="demo: transfer from source classes to new target classes")
     for policy, why in res.skipped.items():
         console.print(f"[yellow]skipped {policy}:[/] {why}")

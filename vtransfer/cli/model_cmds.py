@@ -110,9 +110,11 @@ def inspect_command(
     console.print(table)
     console.print(f"total parameters: {info['total_params']:,} (temporal: {info['temporal_params']:,})")
     if plan:
+        first = plan["first_trainable_group"]
+        prefix = (
+            f"; groups #0-#{first - 1} are frozen (run without gradients)" if first > 0 else "; no frozen prefix"
+        )
         console.print(
             f"policy {plan['policy']}: trains {plan['trainable_params']:,} of {plan['total_params']:,} "
-            f"parameters ({100 * plan['fraction']:.2f}%); groups before #{plan['first_trainable_group']} are "
-            "frozen and run without gradients"
-            + ("; starts from random weights" if plan["reinit"] else "")
+            f"parameters ({100 * plan['fraction']:.2f}%)" + prefix + ("; starts from random weights" if plan["reinit"] else "")
         )

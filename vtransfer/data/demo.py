@@ -67,6 +67,7 @@ README_FILE = "README.txt"
 # Geometry below is in pixels of a 64-pixel frame; it is multiplied by
 # min(height, width) / 64 so other sizes show the same scene.
 _REF_SIZE = 64.0
+_OBJECT_RADIUS = (8.0, 11.5)
 
 
 # ---------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def _rgb_hue(r: float, g: float, b: float) -> float:
 
 
 def _radius(rng: np.random.Generator, c: Canvas) -> float:
-    return rng.uniform(8.0, 11.5) * c.unit
+    return rng.uniform(*_OBJECT_RADIUS) * c.unit
 
 
 def _look(shape: str, texture: str = "solid", hue: float | None = None) -> LookFn:
@@ -553,10 +554,13 @@ def _draw_object(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, look: ObjectLo
 
 
 def render_video(name: str, index: int, *, seed: int = 0, frames: int = 24, height: int = 64,
-                 width: int = 64) -> np.ndarray:
+                 width: int = 64, clutter: float = 1.0) -> np.ndarray:
     """Render one demo video as uint8 ``frames x height x width x 3`` RGB.
 
-    The result depends only on (``seed``, ``name``, ``index``) and the sizes.
+    ``clutter`` scales every nuisance (background texture, distractor blobs, camera
+    jitter, sensor noise): 0 gives a plain background and a still camera, 1 is the
+    default, larger is harder. The result depends only on (``seed``, ``name``,
+    ``index``), the sizes and ``clutter``; the object and its motion do not depend on ``clutter``.
     Raises :class:`ConfigError` for an unknown class name.
     """
     if name not in CATALOGUE:
@@ -572,12 +576,14 @@ def render_video(name: str, index: int, *, seed: int = 0, frames: int = 24, heig
     # Background: a muted random colour, a low-frequency texture, static soft blobs.
     base = np.asarray(_hsv(bg_rng.uniform(), bg_rng.uniform(0.05, 0.45), bg_rng.uniform(0.25, 0.6)))
     texture = _smooth_noise(bg_rng, height, width, 3, cutoff=bg_rng.uniform(0.03, 0.09))
-    background = base + texture * bg_rng.uniform(0.04, 0.1) + texture[..., :1] * bg_rng.uniform(0.03, 0.08)
+    texture_gain = clutter * np.array([bg_rng.uniform(0.04, 0.1), bg_rng.uniform(0.03, 0.08)])
+    background = base + texture * texture_gain[0] + texture[..., :1] * texture_gain[1]
     for _ in range(clutter_rng.integers(2, 6)):
         cx, cy = _uniform_position(clutter_rng, c)
         weight = _blob(yy, xx, cx, cy, clutter_rng.uniform(3.0, 8.0) * c.unit, height, width)[..., None]
         colour = np.asarray(_hsv(clutter_rng.uniform(), clutter_rng.uniform(0.2, 0.7), clutter_rng.uniform(0.3, 0.9)))
-        background += clutter_rng.uniform(0.3, 0.7) * weight * (colour - background)
+        strength = min(1.0, clutter * clutter_rng.uniform(0.3, 0.7))
+        background += strength * weight * (colour - background)
 
     # Moving distractors: soft blobs drifting across the torus.
     movers = []
@@ -585,17 +591,18 @@ def render_video(name: str, index: int, *, seed: int = 0, frames: int = 24, heig
         x0, y0 = _uniform_position(clutter_rng, c)
         direction = clutter_rng.uniform(0, 2 * math.pi)
         speed = clutter_rng.uniform(0.3, 2.0) * c.unit
-        movers.append((x0, y0, speed * math.cos(direction), speed * math.sin(direction),
-                       clutter_rng.uniform(2.5, 5.0) * c.unit,
-                       np.asarray(_hsv(clutter_rng.uniform(), clutter_rng.uniform(0.2, 0.8), clutter_rng.uniform(0.3, 1.0))),
-                       clutter_rng.uniform(0.4, 0.8)))
+        sigma = clutter_rng.uniform(2.5, 5.0) * c.unit
+        colour = np.asarray(_hsv(clutter_rng.uniform(), clutter_rng.uniform(0.2, 0.8), clutter_rng.uniform(0.3, 1.0)))
+        strength = min(1.0, clutter * clutter_rng.uniform(0.4, 0.8))
+        movers.append((x0, y0, speed * math.cos(direction), speed * math.sin(direction), sigma, colour, strength))
 
     look = spec.look(look_rng, c)
     path = spec.motion(motion_rng, c)
 
     # Camera jitter: the whole scene shifts by a small random whole-pixel offset each frame.
-    limit = max(1, round(2 * c.unit))
-    shifts = np.clip(np.rint(jitter_rng.normal(0.0, 0.8 * c.unit, size=(frames, 2))), -limit, limit).astype(int)
+    limit = max(1, round(2 * c.unit * clutter))
+    shifts = np.rint(jitter_rng.normal(0.0, 0.8 * c.unit * clutter, size=(frames, 2)))
+    shifts = np.clip(shifts, -limit, limit).astype(int)
 
     video = np.empty((frames, height, width, 3), dtype=np.uint8)
     for t in range(frames):
@@ -605,7 +612,7 @@ def render_video(name: str, index: int, *, seed: int = 0, frames: int = 24, heig
             weight = strength * _blob(yy, xx, x0 + vx * t + sx, y0 + vy * t + sy, sigma, height, width)[..., None]
             img += weight * (colour - img)
         _draw_object(img, yy, xx, look, path.x[t] + sx, path.y[t] + sy, path.angle[t], path.scale[t])
-        img += noise_rng.normal(0.0, 0.015, size=img.shape)
+        img += noise_rng.normal(0.0, 0.015 * clutter, size=img.shape)
         video[t] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return video
 
@@ -740,6 +747,7 @@ def make_demo(
     seed: int = 0,
     codec: str = "libx264",
     overwrite: bool = False,
+    clutter: float = 1.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> DemoSummary:
     """Write a synthetic demo dataset to ``out`` and return what was written.
@@ -755,6 +763,7 @@ def make_demo(
         seed: the whole dataset is a function of the seed (and the other options).
         codec: PyAV encoder name (``libx264`` by default; the files are always ``.mp4``).
         overwrite: replace ``out`` if it is a previous make-demo folder.
+        clutter: scale of background texture, distractors, camera jitter and noise (0 = none, 1 = default).
         progress: optional callback ``(videos_done, videos_total)`` called after each file.
 
     Raises:
@@ -770,6 +779,8 @@ def make_demo(
         raise ConfigError(f"--frames {frames}: must be at least 4 (motion needs several frames)")
     if fps < 1:
         raise ConfigError(f"--fps {fps}: must be at least 1")
+    if not 0.0 <= clutter <= 4.0:
+        raise ConfigError(f"--clutter {clutter}: must be between 0 and 4")
     check_codec(codec)
     out = Path(out)
     _prepare_folder(out, overwrite)
@@ -786,7 +797,7 @@ def make_demo(
         (out / name).mkdir(exist_ok=True)
         for i in range(videos_per_class):
             path = out / name / f"{name}_{i:03d}.mp4"
-            video = render_video(name, i, seed=seed, frames=frames, height=height, width=width)
+            video = render_video(name, i, seed=seed, frames=frames, height=height, width=width, clutter=clutter)
             encode_video(path, video, fps=fps, codec=codec)
             summary.files.append(path)
             summary.total_bytes += path.stat().st_size

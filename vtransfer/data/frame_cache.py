@@ -41,6 +41,7 @@ CACHE_MODES = ("memory", "disk")
 # Bump when decoding changes in a way that changes the frames (grid rule, scaler).
 _DECODE_VERSION = "grid-v1|rgb24|bilinear"
 _HASH_CHUNK = 1 << 20
+_COUNTER_SLOTS = 65
 
 
 def file_sha256(path: str | Path) -> str:
@@ -78,8 +79,9 @@ class DecodedFrameCache:
         self._memory: dict[str, np.ndarray] = {}
         self._failed: dict[str, str] = {}
         self._digests: dict[str, tuple[tuple[int, int, int], str]] = {}  # path -> (stat, content hash)
-        # hits, misses: in shared memory so DataLoader workers' reads are counted.
-        self._counters = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # (hits, misses) per process slot (0 = main, 1 + worker id), in shared
+        # memory so DataLoader workers' reads are counted without racing.
+        self._counters = torch.zeros(_COUNTER_SLOTS, 2, dtype=torch.int64).share_memory_()
         self._lock = threading.Lock()
         self.write_error: str | None = None
 
@@ -235,8 +237,10 @@ class DecodedFrameCache:
             self.write_error = f"{self.cache_dir}: cannot write cache entry ({e.strerror or e})"
 
     def _count(self, hit: bool) -> None:
+        worker = get_worker_info()
+        slot = 0 if worker is None else 1 + worker.id % (_COUNTER_SLOTS - 1)
         with self._lock:
-            self._counters[0 if hit else 1] += 1
+            self._counters[slot, 0 if hit else 1] += 1
 
     def num_frames(self, path: str | Path) -> int:
         """Number of cached frames of ``path`` (decodes it on a miss)."""
@@ -294,7 +298,7 @@ class DecodedFrameCache:
         Memory mode counts this process's arrays; disk mode counts the
         ``.npy`` files in ``cache_dir``.
         """
-        hits, misses = (int(v) for v in self._counters.tolist())
+        hits, misses = (int(v) for v in self._counters.sum(0).tolist())
         if self.mode == "memory":
             with self._lock:
                 size = sum(a.nbytes for a in self._memory.values())

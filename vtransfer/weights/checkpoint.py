@@ -95,9 +95,7 @@ def _json_default(value: Any) -> Any:
         return str(value)
     if isinstance(value, (set, frozenset)):
         return sorted(value)
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
+    if hasattr(value, "tolist"):  # numpy/torch scalars and arrays
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
@@ -403,10 +401,13 @@ def _build(path: Path, backbone: str, config: dict[str, Any], *, meta_device: bo
     """Rebuild the stored architecture; on the meta device only shapes are made (no memory, no init)."""
     from vtransfer.models.registry import build_from_config
 
-    try:
-        if meta_device:
+    if meta_device:
+        try:
             with torch.device("meta"):
                 return build_from_config(backbone, config)
+        except Exception:  # noqa: BLE001 - retry on the CPU: a constructor may compute on tensors
+            pass
+    try:
         return build_from_config(backbone, config)
     except Exception as e:  # noqa: BLE001 - any constructor failure means the stored config is bad
         raise _fail(path, f"metadata config does not build a {backbone}: {type(e).__name__}: {e}") from e

@@ -1,0 +1,141 @@
+"""compare-policies vs a plain tutorial-style loop over the same five policies.
+
+Both sides train the same backbone from the same pretrained checkpoint, on the
+same split, with the same epochs, batch size, optimiser, LR schedule and
+per-epoch validation, then test with the same clips per video. The reference
+does what a first PyTorch script does: decode every clip every epoch, freeze
+by ``requires_grad=False`` only (the whole network still runs forward, in
+train mode), fp32. vtransfer decodes once (frame cache), computes frozen
+prefixes once (feature cache, shared across policies) and skips autograd below
+the first trainable group.
+
+Prints both wall times, their ratio, and the test accuracies side by side.
+Also prints the cost of a ``top-layer`` epoch after the first relative to an
+``all`` epoch (both measured inside vtransfer's runs).
+
+    python benchmarks/bench_policies.py            # demo-sized target data
+    python benchmarks/bench_policies.py --quick    # seconds, for the test suite
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import base_parser, load_line, rss_line, setup_threads
+
+from vtransfer import api
+from vtransfer.batches import epoch_indices, make_loader
+from vtransfer.data.demo import make_demo
+from vtransfer.data.transforms import normalize_clips
+from vtransfer.feature_cache import clear_stores
+from vtransfer.inference import predict_clip_probs
+from vtransfer.metrics import classification_report
+from vtransfer.policies import POLICY_NAMES, apply_policy, resolve_policy
+from vtransfer.runs import read_metrics
+from vtransfer.train import TrainConfig, build_optimizer, warmup_cosine
+from vtransfer.weights.checkpoint import model_from_checkpoint
+
+
+def reference_run(policy: str, data: Path, manifest: Path, weights: Path, s: dict) -> tuple[float, float]:
+    """The plain loop for one policy; returns (test video hit@1, seconds)."""
+    from vtransfer.data.dataset import ClipDataset
+    from vtransfer.data.scan import load_dataset
+    from vtransfer.models.registry import build_from_config
+
+    t0 = time.perf_counter()
+    torch.manual_seed(s["seed"])
+    index = load_dataset(data, manifest=manifest)
+    classes = index.classes
+    base, ckpt = model_from_checkpoint(weights)
+    if policy == "scratch":
+        model = build_from_config(ckpt.backbone, ckpt.config)
+    else:
+        model = base
+    model.reset_classifier(len(classes))
+    model.preprocessing = base.preprocessing
+    plan = resolve_policy(model, policy)
+    apply_policy(model, plan)  # requires_grad=False on frozen parameters; nothing else
+    config = TrainConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=s["seed"]).resolved(ckpt.backbone)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
+    train = index.split("train")
+    labels = [index.class_to_idx[r.label] for r in train]
+    steps = math.ceil(len(train) / s["batch_size"])
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps * s["epochs"], steps))
+    train_ds = ClipDataset(train, index.class_to_idx, model.preprocessing, "train", seed=s["seed"])
+    val_ds = ClipDataset(index.split("val"), index.class_to_idx, model.preprocessing, "eval", clips_per_video=s["val_clips"])
+    for epoch in range(1, s["epochs"] + 1):
+        model.train()
+        train_ds.set_epoch(epoch)
+        loader = make_loader(train_ds, s["batch_size"], s["workers"], epoch_indices(labels, s["seed"], epoch))
+        for batch in loader:
+            x = normalize_clips(batch["clip"], model.preprocessing)
+            loss = torch.nn.functional.cross_entropy(model(x), batch["label"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            sched.step()
+        predict_clip_probs(model, make_loader(val_ds, s["batch_size"], s["workers"]), torch.device("cpu"))
+    test = index.split("test")
+    test_ds = ClipDataset(test, index.class_to_idx, model.preprocessing, "eval", clips_per_video=s["clips_per_video"])
+    preds = predict_clip_probs(model, make_loader(test_ds, s["batch_size"], s["workers"]), torch.device("cpu"))
+    result = classification_report(preds.probs, preds.video, [index.class_to_idx[r.label] for r in test], classes)
+    return result.video_hit1, time.perf_counter() - t0
+
+
+def main() -> None:
+    """Run both sides and print times, ratio and accuracies."""
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--backbone", default="i3d")
+    args = parser.parse_args()
+    threads = setup_threads(args.threads)
+    print(load_line())
+    s = dict(epochs=args.epochs or (2 if args.quick else 6), batch_size=8, lr=0.05, seed=0, workers=0 if args.quick else 2,
+             val_clips=2, clips_per_video=4 if not args.quick else 2,
+             frames=12 if args.quick else 16, size=48 if args.quick else 56)
+    vpc, src_vpc = (4, 3) if args.quick else (16, 12)
+    policies = list(POLICY_NAMES)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_demo(tmp / "source", class_set="source", videos_per_class=src_vpc, frames=24, size=64, seed=0)
+        make_demo(tmp / "target", class_set="target", videos_per_class=vpc, frames=24, size=64, seed=1)
+        geometry = dict(backbone=args.backbone, preset="tiny", frames=s["frames"], size=s["size"], batch_size=8,
+                        lr=s["lr"], patience=0, val_clips=s["val_clips"], clips_per_video=s["clips_per_video"], threads=threads)
+        pre = api.pretrain(tmp / "source", register=False, epochs=2 if args.quick else 8, out=tmp / "pre", **geometry)
+        print(f"setup: {args.backbone} tiny, {s['frames']}x{s['size']}x{s['size']} clips, {s['epochs']} epochs, "
+              f"{vpc} videos/class on the target, {threads} threads")
+
+        clear_stores()
+        t0 = time.perf_counter()
+        res = api.compare_policies(tmp / "target", weights=str(pre.model_path), policies=policies, epochs=s["epochs"],
+                                   out=tmp / "cmp", categories=tmp / "target" / "categories.csv", **geometry)
+        t_vt = time.perf_counter() - t0
+        manifest = tmp / "cmp" / "split.csv"
+
+        ref_acc, t_ref = {}, 0.0
+        for policy in policies:
+            acc, t = reference_run(policy, tmp / "target", manifest, pre.model_path, s)
+            ref_acc[policy] = acc
+            t_ref += t
+
+        print(f"\n{'policy':<10} {'vtransfer acc':>14} {'reference acc':>14} {'vt time':>9} ")
+        for row in res.rows:
+            print(f"{row.policy:<10} {row.test_video_hit1:>14.3f} {ref_acc[row.policy]:>14.3f} {row.train_time_s:>8.1f}s")
+        print(f"\nvtransfer compare-policies: {t_vt:.1f}s   reference loop: {t_ref:.1f}s")
+        print(f"ratio vtransfer/reference: {t_vt / t_ref:.3f}  (target <= 0.333)")
+
+        def epochs_after_first(policy: str) -> float:
+            hist = [h["time_s"] for h in read_metrics(tmp / "cmp" / policy)]
+            return sum(hist[1:]) / max(1, len(hist) - 1)
+
+        top, full = epochs_after_first("top-layer"), epochs_after_first("all")
+        print(f"top-layer epoch after the first / all epoch: {top:.3f}s / {full:.3f}s = {top / full:.3f}  (target <= 0.05)")
+    print(rss_line())
+
+
+if __name__ == "__main__":
+    main()
