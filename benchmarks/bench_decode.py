@@ -182,6 +182,7 @@ class MethodRunner:
         paths = [Path(p) for p in spec["paths"]]
         records = [VideoRecord(p, "x") for p in paths]
         self.prefill_s = 0.0
+        self.probe_s = 0.0
         self.cache_bytes = 0
         if spec["method"] == "whole-decode":
             self.dataset = WholeDecodeDataset(paths, self.pre)
@@ -193,6 +194,9 @@ class MethodRunner:
                 self.prefill_s = time.perf_counter() - t
                 self.cache_bytes = reader.cache.stats()["bytes"]
             self.dataset = ClipDataset(records, {"x": 0}, self.pre, mode="train", reader=reader)
+            t = time.perf_counter()
+            self.dataset.probe_all()  # what the first set_epoch does: lengths known before workers fork
+            self.probe_s = time.perf_counter() - t
         self.dataset = CpuTimed(self.dataset)
         self.chunk = 0
 
@@ -228,7 +232,7 @@ def _child(spec: dict, conn) -> None:
     """Serve ("run", clips) requests for one method until ("stop",), then report peak RSS."""
     try:
         runner = MethodRunner(spec)
-        conn.send(("ready", {"prefill_s": runner.prefill_s, "cache_bytes": runner.cache_bytes}))
+        conn.send(("ready", {"prefill_s": runner.prefill_s, "probe_s": runner.probe_s, "cache_bytes": runner.cache_bytes}))
         while True:
             command, arg = conn.recv()
             if command == "stop":
@@ -361,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
                 "short_side": args.short_side, "batch": args.batch, "workers": args.workers}
         results = measure_all(methods, spec, rounds, chunk)
         for method, r in results.items():
-            extra = f", prefill {r['prefill_s']:.2f} s for {r['cache_bytes'] / 2**20:.0f} MiB" if method == "cached" else ""
+            extra = f", length probe {r['probe_s']:.2f} s" if method == "loader" else ""
+            if method == "cached":
+                extra = f", prefill {r['prefill_s']:.2f} s for {r['cache_bytes'] / 2**20:.0f} MiB"
             print(f"{method:>13}: {r['clips_per_s']:8.1f} clips/s ({r['clips']} clips in {r['seconds']:.2f} s{extra}); "
                   f"worker CPU {r['worker_cpu_ms_per_clip']:.1f} ms/clip; "
                   f"peak RSS main {r['peak_rss_main_mib']:.0f} MiB, worker {r['peak_rss_worker_mib']:.0f} MiB")

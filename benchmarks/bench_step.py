@@ -323,7 +323,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--backbones", default=",".join(BACKBONES), help=f"comma-separated backbones (default {','.join(BACKBONES)})"
     )
-    parser.add_argument("--repeat", type=int, default=None, help="timed steps per variant (median; default 5, quick 1)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="timed steps per variant (median; default 5, --quick 1, full i3d/vivit 1)",
+    )
     parser.add_argument("--profile", action="store_true", help="also break one vivit step down by op category")
     parser.add_argument(
         "--clock",
@@ -371,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
                 name,
                 size_name,
                 warmup=1 if (args.quick or full) else 2,
-                repeat=1 if full else repeat,
+                repeat=(args.repeat or 1) if full else repeat,
                 batch=1 if args.quick else None,
                 clock=args.clock,
             )

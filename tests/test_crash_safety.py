@@ -39,18 +39,19 @@ def demo(tmp_path_factory):
     return root
 
 
-def cli_args(data: Path, out: Path, epochs: int) -> list[str]:
-    """``python -m vtransfer finetune`` with the TINY options."""
+def cli_args(data: Path, out: Path, epochs: int, **overrides) -> list[str]:
+    """``python -m vtransfer finetune`` with the TINY options (and ``overrides``)."""
     args = [sys.executable, "-m", "vtransfer", "finetune", str(data), "--out", str(out), "--epochs", str(epochs)]
-    for key, value in TINY.items():
+    for key, value in {**TINY, **overrides}.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
 
 
 def start(args: list[str], logs: Path) -> subprocess.Popen:
-    """Start the CLI with stdout/stderr going to files (a full pipe must never block it)."""
+    """Start the CLI in its own process group, stdout/stderr going to files (a full pipe must never block it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(args, stdout=open(logs / "stdout.txt", "w"), stderr=open(logs / "stderr.txt", "w"), env=env)
+    return subprocess.Popen(args, stdout=open(logs / "stdout.txt", "w"), stderr=open(logs / "stderr.txt", "w"), env=env,
+                            start_new_session=True)
 
 
 def wait_for_epochs(proc: subprocess.Popen, run: Path, epochs: int, logs: Path, timeout: float = 240.0) -> None:
@@ -110,10 +111,10 @@ def test_sigkill_mid_run_then_resume_finishes_all_epochs(demo, tmp_path):
 
 def test_ctrl_c_stops_cleanly_with_exit_130_and_a_resume_hint(demo, tmp_path):
     run = tmp_path / "run"
-    proc = start(cli_args(demo, run, epochs=40), tmp_path)
+    proc = start(cli_args(demo, run, epochs=40, workers=2, cache="none"), tmp_path)  # decoding in worker processes
     wait_for_epochs(proc, run, 1, tmp_path)
     time.sleep(0.15)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the main process and its workers
     code = proc.wait(timeout=60)
     stderr = " ".join((tmp_path / "stderr.txt").read_text().split())
     assert f"interrupted; resume with vtransfer finetune --resume {run}" in stderr, stderr

@@ -169,6 +169,15 @@ def test_probe_results_are_cached(records):
     for i in range(len(ds)):
         ds[i]
     assert sorted(calls) == sorted(r.path for r in records[:2])
+    # set_epoch probes every video up front (so forked workers inherit the lengths)
+    calls.clear()
+    train = ClipDataset(records, CLASSES, PRE, mode="train", reader=CountingReader())
+    train.set_epoch(0)
+    assert sorted(calls) == sorted(r.path for r in records)
+    for i in range(len(train)):
+        train[i]
+    train.set_epoch(1)
+    assert len(calls) == len(records)
 
 
 def test_config_errors(records):

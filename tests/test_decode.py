@@ -115,6 +115,8 @@ def test_clip_frames_are_the_requested_indices(tmp_path):
     path = write_video(tmp_path / "idx.mp4", 30)
     clip = read_clip(path, 7, 5, stride=3)
     assert [level_index(f) for f in clip] == [7, 10, 13, 16, 19]
+    # documented layout: T x 3 x H x W shape over interleaved (channels-last) RGB bytes
+    assert clip.shape == (5, 3, 48, 64) and clip.permute(0, 2, 3, 1).is_contiguous()
 
 
 def test_past_the_end_repeats_last_frame(tmp_path):

@@ -46,8 +46,8 @@ def test_memory_cache_hits_and_matches_direct_decode(video):
     cache = DecodedFrameCache("memory", short_side=32)
     frames = cache.get(video)
     assert cache.stats() == {"hits": 0, "misses": 1, "bytes": frames.nbytes, "entries": 1}
-    assert frames.shape == (30, 3, 32, 43) and frames.dtype == np.uint8
-    assert torch.equal(torch.from_numpy(frames), read_video(video, short_side=32))
+    assert frames.shape == (30, 32, 43, 3) and frames.dtype == np.uint8  # stored N x H x W x 3
+    assert torch.equal(torch.from_numpy(frames).permute(0, 3, 1, 2), read_video(video, short_side=32))
     assert cache.get(video) is frames
     assert cache.stats()["hits"] == 1
     reader = CachedReader(cache)
@@ -64,15 +64,15 @@ def test_changed_file_is_a_miss(video):
     new = cache.get(video)
     assert cache.stats()["misses"] == 2
     assert not np.array_equal(old, new)
-    assert np.array_equal(new, read_video(video, short_side=32).numpy())
+    assert np.array_equal(new, read_video(video, short_side=32).permute(0, 2, 3, 1).numpy())
 
 
 def test_settings_are_part_of_the_key(video, tmp_path):
     a = DecodedFrameCache("disk", tmp_path / "c", short_side=32)
     b = DecodedFrameCache("disk", tmp_path / "c", short_side=24)
     assert a.key(video) != b.key(video)
-    assert b.get(video).shape[-2:] == (24, 32)
-    assert a.get(video).shape[-2:] == (32, 43)
+    assert b.get(video).shape[1:3] == (24, 32)
+    assert a.get(video).shape[1:3] == (32, 43)
     assert a.stats()["entries"] == 2
 
 

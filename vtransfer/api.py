@@ -156,12 +156,15 @@ def evaluate_records(
     reader=None,
     progress=None,
     prefix_stop: int = 0,
+    shard: bool = False,
 ):
     """Video- and clip-level metrics of ``model`` on ``records`` (N uniform clips per video).
 
     With ``prefix_stop > 0`` the (frozen) groups below it are computed once per
     clip and shared (:mod:`vtransfer.feature_cache`); evaluation clips are
-    deterministic, so this changes nothing but the time taken.
+    deterministic, so this changes nothing but the time taken. With ``shard``
+    each process of a distributed job scores every N-th video and all of them
+    get the gathered result.
     """
     from vtransfer.batches import make_loader
     from vtransfer.feature_cache import cached_clip_probs
@@ -169,16 +172,34 @@ def evaluate_records(
     from vtransfer.metrics import classification_report
     from vtransfer.runtime import default_workers
 
+    from vtransfer import distributed
+
     class_to_idx = {c: i for i, c in enumerate(classes)}
-    ds = make_clip_dataset(records, class_to_idx, model.preprocessing, "eval", opts, seed=0, clips=clips, reader=reader)
+    ctx = distributed.current() if shard else distributed.DistContext()
+    mine = list(range(ctx.rank, len(records), ctx.world))
+    ds = make_clip_dataset([records[i] for i in mine], class_to_idx, model.preprocessing, "eval", opts, seed=0, clips=clips, reader=reader)
     workers = opts.workers if opts.workers is not None else default_workers(device, reader)
     if prefix_stop > 0:
         preds = cached_clip_probs(model, ds, prefix_stop, opts.batch_size, workers, device, precision)
     else:
         preds = predict_clip_probs(model, make_loader(ds, opts.batch_size, workers), device, precision, on_batch=progress)
+    if ctx.enabled:
+        preds = _gather_predictions(preds, mine)
     video_labels = [class_to_idx[r.label] for r in records]
     result = classification_report(preds.probs, preds.video, video_labels, classes, categories)
     return result, preds
+
+
+def _gather_predictions(preds, mine: list[int]):
+    """Join every process's clip predictions, mapping local video numbers back to the full list."""
+    import numpy as np
+
+    from vtransfer import distributed
+    from vtransfer.inference import ClipPredictions
+
+    parts = distributed.gather_objects((preds.probs, np.asarray(mine)[preds.video] if len(mine) else preds.video, preds.errors))
+    return ClipPredictions(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                           [e for p in parts for e in p[2]])
 
 
 def _default_run_dir(prefix: str) -> Path:
@@ -246,16 +267,26 @@ def finetune(
     for every option.
     """
     options = {k: v for k, v in locals().items() if k not in ("reporter", "stop_after_epochs", "resume", "overwrite")}
-    from vtransfer import runs
+    from vtransfer import distributed, runs
+    from vtransfer.runtime import resolve_device
 
+    ctx = distributed.init_from_env(resolve_device(device))
     if resume is not None:
-        run_dir = runs.prepare_run_dir(Path(resume), resume=True)
-        saved = runs.read_json(run_dir / runs.CONFIG_FILE)["options"]
-        saved.update(reporter=reporter, stop_after_epochs=stop_after_epochs, out=str(run_dir))
-        return _finetune_run(run_dir, saved, resume=True)
-    run_dir = runs.prepare_run_dir(Path(out) if out else _default_run_dir(f"{backbone}-{policy}"), overwrite=overwrite)
+        run_dir = runs.prepare_run_dir(Path(resume), resume=True) if ctx.is_main else Path(resume)
+        distributed.barrier()
+        options = runs.read_json(run_dir / runs.CONFIG_FILE)["options"]
+    else:
+        run_dir = Path(out) if out else Path(distributed.broadcast_object(str(_default_run_dir(f"{backbone}-{policy}"))))
+        if ctx.is_main:
+            runs.prepare_run_dir(run_dir, overwrite=overwrite)
+        distributed.barrier()
     options.update(reporter=reporter, stop_after_epochs=stop_after_epochs, out=str(run_dir))
-    return _finetune_run(run_dir, options, resume=False)
+    try:
+        return _finetune_run(run_dir, options, resume=resume is not None)
+    except KeyboardInterrupt:
+        # Ctrl-C outside the epoch loop (cache filling, final test): the saved epochs stay resumable.
+        done = len(runs.read_metrics(run_dir))
+        raise runs.RunInterrupted(run_dir, done, int(options["epochs"])) from None
 
 
 def _jsonable(options: dict) -> dict:
@@ -268,8 +299,7 @@ def _jsonable(options: dict) -> dict:
 
 
 def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
-    from vtransfer import runs
-    from vtransfer.batches import LivePrefixSource
+    from vtransfer import distributed, runs
     from vtransfer.data.splits import write_manifest
     from vtransfer.feature_cache import build_prefix_source
     from vtransfer.loading import load_backbone_with_info
@@ -279,8 +309,12 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     from vtransfer.train import Trainer, TrainConfig, class_weights
     from vtransfer.weights.checkpoint import save_checkpoint
 
-    reporter = o.get("reporter")
+    ctx = distributed.current()
+    main = ctx.is_main  # only rank 0 writes files and reports
+    reporter = o.get("reporter") if main else None
     device = resolve_device(o["device"])
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
     threads = configure_threads(o.get("threads"))
     seed_everything(int(o["seed"]), bool(o["deterministic"]))
 
@@ -299,14 +333,14 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     train_records, val_records, test_records = index.split("train"), index.split("val"), index.split("test")
     if not train_records:
         raise DatasetError(f"{dopts.data}: the train split is empty")
-    if not resume:
+    if not resume and main:
         write_manifest(run_dir / runs.SPLIT_FILE, index)
     # -- bad input (issue 7): skipped files and undecodable videos are reported, never trained on --
     from vtransfer.train import screen_dataset
 
     index, skipped_files, unreadable = screen_dataset(index, float(o["max_bad_fraction"]), threads, reporter)
     train_records, val_records, test_records = index.split("train"), index.split("val"), index.split("test")
-    if unreadable:
+    if unreadable and main:
         runs.write_bad_videos(run_dir, unreadable)
     # -- end bad input --
 
@@ -342,15 +376,15 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
         batch_size=int(o["batch_size"]), workers=o["workers"], cache=o["cache"],
         cache_dir=Path(o["cache_dir"]) if o["cache_dir"] else None, cached_views=o["cached_views"],
     )
-    from vtransfer.data.readers import make_reader
+    from vtransfer.data.frame_cache import make_reader
 
-    reader = make_reader(copts.cache, copts.cache_dir or (run_dir / "frame_cache"), index.records, model.preprocessing, threads)
+    reader = make_reader(copts.cache, copts.cache_dir or (run_dir / "frame_cache"), index.records, model.preprocessing)
     workers = copts.workers if copts.workers is not None else default_workers(device, reader)
     copts.workers = workers
 
     total_params = sum(p.numel() for p in model.parameters())
     trainable_params = plan.trainable_count(model)
-    if not resume:
+    if not resume and main:
         runs.write_json(run_dir / runs.CONFIG_FILE, {
             "options": _jsonable(o),
             "resolved": {
@@ -359,6 +393,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
                 "policy": plan.to_dict(), "trainable_params": trainable_params, "total_params": total_params,
                 "weights": info,
                 "split_sizes": {s: len(index.split(s)) for s in ("train", "val", "test")},
+                "processes": ctx.world,
             },
         })
 
@@ -372,23 +407,25 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
 
     def validate(m: VideoBackbone) -> tuple[float, float]:
         res, _ = evaluate_records(m, val_eval_records, classes, copts, device, config.precision, clips=copts.val_clips,
-                                  reader=reader, prefix_stop=plan.first_trainable_group)
+                                  reader=reader, prefix_stop=plan.first_trainable_group, shard=True)
         return res.video_hit1, res.clip_hit1
 
     provenance = _provenance(o, info, index)
 
     def save_best(m: VideoBackbone, record) -> None:
+        if not main:
+            return
         save_checkpoint(run_dir / runs.MODEL_FILE, m, classes=classes, source=provenance,
                         training={"policy": plan.to_dict(), "best_epoch": record.epoch, "val_video_acc": record.val_video_acc,
                                   "epochs": config.epochs, "dataset": str(dopts.data), "trainable_params": trainable_params})
 
     trainer = Trainer(
         model, plan, config, device, source, validate, save_best,
-        save_state=lambda st: (runs.save_resume_state(run_dir, st), runs.write_metrics(run_dir, st["history"])),
+        save_state=lambda st: main and (runs.save_resume_state(run_dir, st), runs.write_metrics(run_dir, st["history"])),
         reporter=reporter,
         loss_weights=class_weights(train_labels, len(classes)) if config.balance == "weights" else None,
         train_size=len(train_records),
-        on_bad_videos=lambda entries: runs.write_bad_videos(run_dir, unreadable + entries),  # issue 7
+        on_bad_videos=lambda entries: main and runs.write_bad_videos(run_dir, unreadable + entries),  # issue 7
     )
     if resume and runs.has_resume_state(run_dir):  # issue 7: no resume.pt = stopped before epoch 1 finished
         trainer.load_state_dict(runs.load_resume_state(run_dir))
@@ -397,8 +434,9 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     except KeyboardInterrupt:
         raise runs.RunInterrupted(run_dir, trainer.state.epoch, config.epochs) from None
     train_time = sum(h["time_s"] for h in state.history)
-    if state.epoch < config.epochs and not state.stopped_early:
-        # interrupted on purpose (stop_after_epochs): resumable, no report yet
+    distributed.barrier()
+    if state.epoch < config.epochs and not state.stopped_early or not main:
+        # stopped on purpose (stop_after_epochs): resumable, no report yet; other ranks leave the test to rank 0
         return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, {}, state.history, trainable_params, total_params,
                               train_time, state.best_score, plan.to_dict())
 
@@ -605,6 +643,8 @@ def compare_policies(
                 res = _finished_or_run(sub, reporter, dict(
                     data=data, backbone=backbone, policy=policy, seed=seed, categories=categories,
                     manifest=split_manifest, **finetune_options))
+            except runs.RunInterrupted as e:
+                raise runs.RunInterrupted(out_dir, e.epochs_done, e.epochs, command="compare-policies") from None
             except ConfigError as e:
                 skipped[policy] = str(e)
                 break
@@ -625,19 +665,23 @@ def _finished_or_run(run_dir: Path, reporter, options: dict) -> FinetuneResult:
     from vtransfer import runs
 
     report_file = run_dir / "report" / "report.json"
-    if report_file.exists() and (run_dir / runs.CONFIG_FILE).exists():
+    same_options = False
+    if (run_dir / runs.CONFIG_FILE).exists():
         saved = runs.read_json(run_dir / runs.CONFIG_FILE)
         wanted = _jsonable({**saved["options"], **options, "out": str(run_dir)})
-        if _jsonable(saved["options"]) == wanted:
-            from vtransfer.metrics import EvalResult
+        same_options = _jsonable(saved["options"]) == wanted
+    if same_options and not report_file.exists():
+        return finetune(resume=run_dir, reporter=reporter)  # a sub-run that was stopped: continue it
+    if same_options:
+        from vtransfer.metrics import EvalResult
 
-            report = runs.read_json(report_file)
-            history = runs.read_metrics(run_dir)
-            res = saved["resolved"]
-            return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, report, history, res["trainable_params"],
-                                  res["total_params"], sum(h["time_s"] for h in history),
-                                  max((h["val_video_acc"] for h in history), default=0.0), res["policy"],
-                                  test=EvalResult.from_dict(report))
+        report = runs.read_json(report_file)
+        history = runs.read_metrics(run_dir)
+        res = saved["resolved"]
+        return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, report, history, res["trainable_params"],
+                              res["total_params"], sum(h["time_s"] for h in history),
+                              max((h["val_video_acc"] for h in history), default=0.0), res["policy"],
+                              test=EvalResult.from_dict(report))
     return finetune(reporter=reporter, out=run_dir, overwrite=True, **options)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vtransfer import distributed
 from vtransfer.data.dataset import collate_clips
 from vtransfer.inference import batch_inputs
 from vtransfer.models.base import VideoBackbone
@@ -127,11 +128,14 @@ class LivePrefixSource:
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
 
     def batches(self, epoch: int) -> Iterator[tuple[Any, torch.Tensor, list]]:
-        """Decode, normalise and run the prefix for every batch of ``epoch``."""
+        """Decode, normalise and run the prefix for every batch of ``epoch`` (this process's slice of it)."""
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+        ctx = distributed.current()
         idx = epoch_indices(self.labels, self.seed, epoch, self.views, self.balance_sampler)
-        loader = make_loader(self.dataset, self.batch_size, self.workers, idx, seed=self.seed * 7919 + epoch)
+        idx = distributed.shard_global_batches(idx, self.batch_size, ctx)
+        local = distributed.local_batch_size(self.batch_size, ctx)
+        loader = make_loader(self.dataset, local, self.workers, idx, seed=self.seed * 7919 + epoch)
         for batch in loader:
             if batch["clip"].shape[0] == 0:
                 yield None, batch["label"], batch["errors"]

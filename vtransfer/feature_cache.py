@@ -185,8 +185,11 @@ def cached_clip_probs(model: VideoBackbone, dataset, stop: int, batch_size: int,
 class CachedPrefixSource:
     """Training batches read from a :class:`FeatureStore` of fixed views."""
 
-    def __init__(self, store: FeatureStore, labels: list[int], views: int, batch_size: int, seed: int, device: torch.device, balance_sampler: bool = False):
+    def __init__(self, store: FeatureStore, labels: list[int], views: int, batch_size: int, seed: int, device: torch.device,
+                 balance_sampler: bool = False, paths: list | None = None):
         self.store = store
+        self.paths = paths or []
+        self.reasons = {str(p): r for p, r in store.errors}
         self.labels = labels
         self.views = views
         self.batch_size = batch_size
@@ -196,17 +199,28 @@ class CachedPrefixSource:
         # dataset item index -> row of the store (items that failed to decode are absent)
         self.row_of = {int(item): row for row, item in enumerate(store.item_index.tolist())}
 
+    def _error(self, item: int) -> tuple[str, str]:
+        """(path, reason) of a dataset item whose clip could not be decoded when the store was built."""
+        video = item // max(1, self.views)
+        path = str(self.paths[video]) if video < len(self.paths) else f"(video {video})"
+        return path, self.reasons.get(path, "failed to decode")
+
     def num_batches(self) -> int:
         """Batches per epoch (one view per video)."""
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
 
     def batches(self, epoch: int) -> Iterator[tuple[Any, torch.Tensor, list]]:
         """Same clip order as live decoding; prefix outputs come from the store."""
+        from vtransfer import distributed
+
+        ctx = distributed.current()
         items = epoch_indices(self.labels, self.seed, epoch, self.views, self.balance_sampler)
-        for i in range(0, len(items), self.batch_size):
-            chunk = items[i : i + self.batch_size]
+        items = distributed.shard_global_batches(items, self.batch_size, ctx)
+        local = distributed.local_batch_size(self.batch_size, ctx)
+        for i in range(0, len(items), local):
+            chunk = items[i : i + local]
             rows = [self.row_of[it] for it in chunk if it in self.row_of]
-            errors = [("(cached item)", "failed to decode") for it in chunk if it not in self.row_of]
+            errors = [self._error(it) for it in chunk if it not in self.row_of]
             idx = torch.tensor(rows, dtype=torch.long)
             if len(rows) == 0:
                 yield None, torch.zeros(0, dtype=torch.long), errors
@@ -236,6 +250,7 @@ def build_prefix_source(*, model, plan, train_records, class_to_idx, labels, opt
 
         set_train_mode(model, True)  # frozen prefix modules are in eval mode
         store = get_store(model, train_ds, k, opts.batch_size, opts.workers, device, config.precision)
-        return CachedPrefixSource(store, labels, views, opts.batch_size, config.seed, device, balance_sampler)
+        return CachedPrefixSource(store, labels, views, opts.batch_size, config.seed, device, balance_sampler,
+                                  paths=[r.path for r in train_records])
     return LivePrefixSource(train_ds, labels, model, k, opts.batch_size, opts.workers, device, config.precision,
                             seed=config.seed, balance_sampler=balance_sampler)

@@ -43,14 +43,13 @@ class RunInterrupted(VtransferError):
 
     exit_code = 130
 
-    def __init__(self, run_dir: Path, epochs_done: int, epochs: int):
+    def __init__(self, run_dir: Path, epochs_done: int, epochs: int, command: str = "finetune"):
         self.run_dir = Path(run_dir)
         self.epochs_done = epochs_done
         self.epochs = epochs
-        super().__init__(
-            f"interrupted; resume with vtransfer finetune --resume {self.run_dir} "
-            f"({epochs_done} of {epochs} epochs finished and saved)"
-        )
+        how = (f"vtransfer finetune --resume {self.run_dir}" if command == "finetune"
+               else f"the same vtransfer {command} command (finished runs are reused, the stopped one continues)")
+        super().__init__(f"interrupted; resume with {how} ({epochs_done} of {epochs} epochs finished and saved)")
 
 
 def prepare_run_dir(path: Path, overwrite: bool = False, resume: bool = False) -> Path:

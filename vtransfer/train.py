@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vtransfer.distributed import all_reduce_sums, gather_objects, wrap_trainable
 from vtransfer.errors import ConfigError, VtransferError
 from vtransfer.models.base import VideoBackbone
 from vtransfer.policies import PolicyPlan, set_train_mode
@@ -241,8 +242,31 @@ class FitState:
     bad_videos: list[dict] = field(default_factory=list)  # {path, reason, epoch, count} of failed clips
 
 
+class TrainablePart(nn.Module):
+    """Groups ``start ..`` of a backbone as one module: what the training step runs.
+
+    Wrapping this (rather than the whole backbone) in DistributedDataParallel
+    keeps the frozen prefix out of DDP and lets the step start from cached
+    prefix activations.
+    """
+
+    def __init__(self, model: VideoBackbone, start: int):
+        super().__init__()
+        self.model = model
+        self.start = start
+        self.stop = len(model.layer_groups())
+
+    def forward(self, state: Any) -> torch.Tensor:
+        """Logits from the state after the frozen prefix."""
+        return self.model.forward_groups(state, self.start, self.stop)
+
+
 class Trainer:
     """Fine-tunes the trainable part of ``model`` as ``plan`` says.
+
+    Under ``torchrun`` each process trains on its slice of every global batch
+    (the source does the slicing), DistributedDataParallel averages the
+    gradients, and epoch metrics are summed over processes.
 
     ``validate(model) -> (video_acc, clip_acc)`` scores the current model;
     ``save_best(model, record)`` is called whenever validation improves;
@@ -280,6 +304,7 @@ class Trainer:
         self.train_size = train_size
         self.on_bad_videos = on_bad_videos
         self.num_groups = len(model.layer_groups())
+        self.step_module = wrap_trainable(TrainablePart(model, plan.first_trainable_group), device)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("nothing to train: the policy left every parameter frozen")
@@ -329,7 +354,7 @@ class Trainer:
     def train_step(self, prefix_out: Any, labels: torch.Tensor) -> tuple[float, int]:
         """One optimisation step on a batch; returns (loss, number correct)."""
         with autocast(self.device, self.config.precision):
-            logits = self.model.forward_groups(prefix_out, self.plan.first_trainable_group, self.num_groups)
+            logits = self.step_module(prefix_out)
             loss = self.criterion(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -387,6 +412,9 @@ class Trainer:
                 correct += c
                 seen += n
                 self.reporter.batch_end(loss, c / n)
+            loss_sum, correct, seen, bad = all_reduce_sums([loss_sum, correct, seen, bad])
+            correct, seen, bad = int(correct), int(seen), int(bad)
+            epoch_errors = [e for errs in gather_objects(epoch_errors) for e in errs]
             attempted = seen + bad
             entries = self._record_bad_clips(epoch, epoch_errors) if epoch_errors else []
             if attempted and bad / attempted > cfg.max_bad_fraction:

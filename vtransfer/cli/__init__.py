@@ -20,10 +20,12 @@ def _register_commands() -> None:
 
 
 def main() -> None:
-    """Run the CLI; user errors print one red line (no traceback) and exit with code 2."""
+    """Run the CLI; user errors print one red line (no traceback) and exit with code 2 (130 when interrupted)."""
     _register_commands()
     try:
         app()
     except VtransferError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
-        sys.exit(2)
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        sys.exit(getattr(e, "exit_code", 2))

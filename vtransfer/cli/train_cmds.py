@@ -121,8 +121,11 @@ def finetune(
 
 
 def _show_finetune(res) -> None:
+    from vtransfer import distributed
     from vtransfer.report import render_eval_table
 
+    if not distributed.current().is_main:
+        return
     if res.test is not None:
         render_eval_table(res.test, console, title=f"test split — {res.plan.get('policy')}")
     _print_result_summary(res)
@@ -235,11 +238,11 @@ def compare_policies(
     kw = _training_kwargs(p)
     data_kw = {k: kw.pop(k) for k in (*_DATA_KEYS, "ratios") if k in kw}
     seeds_list = [int(s) for s in O.split_list(p["seeds"]) or ["0"]]
-    reporter = RichReporter(console)
+    reporter = None if p["json_out"] else RichReporter(console)
 
     def on_policy(policy: str, seed: int) -> None:
-        reporter.label = f"[{policy} s{seed}] "
-        if not p["json_out"]:
+        if reporter is not None:
+            reporter.label = f"[{policy} s{seed}] "
             console.rule(f"{policy} (seed {seed})")
 
     res = api.compare_policies(p["data"], policies=O.split_list(p["policies"]), seeds=seeds_list, out=p["out"],

@@ -19,6 +19,8 @@ A video that fails to decode yields an error item (never an exception), and
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,8 @@ class ClipDataset(Dataset):
         reader: where frames come from (default: decode each clip with PyAV).
 
     Items are ``dict(clip, label, video, view)``, or ``dict(error, path,
-    video)`` for a video that cannot be decoded. ``video`` is the index into
+    video)`` for a video that cannot be decoded. Clips have channels-last
+    strides (see :mod:`vtransfer.data.decode`). ``video`` is the index into
     ``records``; ``view`` is the clip number within the video (0 in plain
     train mode).
     """
@@ -97,6 +100,7 @@ class ClipDataset(Dataset):
         # Shared memory, so set_epoch in the main process reaches persistent workers too.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._num_frames: dict[Path, int] = {}
+        self._probed = False
 
     # -- indexing -------------------------------------------------------------------
     @property
@@ -121,8 +125,35 @@ class ClipDataset(Dataset):
         return int(self._epoch.item())
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch for train-mode randomness (call before iterating the loader)."""
+        """Select the epoch for train-mode randomness (call before iterating the loader).
+
+        The first call also runs :meth:`probe_all`, so DataLoader workers
+        forked afterwards inherit every video's length instead of re-probing
+        it in every worker of every epoch.
+        """
+        if not self._probed:
+            self.probe_all()
         self._epoch.fill_(int(epoch))
+
+    def probe_all(self, threads: int | None = None) -> None:
+        """Look up every video's frame count now, in this process, with a few threads.
+
+        Videos that fail are skipped here; their items report the error later.
+        """
+        todo = list(dict.fromkeys(r.path for r in self.records if r.path not in self._num_frames))
+
+        def one(path: Path) -> tuple[Path, int | None]:
+            try:
+                return path, self.reader.num_frames(path)
+            except Exception:  # noqa: BLE001 - reported by __getitem__
+                return path, None
+
+        workers = max(1, min(threads or os.cpu_count() or 1, len(todo)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for path, n in pool.map(one, todo):
+                if n is not None:
+                    self._num_frames[path] = n
+        self._probed = True
 
     def labels(self) -> list[int]:
         """Label index of every video, in record order."""

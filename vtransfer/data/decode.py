@@ -11,6 +11,11 @@ use the same rule, so ``read_clip(p, s, n, k)`` equals the frames
 ``s, s+k, ...`` of ``read_video(p)`` (indices past the end repeat the last
 frame).
 
+Decoded tensors have shape ``T x 3 x H x W`` but channels-last strides (the
+RGB bytes stay interleaved as the decoder wrote them); call ``.contiguous()``
+if you need a plain layout. :func:`vtransfer.data.transforms.normalize_clips`
+returns contiguous tensors.
+
 Every failure raises :class:`~vtransfer.errors.VideoDecodeError` naming the
 file and the reason.
 """
@@ -283,9 +288,12 @@ class _NeedRestart(Exception):
 
 
 def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
-    """``N x H x W x 3`` arrays -> contiguous uint8 ``N x 3 x H x W`` tensor."""
-    # numpy's transpose copy: single-threaded and several times faster than torch's for uint8
-    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)))
+    """``H x W x 3`` arrays -> uint8 ``N x 3 x H x W`` tensor with channels-last strides.
+
+    No transpose copy: the decoder's interleaved RGB stays as it is, which is
+    also the layout torch's uint8 antialiased resize is fastest on.
+    """
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def _decode_indices(path: Path, indices: list[int], short_side: int | None) -> torch.Tensor:
@@ -366,7 +374,7 @@ def read_clip(
             callers holding a probe result can pass it.
 
     Returns:
-        uint8 tensor ``T x 3 x H x W``.
+        uint8 tensor ``T x 3 x H x W`` (channels-last strides, see the module doc).
 
     Raises:
         VideoDecodeError: the file cannot be opened or decoded (names file and reason).
@@ -378,7 +386,7 @@ def read_clip(
 
 
 def read_video(path: str | Path, short_side: int | None = None) -> torch.Tensor:
-    """Decode a whole video into uint8 ``N x 3 x H x W`` RGB on the presentation-time grid.
+    """Decode a whole video into uint8 ``N x 3 x H x W`` RGB (channels-last strides) on the presentation-time grid.
 
     ``N`` is the number of grid slots up to the last decoded frame (the frame
     count for a constant frame-rate video). Frame ``i`` equals frame 0 of

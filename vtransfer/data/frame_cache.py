@@ -2,7 +2,8 @@
 
 Each video is decoded whole (:func:`~vtransfer.data.decode.read_video`) at
 the working resolution (short side = the backbone's ``resize_short``) into
-uint8 ``N x 3 x H x W`` frames. Entries are keyed by the SHA-256 of the
+uint8 frames, stored ``N x H x W x 3`` (the decoder's interleaved layout;
+clips come out as ``T x 3 x H x W`` views with channels-last strides). Entries are keyed by the SHA-256 of the
 file's bytes plus the decode settings, so an edited file or a different
 resolution is never served stale frames.
 
@@ -39,7 +40,7 @@ from vtransfer.models.base import Preprocessing
 
 CACHE_MODES = ("memory", "disk")
 # Bump when decoding changes in a way that changes the frames (grid rule, scaler).
-_DECODE_VERSION = "grid-v1|rgb24|bilinear"
+_DECODE_VERSION = "grid-v1|rgb24|bilinear|nhwc"
 _HASH_CHUNK = 1 << 20
 _COUNTER_SLOTS = 65
 
@@ -172,7 +173,7 @@ class DecodedFrameCache:
 
     # -- reading ---------------------------------------------------------------------
     def get(self, path: str | Path) -> np.ndarray:
-        """All frames of ``path`` as uint8 ``N x 3 x H x W`` (a read-only memmap in disk mode).
+        """All frames of ``path`` as uint8 ``N x H x W x 3`` (a read-only memmap in disk mode).
 
         Decodes and stores the video on a miss. Raises VideoDecodeError for a
         file that cannot be decoded (remembered, so it is not retried each epoch).
@@ -193,7 +194,7 @@ class DecodedFrameCache:
                 return frames
         self._count(hit=False)
         try:
-            decoded = read_video(path, short_side=self.short_side).numpy()
+            decoded = read_video(path, short_side=self.short_side).permute(0, 2, 3, 1).numpy()  # N x H x W x 3, no copy
         except VideoDecodeError as e:
             self._failed[key] = e.reason
             raise
@@ -214,7 +215,7 @@ class DecodedFrameCache:
         except (OSError, ValueError):
             entry.unlink(missing_ok=True)  # a corrupt entry is rewritten
             return None
-        if frames.dtype != np.uint8 or frames.ndim != 4:
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             entry.unlink(missing_ok=True)
             return None
         return frames
@@ -247,11 +248,12 @@ class DecodedFrameCache:
         return int(self.get(path).shape[0])
 
     def read_clip(self, path: str | Path, start: int, num_frames: int, stride: int = 1) -> torch.Tensor:
-        """Frames ``start, start+stride, ...`` as uint8 ``T x 3 x H x W``; past the end repeats the last."""
+        """Frames ``start, start+stride, ...`` as uint8 ``T x 3 x H x W`` (channels-last strides, like
+        :func:`~vtransfer.data.decode.read_clip`); past the end repeats the last frame."""
         frames = self.get(path)
         last = frames.shape[0] - 1
         indices = [min(start + i * stride, last) for i in range(num_frames)]
-        return torch.from_numpy(np.ascontiguousarray(frames[indices]))
+        return torch.from_numpy(np.ascontiguousarray(frames[indices])).permute(0, 3, 1, 2)
 
     def prefill(
         self,

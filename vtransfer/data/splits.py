@@ -20,12 +20,12 @@ import io
 import os
 import random
 import re
-import tempfile
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from vtransfer.atomic import atomic_write_bytes
 from vtransfer.data.records import SPLITS, DatasetIndex, SkippedFile, VideoRecord
 from vtransfer.errors import ConfigError, DatasetError
 
@@ -294,26 +294,6 @@ def stratified_split(
 
 
 # ----------------------------------------------------------------------------- manifests
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _manifest_path(video: Path, base: str) -> str:

@@ -1,0 +1,90 @@
+"""compare-policies: one split, one table, per-category columns, seeds, reuse; pretrain -> finetune provenance."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vtransfer.api as api
+import vtransfer.cli
+from vtransfer.cli.app import app
+from vtransfer.data.demo import make_demo
+from vtransfer.weights.checkpoint import load_checkpoint
+
+FAST = dict(backbone="slowfusion", preset="tiny", size=48, epochs=2, batch_size=8, clips_per_video=2, val_clips=1,
+            workers=0, patience=0, device="cpu", cache="memory")
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    make_demo(root / "source", class_set="source", videos_per_class=4, frames=16, size=48, seed=0)
+    make_demo(root / "target", class_set="target", videos_per_class=5, frames=16, size=48, seed=1)
+    return root
+
+
+def test_pretrain_then_finetune_names_its_source(datasets, tmp_path):
+    pre = api.pretrain(datasets / "source", name="slowfusion:demo-src", register=False, out=tmp_path / "pre", **FAST)
+    meta = load_checkpoint(pre.model_path).metadata
+    assert meta["source"]["pretrain_source"]["name"] == "slowfusion:demo-src"
+    assert meta["source"]["pretrain_source"]["videos"] == 40
+    res = api.finetune(datasets / "target", policy="top-3", weights=str(pre.model_path), out=tmp_path / "ft", **FAST)
+    src = load_checkpoint(res.model_path).metadata["source"]["pretrained"]
+    assert src["source"] == "slowfusion:demo-src"
+    assert src["pretrained_on"] == {"name": "source", "num_classes": 10, "size": "40 videos"}
+
+
+def test_compare_policies_table_with_categories_and_seeds(datasets, tmp_path):
+    cats = datasets / "target" / "categories.csv"
+    res = api.compare_policies(datasets / "target", policies=["top-layer", "all"], seeds=[0, 1], out=tmp_path / "cmp",
+                               categories=cats, **FAST)
+    assert [r.policy for r in res.rows] == ["top-layer", "all"]
+    for row in res.rows:
+        assert row.seeds == [0, 1]
+        assert set(row.per_category) == {"appearance", "motion"}
+        assert "test_video_hit1" in row.std
+    top, full = res.rows
+    assert top.trainable_params < full.trainable_params == full.total_params
+    # one split for every run
+    manifests = {(d / "split.csv").read_bytes() for runs in res.runs.values() for d in runs}
+    assert manifests == {(tmp_path / "cmp" / "split.csv").read_bytes()}
+    for name in ("compare.json", "compare.csv", "compare.md", "compare.html", "compare_categories.png"):
+        assert (tmp_path / "cmp" / name).exists(), name
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "compare.csv")))
+    assert [r["policy"] for r in rows] == ["top-layer", "all"]
+
+
+def test_compare_skips_inapplicable_policy_and_reuses_finished_runs(datasets, tmp_path):
+    kw = dict(FAST, policies=["temporal", "top-layer"], out=tmp_path / "cmp")
+    first = api.compare_policies(datasets / "target", **{**kw, "backbone": "slowfusion"}, )
+    assert [r.policy for r in first.rows] == ["temporal", "top-layer"]
+    stamp = (tmp_path / "cmp" / "top-layer" / "model.safetensors").stat().st_mtime_ns
+    again = api.compare_policies(datasets / "target", **kw)
+    assert (tmp_path / "cmp" / "top-layer" / "model.safetensors").stat().st_mtime_ns == stamp  # reused
+    assert again.rows[1].test_video_hit1 == first.rows[1].test_video_hit1
+
+
+def test_single_frame_backbone_skips_temporal(datasets, tmp_path):
+    from vtransfer.errors import ConfigError
+    from vtransfer.models.registry import build_backbone
+    from vtransfer.policies import resolve_policy
+
+    with pytest.raises(ConfigError):
+        resolve_policy(build_backbone("slowfusion", "tiny", fusion="single"), "temporal")
+
+
+def test_cli_compare_policies_json(datasets, tmp_path):
+    vtransfer.cli._register_commands()
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["compare-policies", str(datasets / "target"), "--backbone", "slowfusion", "--preset", "tiny",
+                                 "--size", "48", "--epochs", "1", "--policies", "top-layer,top-3", "--clips-per-video", "1",
+                                 "--val-clips", "1", "--workers", "0", "--out", str(out), "--json",
+                                 "--categories", str(datasets / "target" / "categories.csv")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [row["policy"] for row in doc["rows"]] == ["top-layer", "top-3"]
+    assert torch.tensor([row["test_video_hit1"] for row in doc["rows"]]).le(1).all()

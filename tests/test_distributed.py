@@ -1,0 +1,50 @@
+"""torchrun with 2 CPU processes (gloo) gives the same model as one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vtransfer.data.demo import make_demo
+
+ARGS = ["finetune", "--backbone", "slowfusion", "--preset", "tiny", "--size", "48", "--epochs", "2", "--batch-size", "8",
+        "--dropout", "0", "--workers", "0", "--cache", "memory", "--clips-per-video", "2", "--val-clips", "1",
+        "--patience", "0", "--policy", "all", "--device", "cpu", "--threads", "1"]
+
+
+def _run(cmd, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(tmp_path):
+    data = tmp_path / "data"
+    make_demo(data, class_set="target", videos_per_class=6, frames=16, size=48, seed=3)
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    _run([sys.executable, "-m", "vtransfer", *ARGS, str(data), "--out", str(single)])
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+          "-m", "vtransfer", *ARGS, str(data), "--out", str(multi)])
+    a, b = load_file(single / "model.safetensors"), load_file(multi / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3, msg=k)
+    ha = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    hb = [json.loads(line) for line in (multi / "metrics.jsonl").read_text().splitlines()]
+    assert len(ha) == len(hb) == 2
+    for x, y in zip(ha, hb):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+        assert x["train_acc"] == y["train_acc"] and x["val_video_acc"] == y["val_video_acc"]
+    cfg = json.loads((multi / "config.json").read_text())
+    assert cfg["resolved"]["processes"] == 2
+    # only rank 0 wrote: one report, no stray temp files
+    assert (multi / "report" / "report.json").exists()
+    assert not list(multi.glob(".*.tmp"))
