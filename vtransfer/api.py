@@ -305,7 +305,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     from vtransfer.loading import load_backbone_with_info
     from vtransfer.policies import apply_policy, resolve_policy
     from vtransfer.report import write_eval_report
-    from vtransfer.runtime import configure_threads, default_workers, resolve_device, seed_everything
+    from vtransfer.runtime import configure_threads, default_workers, preferred_memory_format, resolve_device, seed_everything
     from vtransfer.train import Trainer, TrainConfig, class_weights
     from vtransfer.weights.checkpoint import save_checkpoint
 
@@ -351,9 +351,11 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     weights = None if policy == "scratch" else o["weights"]
     if weights is None:
         arch_overrides.update(geometry_overrides(o["backbone"], o["preset"], o["frames"], o["stride"], o["size"]))
-    model, info = load_backbone_with_info(o["backbone"], weights=weights, num_classes=len(classes), preset=o["preset"], **arch_overrides)
+    # a checkpoint carries its own architecture: the preset only applies to fresh or built-in-source models
+    preset = o["preset"] if weights is None or not Path(str(weights)).exists() else None
+    model, info = load_backbone_with_info(o["backbone"], weights=weights, num_classes=len(classes), preset=preset, **arch_overrides)
     model.preprocessing = adapt_preprocessing(model.preprocessing, o["frames"], o["stride"], o["size"])
-    model.to(device)
+    model.to(device, memory_format=preferred_memory_format(o["backbone"], o["precision"], device))
     plan = resolve_policy(model, policy, o.get("train_groups"))
     apply_policy(model, plan)
 

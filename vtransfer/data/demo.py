@@ -18,8 +18,9 @@ Why a model that ignores time cannot separate motion classes:
 
 * the scene lives on a torus (objects leaving one edge re-enter at the opposite
   edge) and every start position / angle / phase is uniform, so the position and
-  orientation in *any single frame* have the same distribution in every motion
-  class (except size for grow/shrink, see next point);
+  orientation in *any single frame* (first, middle or last) have the same
+  distribution in every motion class; grow/shrink pulse with a random phase, so
+  their size in any single frame has the same distribution too;
 * the paired classes are exact time reversals of each other (left = right played
   backwards, shrink = grow played backwards, ...), so even the unordered *bag* of
   frames of a video has the same distribution in both classes of a pair.
@@ -37,9 +38,10 @@ seeded by ``(seed, crc32(class), index)``, so a video depends only on those thre
 values and the size options, never on which other classes are generated. The
 encoder runs single-threaded; with libx264 the same seed gives byte-identical files.
 
-Class sets: ``target`` (3 appearance + 3 motion) and ``source`` (4 appearance +
-6 motion) share no class, so pretraining on ``source`` and fine-tuning on
+Class sets: ``target`` (3 appearance + 3 motion) and ``source`` (6 appearance +
+4 motion) share no class, so pretraining on ``source`` and fine-tuning on
 ``target`` is a genuine transfer experiment; ``all`` is the whole catalogue (20).
+Both sets are closed under horizontal flip, so flip augmentation keeps labels.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ README_FILE = "README.txt"
 # Geometry below is in pixels of a 64-pixel frame; it is multiplied by
 # min(height, width) / 64 so other sizes show the same scene.
 _REF_SIZE = 64.0
-_OBJECT_RADIUS = (8.0, 11.5)
+_OBJECT_RADIUS = (11.0, 15.0)
+_OBJECT_COUNT = (1, 1)
+_OUTLINE = 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -348,18 +352,18 @@ def _linear(rng: np.random.Generator, c: Canvas, vx: float, vy: float, spin: flo
 
 
 def _nuisance_motion(rng: np.random.Generator, c: Canvas) -> Trajectory:
-    """Appearance classes: random direction, speed 0-1.8 px/frame, random slow spin either way."""
+    """Appearance classes: random direction, speed 0-1.2 px/frame, random slow spin either way."""
     direction = rng.uniform(0, 2 * math.pi)
-    speed = rng.uniform(0.0, 1.8) * c.unit
-    spin = rng.uniform(-0.15, 0.15)
+    speed = rng.uniform(0.0, 1.2) * c.unit
+    spin = rng.uniform(-0.1, 0.1)
     return _linear(rng, c, speed * math.cos(direction), speed * math.sin(direction), spin)
 
 
 def _translate(dx: float, dy: float) -> MotionFn:
-    """One-way motion along the unit vector (dx, dy) (y points down) at 1.2-1.8 px/frame."""
+    """One-way motion along the unit vector (dx, dy) (y points down) at 1.5-2.5 px/frame."""
 
     def make(rng: np.random.Generator, c: Canvas) -> Trajectory:
-        speed = rng.uniform(1.2, 1.8) * c.unit
+        speed = rng.uniform(1.5, 2.5) * c.unit
         return _linear(rng, c, speed * dx, speed * dy)
 
     return make
@@ -448,10 +452,10 @@ CATALOGUE: dict[str, DemoClass] = {
         DemoClass("red_star", APPEARANCE, "a five-point star, red", _look("star", hue=_RED), _nuisance_motion),
         DemoClass("blue_star", APPEARANCE, "a five-point star, blue", _look("star", hue=_BLUE), _nuisance_motion),
         # motion: the same random object for all; the motion is the class
-        DemoClass("move_right", MOTION, "moves left to right, 1.2-1.8 px/frame", _motion_object, _move_right),
+        DemoClass("move_right", MOTION, "moves left to right, 1.5-2.5 px/frame", _motion_object, _move_right),
         DemoClass("move_left", MOTION, "moves right to left (move_right reversed)", _motion_object,
                   _time_reversed(_move_right)),
-        DemoClass("move_down", MOTION, "moves top to bottom, 1.2-1.8 px/frame", _motion_object, _move_down),
+        DemoClass("move_down", MOTION, "moves top to bottom, 1.5-2.5 px/frame", _motion_object, _move_down),
         DemoClass("move_up", MOTION, "moves bottom to top (move_down reversed)", _motion_object,
                   _time_reversed(_move_down)),
         DemoClass("rotate_cw", MOTION, "spins clockwise in place, 7-13 deg/frame", _motion_object, _rotate(1.0)),
@@ -463,10 +467,10 @@ CATALOGUE: dict[str, DemoClass] = {
                   _shrink),
         DemoClass("bounce", MOTION, "oscillates back and forth along a random axis (periodic)", _motion_object,
                   _bounce),
-        DemoClass("fast", MOTION, "one-way in a random direction, fast (2.8-3.6 px/frame)", _motion_object,
-                  _random_direction(2.8, 3.6)),
-        DemoClass("slow", MOTION, "one-way in a random direction, slow (0.4-0.7 px/frame)", _motion_object,
-                  _random_direction(0.4, 0.7)),
+        DemoClass("fast", MOTION, "one-way in a random direction, fast (3.2-4.2 px/frame)", _motion_object,
+                  _random_direction(3.2, 4.2)),
+        DemoClass("slow", MOTION, "one-way in a random direction, slow (0.6-1.0 px/frame)", _motion_object,
+                  _random_direction(0.6, 1.0)),
     ]
 }
 """Every demo class by name, in a fixed order (appearance first, then motion)."""
@@ -546,7 +550,12 @@ def _draw_object(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, look: ObjectLo
     ca, sa = math.cos(angle), math.sin(angle)
     u = (ca * dx + sa * dy) / r  # object-local axis +u points along (cos a, sin a) on screen
     v = (-sa * dx + ca * dy) / r
-    alpha = np.clip(0.5 - SHAPES[look.shape](u, v) * r, 0.0, 1.0)[..., None]
+    sdf = SHAPES[look.shape](u, v) * r  # signed distance in pixels
+    if _OUTLINE > 0:
+        # A thin dark outline keeps the silhouette visible whatever the colours.
+        rim = np.clip(0.5 - (sdf - _OUTLINE), 0.0, 1.0)[..., None]
+        img *= 1 - 0.85 * rim
+    alpha = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]
     mix = _texture_mix(look, u, v, r)[..., None]
     colour = (1 - mix) * np.asarray(look.colour) + mix * np.asarray(look.colour2)
     img *= 1 - alpha
@@ -576,33 +585,36 @@ def render_video(name: str, index: int, *, seed: int = 0, frames: int = 24, heig
     # Background: a muted random colour, a low-frequency texture, static soft blobs.
     base = np.asarray(_hsv(bg_rng.uniform(), bg_rng.uniform(0.05, 0.45), bg_rng.uniform(0.25, 0.6)))
     texture = _smooth_noise(bg_rng, height, width, 3, cutoff=bg_rng.uniform(0.03, 0.09))
-    texture_gain = clutter * np.array([bg_rng.uniform(0.04, 0.1), bg_rng.uniform(0.03, 0.08)])
+    texture_gain = clutter * np.array([bg_rng.uniform(0.03, 0.07), bg_rng.uniform(0.02, 0.05)])
     background = base + texture * texture_gain[0] + texture[..., :1] * texture_gain[1]
-    for _ in range(clutter_rng.integers(2, 6)):
+    for _ in range(clutter_rng.integers(1, 4)):
         cx, cy = _uniform_position(clutter_rng, c)
         weight = _blob(yy, xx, cx, cy, clutter_rng.uniform(3.0, 8.0) * c.unit, height, width)[..., None]
         colour = np.asarray(_hsv(clutter_rng.uniform(), clutter_rng.uniform(0.2, 0.7), clutter_rng.uniform(0.3, 0.9)))
-        strength = min(1.0, clutter * clutter_rng.uniform(0.3, 0.7))
+        strength = min(1.0, clutter * clutter_rng.uniform(0.2, 0.5))
         background += strength * weight * (colour - background)
 
     # Moving distractors: soft blobs drifting across the torus.
     movers = []
-    for _ in range(clutter_rng.integers(1, 4)):
+    for _ in range(clutter_rng.integers(1, 3)):
         x0, y0 = _uniform_position(clutter_rng, c)
         direction = clutter_rng.uniform(0, 2 * math.pi)
         speed = clutter_rng.uniform(0.3, 2.0) * c.unit
         sigma = clutter_rng.uniform(2.5, 5.0) * c.unit
         colour = np.asarray(_hsv(clutter_rng.uniform(), clutter_rng.uniform(0.2, 0.8), clutter_rng.uniform(0.3, 1.0)))
-        strength = min(1.0, clutter * clutter_rng.uniform(0.4, 0.8))
+        strength = min(1.0, clutter * clutter_rng.uniform(0.3, 0.6))
         movers.append((x0, y0, speed * math.cos(direction), speed * math.sin(direction), sigma, colour, strength))
 
-    look = spec.look(look_rng, c)
-    path = spec.motion(motion_rng, c)
+    # The class's objects: each draws its own look and its own motion from the class's generators.
+    count = int(look_rng.integers(_OBJECT_COUNT[0], _OBJECT_COUNT[1] + 1))
+    objects = [(spec.look(look_rng, c), spec.motion(motion_rng, c)) for _ in range(count)]
 
-    # Camera jitter: the whole scene shifts by a small random whole-pixel offset each frame.
-    limit = max(1, round(2 * c.unit * clutter))
-    shifts = np.rint(jitter_rng.normal(0.0, 0.8 * c.unit * clutter, size=(frames, 2)))
-    shifts = np.clip(shifts, -limit, limit).astype(int)
+    # Camera jitter: the whole scene shifts by a small whole-pixel offset that wanders
+    # (a smoothed random walk, like a hand-held camera), at most 2 px at the default clutter.
+    limit = 2 * c.unit * clutter
+    walk = np.cumsum(jitter_rng.normal(0.0, 0.6 * c.unit * clutter, size=(frames, 2)), axis=0)
+    walk -= walk.mean(axis=0)
+    shifts = np.rint(np.clip(walk, -limit, limit)).astype(int)
 
     video = np.empty((frames, height, width, 3), dtype=np.uint8)
     for t in range(frames):
@@ -611,7 +623,8 @@ def render_video(name: str, index: int, *, seed: int = 0, frames: int = 24, heig
         for x0, y0, vx, vy, sigma, colour, strength in movers:
             weight = strength * _blob(yy, xx, x0 + vx * t + sx, y0 + vy * t + sy, sigma, height, width)[..., None]
             img += weight * (colour - img)
-        _draw_object(img, yy, xx, look, path.x[t] + sx, path.y[t] + sy, path.angle[t], path.scale[t])
+        for look, path in objects:
+            _draw_object(img, yy, xx, look, path.x[t] + sx, path.y[t] + sy, path.angle[t], path.scale[t])
         img += noise_rng.normal(0.0, 0.015 * clutter, size=img.shape)
         video[t] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return video

@@ -1,0 +1,34 @@
+"""The benchmark scripts run in --quick mode and print their ratios (speed targets are checked by running them)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> str:
+    r = subprocess.run([sys.executable, str(BENCH / name), "--quick", *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_bench_policies_quick():
+    out = run_script("bench_policies.py", "--threads", "1")
+    assert "ratio vtransfer/reference:" in out
+    assert "top-layer epoch after the first / all epoch:" in out
+    assert "peak memory (RSS):" in out
+    for policy in ("scratch", "top-layer", "top-3", "temporal", "all"):
+        assert any(line.startswith(policy) for line in out.splitlines()), policy
+
+
+@pytest.mark.slow
+def test_bench_memory_quick():
+    out = run_script("bench_memory.py", "--threads", "1")
+    assert "main-process RSS growth" in out and "decoded disk cache" in out
+    assert "peak memory (RSS):" in out
