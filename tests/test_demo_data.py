@@ -35,7 +35,8 @@ from vtransfer.errors import ConfigError, DatasetError
 vtransfer.cli._register_commands()
 
 # Time-reversal pairs: the second class is the first played backwards.
-REVERSAL_PAIRS = [("move_right", "move_left"), ("move_down", "move_up"), ("rotate_cw", "rotate_ccw"), ("grow", "shrink")]
+REVERSAL_PAIRS = [("move_right", "move_left"), ("move_down", "move_up"), ("diagonal_up", "diagonal_down"),
+                  ("rotate_cw", "rotate_ccw"), ("grow", "shrink")]
 
 
 def decode(path: Path) -> np.ndarray:
@@ -126,7 +127,7 @@ def test_paired_motion_classes_are_time_reversals(forward, backward):
 
 
 @pytest.mark.parametrize("classes", [TARGET_CLASSES[3:], ("move_right", "move_left"), ("grow", "shrink"),
-                                     ("rotate_cw", "rotate_ccw"), ("fast", "slow")])
+                                     ("diagonal_up", "diagonal_down", "fast", "slow"), ("rotate_cw", "rotate_ccw")])
 def test_every_single_frame_has_the_same_distribution_in_motion_classes(classes):
     """Position (on the torus), angle and size at the first, middle and last frame match across classes."""
     canvas = Canvas(24, 64, 64)

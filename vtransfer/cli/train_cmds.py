@@ -44,7 +44,6 @@ def _with_recipe(ctx: typer.Context, command: str, params: dict[str, Any]) -> di
 
 
 def _all_recipe_keys(ctx: typer.Context) -> set[str]:
-    import typer.main
 
     root = ctx.find_root().command
     names: set[str] = set()

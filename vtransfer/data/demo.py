@@ -2,16 +2,18 @@
 
 ``make_demo(OUT)`` writes ``OUT/<class>/<class>_NNN.mp4`` plus ``OUT/categories.csv``
 (``class,category``) and ``OUT/README.txt``. Every class belongs to one of two
-categories:
+categories. Every video shows 2-3 objects of its class (each with its own
+colour, size, position and motion drawn from the class's generators), outlined
+by a thin dark rim, on a cluttered background:
 
-* **appearance** classes differ by *what is seen*: the object's shape (disc,
+* **appearance** classes differ by *what is seen*: the objects' shape (disc,
   square, triangle, ring, cross, star), texture (stripes, checker) or colour
-  (red vs blue star). The object moves, but its motion is drawn from one
+  (red vs blue star). The objects move, but their motion is drawn from one
   class-independent "nuisance" distribution, so motion says nothing about the class.
 * **motion** classes all show the same kind of object -- one of a pool of
   asymmetric shapes (bar, ellipse, wedge, half-disc), solid or two-tone, in a
   random colour, drawn from the same distribution for every motion class -- and
-  differ *only* in how it moves (left vs right, up vs down, clockwise vs
+  differ *only* in how they move (left vs right, up vs down, clockwise vs
   counter-clockwise, grow vs shrink, periodic bounce vs one-way, fast vs slow).
 
 Why a model that ignores time cannot separate motion classes:
@@ -38,9 +40,9 @@ seeded by ``(seed, crc32(class), index)``, so a video depends only on those thre
 values and the size options, never on which other classes are generated. The
 encoder runs single-threaded; with libx264 the same seed gives byte-identical files.
 
-Class sets: ``target`` (3 appearance + 3 motion) and ``source`` (6 appearance +
-4 motion) share no class, so pretraining on ``source`` and fine-tuning on
-``target`` is a genuine transfer experiment; ``all`` is the whole catalogue (20).
+Class sets: ``target`` (3 appearance + 3 motion) and ``source`` (4 appearance +
+6 motion) share no class, so pretraining on ``source`` and fine-tuning on
+``target`` is a genuine transfer experiment; ``all`` is the whole catalogue (22).
 Both sets are closed under horizontal flip, so flip augmentation keeps labels.
 """
 
@@ -69,9 +71,9 @@ README_FILE = "README.txt"
 # Geometry below is in pixels of a 64-pixel frame; it is multiplied by
 # min(height, width) / 64 so other sizes show the same scene.
 _REF_SIZE = 64.0
-_OBJECT_RADIUS = (11.0, 15.0)
-_OBJECT_COUNT = (1, 1)
-_OUTLINE = 0.0
+_OBJECT_RADIUS = (9.0, 13.0)  # object size range (reference pixels)
+_OBJECT_COUNT = (2, 3)  # objects per video: several instances give a tiny model more evidence per frame
+_OUTLINE = 1.2  # dark rim width (reference pixels): silhouettes stay visible whatever the colours
 
 
 # ---------------------------------------------------------------------------
@@ -369,6 +371,20 @@ def _translate(dx: float, dy: float) -> MotionFn:
     return make
 
 
+def _diagonal(dy: float) -> MotionFn:
+    """One-way motion at 45 degrees, up (dy=-1) or down (dy=+1), to the left or right at random; 1.5-2.5 px/frame.
+
+    Left and right are equally likely, so a horizontally flipped video stays in its class.
+    """
+
+    def make(rng: np.random.Generator, c: Canvas) -> Trajectory:
+        speed = rng.uniform(1.5, 2.5) * c.unit / math.sqrt(2)
+        side = 1.0 if rng.uniform() < 0.5 else -1.0
+        return _linear(rng, c, speed * side, speed * dy)
+
+    return make
+
+
 def _random_direction(lo: float, hi: float) -> MotionFn:
     """One-way motion in a random direction at ``lo``-``hi`` px/frame."""
 
@@ -441,16 +457,16 @@ CATALOGUE: dict[str, DemoClass] = {
     c.name: c
     for c in [
         # appearance: the look is the class; motion is the same random nuisance for all
-        DemoClass("disc", APPEARANCE, "a solid disc, random colour", _look("disc"), _nuisance_motion),
-        DemoClass("square", APPEARANCE, "a solid square, random colour", _look("square"), _nuisance_motion),
-        DemoClass("triangle", APPEARANCE, "a solid triangle, random colour", _look("triangle"), _nuisance_motion),
-        DemoClass("ring", APPEARANCE, "a ring (annulus), random colour", _look("ring"), _nuisance_motion),
-        DemoClass("cross", APPEARANCE, "a plus-shaped cross, random colour", _look("cross"), _nuisance_motion),
-        DemoClass("striped", APPEARANCE, "a disc with two-colour stripes", _look("disc", "stripes"), _nuisance_motion),
-        DemoClass("checker", APPEARANCE, "a square with a two-colour checkerboard", _look("square", "checker"),
+        DemoClass("disc", APPEARANCE, "solid discs, random colours", _look("disc"), _nuisance_motion),
+        DemoClass("square", APPEARANCE, "solid squares, random colours", _look("square"), _nuisance_motion),
+        DemoClass("triangle", APPEARANCE, "solid triangles, random colours", _look("triangle"), _nuisance_motion),
+        DemoClass("ring", APPEARANCE, "rings (annuli), random colours", _look("ring"), _nuisance_motion),
+        DemoClass("cross", APPEARANCE, "plus-shaped crosses, random colours", _look("cross"), _nuisance_motion),
+        DemoClass("striped", APPEARANCE, "discs with two-colour stripes", _look("disc", "stripes"), _nuisance_motion),
+        DemoClass("checker", APPEARANCE, "squares with a two-colour checkerboard", _look("square", "checker"),
                   _nuisance_motion),
-        DemoClass("red_star", APPEARANCE, "a five-point star, red", _look("star", hue=_RED), _nuisance_motion),
-        DemoClass("blue_star", APPEARANCE, "a five-point star, blue", _look("star", hue=_BLUE), _nuisance_motion),
+        DemoClass("red_star", APPEARANCE, "five-point stars, red", _look("star", hue=_RED), _nuisance_motion),
+        DemoClass("blue_star", APPEARANCE, "five-point stars, blue", _look("star", hue=_BLUE), _nuisance_motion),
         # motion: the same random object for all; the motion is the class
         DemoClass("move_right", MOTION, "moves left to right, 1.5-2.5 px/frame", _motion_object, _move_right),
         DemoClass("move_left", MOTION, "moves right to left (move_right reversed)", _motion_object,
@@ -458,6 +474,10 @@ CATALOGUE: dict[str, DemoClass] = {
         DemoClass("move_down", MOTION, "moves top to bottom, 1.5-2.5 px/frame", _motion_object, _move_down),
         DemoClass("move_up", MOTION, "moves bottom to top (move_down reversed)", _motion_object,
                   _time_reversed(_move_down)),
+        DemoClass("diagonal_up", MOTION, "moves diagonally upwards (up-left or up-right), 1.5-2.5 px/frame",
+                  _motion_object, _diagonal(-1.0)),
+        DemoClass("diagonal_down", MOTION, "moves diagonally downwards (diagonal_up reversed)", _motion_object,
+                  _time_reversed(_diagonal(-1.0))),
         DemoClass("rotate_cw", MOTION, "spins clockwise in place, 7-13 deg/frame", _motion_object, _rotate(1.0)),
         DemoClass("rotate_ccw", MOTION, "spins counter-clockwise (rotate_cw reversed)", _motion_object,
                   _time_reversed(_rotate(1.0))),
@@ -479,10 +499,10 @@ TARGET_CLASSES: tuple[str, ...] = ("triangle", "ring", "cross", "move_up", "move
 """The transfer target: 3 shape classes (random colours) + 3 motion classes that look alike frame by frame."""
 
 SOURCE_CLASSES: tuple[str, ...] = (
-    "disc", "square", "striped", "checker", "red_star", "blue_star",
-    "grow", "shrink", "fast", "slow",
+    "disc", "square", "striped", "checker",
+    "diagonal_up", "diagonal_down", "grow", "shrink", "fast", "slow",
 )
-"""The pretraining source: 6 appearance + 4 motion classes, none shared with the target.
+"""The pretraining source: 4 appearance + 6 motion classes, none shared with the target.
 
 Both sets are closed under horizontal flip (flipping a video never turns it into
 another class), so the usual random-flip augmentation is safe on them; the
@@ -541,7 +561,7 @@ def _texture_mix(look: ObjectLook, u: np.ndarray, v: np.ndarray, px_per_unit: np
 
 
 def _draw_object(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, look: ObjectLook,
-                 cx: float, cy: float, angle: float, scale: float) -> None:
+                 cx: float, cy: float, angle: float, scale: float, outline: float = 0.0) -> None:
     """Composite the object onto ``img`` (H x W x 3, in place), wrapping around the edges."""
     h, w = img.shape[:2]
     r = look.radius * scale
@@ -551,9 +571,9 @@ def _draw_object(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, look: ObjectLo
     u = (ca * dx + sa * dy) / r  # object-local axis +u points along (cos a, sin a) on screen
     v = (-sa * dx + ca * dy) / r
     sdf = SHAPES[look.shape](u, v) * r  # signed distance in pixels
-    if _OUTLINE > 0:
+    if outline > 0:
         # A thin dark outline keeps the silhouette visible whatever the colours.
-        rim = np.clip(0.5 - (sdf - _OUTLINE), 0.0, 1.0)[..., None]
+        rim = np.clip(0.5 - (sdf - outline), 0.0, 1.0)[..., None]
         img *= 1 - 0.85 * rim
     alpha = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]
     mix = _texture_mix(look, u, v, r)[..., None]
@@ -624,7 +644,8 @@ def render_video(name: str, index: int, *, seed: int = 0, frames: int = 24, heig
             weight = strength * _blob(yy, xx, x0 + vx * t + sx, y0 + vy * t + sy, sigma, height, width)[..., None]
             img += weight * (colour - img)
         for look, path in objects:
-            _draw_object(img, yy, xx, look, path.x[t] + sx, path.y[t] + sy, path.angle[t], path.scale[t])
+            _draw_object(img, yy, xx, look, path.x[t] + sx, path.y[t] + sy, path.angle[t], path.scale[t],
+                         outline=_OUTLINE * c.unit)
         img += noise_rng.normal(0.0, 0.015 * clutter, size=img.shape)
         video[t] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return video
@@ -732,10 +753,11 @@ def _readme_text(classes: list[str], *, class_set: str, frames: int, height: int
         f"set: {class_set}   classes: {len(classes)}   videos per class: {videos_per_class}",
         f"frames: {frames}   size: {width}x{height} (WxH)   fps: {fps}   codec: {codec}   seed: {seed}",
         "",
-        "appearance classes differ by what is seen (shape, texture, colour); their object",
-        "moves with the same random motion in every class.",
+        "Each video shows 2-3 objects of its class, each with its own colour, size and path.",
+        "appearance classes differ by what is seen (shape, texture, colour); their objects",
+        "move with the same random motion in every class.",
         "motion classes all show the same kind of object (bar, ellipse, wedge or half-disc,",
-        "solid or two-tone, random colour) and differ only in how it moves; paired classes",
+        "solid or two-tone, random colour) and differ only in how they move; paired classes",
         "are time reversals of each other, so no single frame tells them apart.",
         "Clutter: random background colour and texture, static and moving soft blobs,",
         "sensor noise and camera jitter. categories.csv maps class -> category.",

@@ -36,22 +36,13 @@ from torch.utils.data import get_worker_info
 from vtransfer.data.decode import DirectReader, probe_video, read_video
 from vtransfer.data.records import VideoRecord
 from vtransfer.errors import ConfigError, VideoDecodeError
+from vtransfer.hashing import file_sha256
 from vtransfer.models.base import Preprocessing
 
 CACHE_MODES = ("memory", "disk")
 # Bump when decoding changes in a way that changes the frames (grid rule, scaler).
 _DECODE_VERSION = "grid-v1|rgb24|bilinear|nhwc"
-_HASH_CHUNK = 1 << 20
 _COUNTER_SLOTS = 65
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class DecodedFrameCache:

@@ -32,6 +32,7 @@ import torch
 from vtransfer.atomic import atomic_write_bytes
 from vtransfer.errors import ConfigError, WeightsError
 from vtransfer.models.base import Preprocessing, VideoBackbone
+from vtransfer.weights.keymatch import key_problems
 
 FORMAT_NAME = "vtransfer-checkpoint"
 FORMAT_VERSION = 1
@@ -324,22 +325,10 @@ def describe_state_mismatch(
     expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], *, limit: int = _MAX_LISTED
 ) -> str | None:
     """A message naming missing/unexpected keys and shape mismatches, or ``None`` if they agree."""
-
-    def listing(items: list[str]) -> str:
-        more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-        return ", ".join(items[:limit]) + more
-
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     wrong = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}" for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)} tensor(s): {listing(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)} tensor(s): {listing(unexpected)}")
-    if wrong:
-        parts.append(f"{len(wrong)} shape mismatch(es): {listing(wrong)}")
-    return "; ".join(parts) if parts else None
+    return "; ".join(key_problems(missing, unexpected, wrong, limit)) or None
 
 
 def _read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:

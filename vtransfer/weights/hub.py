@@ -18,7 +18,6 @@ checked against it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import tempfile
@@ -28,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from vtransfer.errors import WeightsError
+from vtransfer.hashing import file_sha256
 
 CONNECT_TIMEOUT_S = 10.0
 """Seconds to wait for a server to answer (and between reads) before giving up."""
@@ -58,13 +58,7 @@ def is_offline() -> bool:
     return os.environ.get("VTRANSFER_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = file_sha256  # the name the rest of the weights package uses
 
 
 def trusted_hash_path(path: Path) -> Path:

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from vtransfer.errors import WeightsError
+from vtransfer.weights.keymatch import key_problems, listed
 
 #: How many offending keys an error message lists before summarising.
-MAX_LISTED = 10
 
 
 def read_i3d_port_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -48,7 +48,7 @@ def read_i3d_port_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise WeightsError(f"{path}: entries that are not tensors: {_listed(bad)}")
+        raise WeightsError(f"{path}: entries that are not tensors: {listed(bad)}")
     return dict(obj)
 
 
@@ -59,7 +59,7 @@ def load_i3d_port_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.M
     and missing ``num_batches_tracked`` counters are filled with zeros.
     Anything else that differs - missing keys, unexpected keys, shapes - is a
     :class:`WeightsError` naming the keys and shapes (the first
-    :data:`MAX_LISTED` of each kind, then a count). ``model`` is untouched
+    :data:`~vtransfer.weights.keymatch.MAX_LISTED` of each kind, then a count). ``model`` is untouched
     when an error is raised.
     """
     sd = dict(state_dict)
@@ -77,13 +77,7 @@ def load_i3d_port_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.M
         for k in target
         if k in sd and tuple(sd[k].shape) != tuple(target[k].shape)
     ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_listed(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_listed(mismatched)}")
+    problems = key_problems(missing, unexpected, mismatched)
     if problems:
         classes = getattr(model, "num_classes", "?")
         raise WeightsError(
@@ -93,7 +87,3 @@ def load_i3d_port_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.M
     model.load_state_dict(sd, strict=True)
 
 
-def _listed(items: list[str]) -> str:
-    shown = ", ".join(items[:MAX_LISTED])
-    more = len(items) - MAX_LISTED
-    return shown + (f", ... and {more} more" if more > 0 else "")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from vtransfer.errors import WeightsError
+from vtransfer.weights.keymatch import key_problems
 
 #: torchvision GoogLeNet BasicConv2d prefixes of the stem -> I3D Unit3D prefixes.
 STEM_MAP = {"conv1": "Conv3d_1a_7x7", "conv2": "Conv3d_2b_1x1", "conv3": "Conv3d_2c_3x3"}
@@ -122,13 +123,7 @@ def inflate_googlenet_into_i3d(googlenet_state_dict: Mapping[str, torch.Tensor],
             else:
                 new[k3] = src[k2]
     unexpected = [k for k in src if k not in used and not k.startswith(DROPPED_PREFIXES)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_listed(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_listed(mismatched)}")
+    problems = key_problems(missing, unexpected, mismatched)
     if problems:
         raise WeightsError("GoogLeNet state dict cannot be inflated into this I3D: " + "; ".join(problems))
     merged = dict(target)
@@ -136,6 +131,3 @@ def inflate_googlenet_into_i3d(googlenet_state_dict: Mapping[str, torch.Tensor],
     model.load_state_dict(merged, strict=True)
 
 
-def _listed(items: list[str], limit: int = 10) -> str:
-    more = len(items) - limit
-    return ", ".join(items[:limit]) + (f", ... and {more} more" if more > 0 else "")

@@ -31,6 +31,7 @@ import torch
 
 from vtransfer.errors import ConfigError, WeightsError
 from vtransfer.models.base import as_pair
+from vtransfer.weights.keymatch import key_problems
 
 # vit-pytorch's ViViT defaults for the optional constructor arguments.
 _VIT_PYTORCH_DEFAULTS = {
@@ -206,13 +207,7 @@ def load_vit_pytorch_vivit(state_dict: Mapping[str, torch.Tensor], model: torch.
         got = tuple(sd[src].shape)
         if got != want:
             mismatched.append(f"{src}: file {got} vs model {want}")
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_some(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_some(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} with the wrong shape: {_some(mismatched)}")
+    problems = key_problems(missing, unexpected, mismatched)
     if problems:
         raise WeightsError("vit-pytorch ViViT import: state dict does not match the model; " + "; ".join(problems))
     with torch.no_grad():
@@ -231,6 +226,3 @@ def _source_shape(src: str, param: torch.Tensor) -> tuple[int, ...]:
     return tuple(param.shape)
 
 
-def _some(items: list[str], n: int = 8) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
