@@ -156,10 +156,15 @@ def screen_dataset(index, max_bad_fraction: float, workers: int = 2, reporter: "
     from vtransfer.errors import DatasetError
 
     reporter = reporter or QuietReporter()
+    from vtransfer.data.sniff import VIDEO_EXTENSIONS
+
     skipped = [{"path": printable(s.path), "reason": s.reason} for s in index.skipped]
-    if skipped:
-        reporter.message(f"warning: {len(skipped)} file(s) in {printable(index.root)} are not used: "
-                         f"{describe_bad_videos(skipped, root=printable(index.root))}")
+    # Notes and CSVs beside the class folders (README, categories.csv) are expected: listed, not warned about.
+    notable = [s for s, raw in zip(skipped, index.skipped)
+               if not (raw.path.parent == index.root and raw.path.suffix.lower() not in VIDEO_EXTENSIONS)]
+    if notable:
+        reporter.message(f"warning: {len(notable)} file(s) in {printable(index.root)} are not used: "
+                         f"{describe_bad_videos(notable, root=printable(index.root))}")
     report = check_dataset(index, workers=max(1, workers))
     unreadable = summarize_decode_errors([(u.path, u.reason) for u in report.unreadable], epoch=0)
     if not unreadable:
