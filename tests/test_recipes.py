@@ -358,8 +358,9 @@ def test_demo_recipe_drives_pretrain(data, tmp_path):
     _invoke(["pretrain", data, "--recipe", RECIPES / "demo.toml", "--frames", "10", "--size", "32", *FAST, "--out", run])
     o = _options(run)
     assert (o["backbone"], o["preset"], o["stride"]) == ("i3d", "tiny", 1)
-    assert (o["lr"], o["batch_size"], o["patience"], o["seed"]) == (0.05, 8, 0, 0)
-    assert (o["epochs"], o["clips_per_video"], o["frames"], o["size"]) == (1, 1, 10, 32)  # --epochs beats [pretrain]'s 12
+    assert (o["lr"], o["optimizer"], o["batch_size"], o["patience"], o["seed"]) == (0.01, "adamw", 8, 0, 0)
+    assert o["crop_scale"] == [0.6, 0.9]
+    assert (o["epochs"], o["clips_per_video"], o["frames"], o["size"]) == (1, 1, 10, 32)  # --epochs beats [pretrain]'s 40
     from vtransfer.weights.sources import registered_sources
 
     assert registered_sources() == {}                                       # [pretrain] register = false

@@ -231,11 +231,11 @@ def test_render_policy_table_papers_form():
     console = Console(record=True, width=220)
     render_policy_table(rows, console, title="Policies on demo")
     text = console.export_text()
-    for header in ("Policy", "Seeds", "Trainable params", "Train time", "Val acc", "Test hit@1",
+    for header in ("Policy", "Seeds", "Trainable", "Train time", "Val acc", "Test hit@1",
                    "Test hit@5", "Mean class acc", "appearance", "motion"):
         assert header in text
     assert f"62.0 ± {100 * np.std([0.60, 0.64], ddof=1):.1f}%" in text
-    assert "1e+03" not in text and "1K (2%)" in text
+    assert "1e+03" not in text and "1K 2%" in text
     assert format_duration(11.5, 0.7071) in text
 
 

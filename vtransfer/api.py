@@ -50,6 +50,7 @@ class ClipOptions:
     cache: str = "auto"
     cache_dir: Path | None = None
     cached_views: int | None = None  # None: auto (see feature_cache.resolve_views); 0: off
+    crop_scale: tuple[float, float] | None = None  # training crop's share of the frame area (None: default)
 
 
 @dataclass
@@ -141,6 +142,7 @@ def make_clip_dataset(records, class_to_idx, preprocessing, mode, opts: ClipOpti
         fixed_views=views,
         seed=seed,
         reader=reader,
+        crop_scale=opts.crop_scale,
     )
 
 
@@ -250,6 +252,7 @@ def finetune(
     cache: str = "auto",
     cache_dir: str | Path | None = None,
     cached_views: int | None = None,
+    crop_scale: tuple[float, float] | None = None,
     max_bad_fraction: float = 0.2,
     deterministic: bool = False,
     overwrite: bool = False,
@@ -377,6 +380,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
         clips_per_video=int(o["clips_per_video"]), val_clips=int(o["val_clips"]),
         batch_size=int(o["batch_size"]), workers=o["workers"], cache=o["cache"],
         cache_dir=Path(o["cache_dir"]) if o["cache_dir"] else None, cached_views=o["cached_views"],
+        crop_scale=tuple(o["crop_scale"]) if o.get("crop_scale") else None,
     )
     from vtransfer.data.frame_cache import make_reader
 

@@ -20,14 +20,20 @@ DEMO_SETTINGS: dict[str, Any] = {
     "preset": "tiny",
     "frames": 16,
     "stride": 1,
-    "size": 56,
-    "videos_per_class": 16,
+    "size": 64,
+    "videos_per_class": 24,  # source; the target has few labelled videos, as transfer learning assumes
+    "target_videos_per_class": 16,
+    "target_ratios": [0.5, 0.2, 0.3],
     "demo_frames": 24,
     "demo_size": 64,
-    "pretrain_epochs": 12,
-    "epochs": 8,
+    "clutter": 0.4,
+    "pretrain_epochs": 40,
+    "epochs": 15,
     "batch_size": 8,
-    "lr": 0.05,
+    "optimizer": "adamw",
+    "lr": 0.01,
+    "weight_decay": 0.0001,
+    "crop_scale": [0.6, 0.9],
     "clips_per_video": 4,
     "val_clips": 2,
     "policies": ["scratch", "top-layer", "top-3", "temporal", "all"],
@@ -49,16 +55,18 @@ def run_demo(out: Path, *, overwrite: bool = False, settings: dict[str, Any] | N
     out.mkdir(parents=True, exist_ok=True)
     step = on_step or (lambda text: None)
 
-    for name in ("source", "target"):
+    for name, per_class in (("source", s["videos_per_class"]), ("target", s["target_videos_per_class"])):
         folder = out / "data" / name
         if not (folder / "categories.csv").exists():
             step(f"making the {name} dataset")
-            make_demo(folder, class_set=name, videos_per_class=s["videos_per_class"], frames=s["demo_frames"],
-                      size=s["demo_size"], seed=s["seed"] + (0 if name == "source" else 1), overwrite=True)
+            make_demo(folder, class_set=name, videos_per_class=per_class, frames=s["demo_frames"],
+                      size=s["demo_size"], clutter=s["clutter"], seed=s["seed"] + (0 if name == "source" else 1),
+                      overwrite=True)
 
     common = dict(backbone=s["backbone"], preset=s["preset"], frames=s["frames"], stride=s["stride"], size=s["size"],
-                  batch_size=s["batch_size"], lr=s["lr"], clips_per_video=s["clips_per_video"],
-                  val_clips=s["val_clips"], patience=0)
+                  batch_size=s["batch_size"], optimizer=s["optimizer"], lr=s["lr"], weight_decay=s["weight_decay"],
+                  crop_scale=tuple(s["crop_scale"]), clips_per_video=s["clips_per_video"], val_clips=s["val_clips"],
+                  patience=0)
     pretrained = out / "pretrain" / "model.safetensors"
     if not pretrained.exists():
         step("pretraining on the source dataset")
@@ -67,5 +75,5 @@ def run_demo(out: Path, *, overwrite: bool = False, settings: dict[str, Any] | N
                      reporter=reporter, **common)
     step("comparing policies on the target dataset")
     return api.compare_policies(out / "data" / "target", weights=str(pretrained), policies=s["policies"],
-                                seeds=[s["seed"]], epochs=s["epochs"], out=out / "compare",
+                                seeds=[s["seed"]], epochs=s["epochs"], out=out / "compare", ratios=tuple(s["target_ratios"]),
                                 categories=out / "data" / "target" / "categories.csv", reporter=reporter, **common)

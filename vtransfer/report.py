@@ -120,11 +120,13 @@ class Table:
 
 def _rich_table(table: Table) -> Any:
     """The :class:`Table` as a ``rich.table.Table``."""
+    from rich import box
     from rich.table import Table as RichTable
 
-    out = RichTable(title=table.title, title_justify="left", header_style="bold")
+    # A light box and an unwrapped first column keep wide tables legible in an 80-column terminal.
+    out = RichTable(title=table.title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     for j, header in enumerate(table.headers):
-        out.add_column(header, justify="right" if j in table.right else "left")
+        out.add_column(header, justify="right" if j in table.right else "left", no_wrap=(j == 0))
     for i, row in enumerate(table.rows):
         out.add_row(*(f"[bold green]{cell}[/]" if (i, j) in table.bold else cell for j, cell in enumerate(row)))
     return out
@@ -595,6 +597,12 @@ def _row_categories(rows: Sequence[PolicyRow]) -> list[str]:
     return list(dict.fromkeys(c for r in rows for c in r.per_category))
 
 
+def _share(fraction: float) -> str:
+    """A parameter share as a short percentage: ``100%``, ``38%``, ``0.4%``."""
+    pct = 100 * fraction
+    return f"{pct:.0f}%" if pct >= 1 else f"{pct:.1g}%"
+
+
 def policy_table(rows: Sequence[PolicyRow], title: str = "Freezing policies compared") -> Table:
     """The compare-policies table in the papers' form; the best value of each accuracy column is bold.
 
@@ -607,7 +615,7 @@ def policy_table(rows: Sequence[PolicyRow], title: str = "Freezing policies comp
     ks = {r.top_k for r in rows}
     k_label = str(ks.pop()) if len(ks) == 1 else "5"
     headers = ["Policy"] + (["Seeds"] if multi_seed else [])
-    headers += ["Trainable params", "Train time", "Val acc", "Test hit@1", f"Test hit@{k_label}", "Mean class acc"]
+    headers += ["Trainable", "Train time", "Val acc", "Test hit@1", f"Test hit@{k_label}", "Mean class acc"]
     headers += categories
     acc_fields = ["val_video_acc", "test_video_hit1", "test_video_hit5", "mean_class_acc"]
     first_acc = len(headers) - len(categories) - len(acc_fields)
@@ -618,7 +626,7 @@ def policy_table(rows: Sequence[PolicyRow], title: str = "Freezing policies comp
         share = r.trainable_params / r.total_params if r.total_params else float("nan")
         row = [r.policy] + ([",".join(str(s) for s in r.seeds)] if multi_seed else [])
         row += [
-            f"{format_count(r.trainable_params)} ({100 * share:.3g}%)" if not math.isnan(share)
+            f"{format_count(r.trainable_params)} {_share(share)}" if not math.isnan(share)
             else format_count(r.trainable_params),
             format_duration(r.train_time_s, r.std.get("train_time_s")),
         ]

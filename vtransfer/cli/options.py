@@ -56,6 +56,7 @@ Threads = Annotated[Optional[int], typer.Option("--threads", help="torch intra-o
 Cache = Annotated[str, typer.Option("--cache", help="Decoded-frame cache: auto (by dataset size vs free memory), memory, disk or none.", rich_help_panel=_S)]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Folder of the disk frame cache (default: inside the run folder).", rich_help_panel=_S)]
 CachedViews = Annotated[Optional[int], typer.Option("--cached-views", help="Fixed augmented views per training video whose frozen-prefix features are computed once (default: auto = min(epochs, 5) when a frozen prefix exists; 0 = off).", rich_help_panel=_S)]
+CropScale = Annotated[Optional[str], typer.Option("--crop-scale", help="Training crop's share of the frame area as MIN,MAX (random resized crop; default 0.35,1.0). The papers cropped without zoom: about 0.7,0.8.", rich_help_panel=_D)]
 MaxBad = Annotated[float, typer.Option("--max-bad-fraction", help="Stop the run when more than this fraction of an epoch's clips fail to decode.", rich_help_panel=_T)]
 Deterministic = Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-reproducible CPU runs).", rich_help_panel=_T)]
 
@@ -75,6 +76,22 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
     if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
         raise ConfigError(f"--ratios {text!r}: expected three non-negative fractions summing to 1")
     return parts  # type: ignore[return-value]
+
+
+def parse_pair(text: str | list | None, option: str) -> tuple[float, float] | None:
+    """``"0.5,1.0"`` (or a two-number list from a recipe) -> (0.5, 1.0); ``None`` stays ``None``."""
+    from vtransfer.errors import ConfigError
+
+    if text is None:
+        return None
+    items = text if isinstance(text, list) else str(text).split(",")
+    try:
+        lo, hi = (float(x) for x in items)
+    except ValueError as e:
+        raise ConfigError(f"{option} {text!r}: expected two numbers like 0.5,1.0") from e
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"{option} {text!r}: expected 0 < MIN <= MAX <= 1")
+    return lo, hi
 
 
 def split_list(text: str | list | None) -> list[str] | None:

@@ -23,6 +23,8 @@ _DATA_KEYS = ("manifest", "split_files", "split_seed", "group_pattern", "categor
 
 def _training_kwargs(p: dict[str, Any], keys=_TRAINING_KEYS) -> dict[str, Any]:
     kw = {k: p[k] for k in keys if k in p}
+    if "crop_scale" in p:
+        kw["crop_scale"] = O.parse_pair(p["crop_scale"], "--crop-scale")
     if "ratios" in p:
         kw["ratios"] = O.parse_ratios(p["ratios"])
     return kw
@@ -99,6 +101,7 @@ def finetune(
     cache: O.Cache = "auto",
     cache_dir: O.CacheDir = None,
     cached_views: O.CachedViews = None,
+    crop_scale: O.CropScale = None,
     max_bad_fraction: O.MaxBad = 0.2,
     deterministic: O.Deterministic = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a stopped run in this folder with its saved options.")] = None,
@@ -167,6 +170,7 @@ def pretrain(
     cache: O.Cache = "auto",
     cache_dir: O.CacheDir = None,
     cached_views: O.CachedViews = None,
+    crop_scale: O.CropScale = None,
     max_bad_fraction: O.MaxBad = 0.2,
     deterministic: O.Deterministic = False,
     register: Annotated[bool, typer.Option("--register/--no-register", help="Register the result as a named weight source.")] = True,
@@ -222,6 +226,7 @@ def compare_policies(
     cache: O.Cache = "auto",
     cache_dir: O.CacheDir = None,
     cached_views: O.CachedViews = None,
+    crop_scale: O.CropScale = None,
     max_bad_fraction: O.MaxBad = 0.2,
     deterministic: O.Deterministic = False,
     overwrite: O.Overwrite = False,

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from vtransfer.data.decode import ClipReader, DirectReader
 from vtransfer.data.records import VideoRecord
 from vtransfer.data.sampling import random_clip_start, uniform_clip_starts
-from vtransfer.data.transforms import eval_clip_transform, train_clip_transform
+from vtransfer.data.transforms import DEFAULT_CROP_SCALE, eval_clip_transform, train_clip_transform
 from vtransfer.errors import ConfigError, VideoDecodeError
 from vtransfer.models.base import Preprocessing
 
@@ -55,6 +55,7 @@ class ClipDataset(Dataset):
         fixed_views: train mode only: ``K`` fixed augmented views per video.
         seed: base seed of all randomness.
         reader: where frames come from (default: decode each clip with PyAV).
+        crop_scale: train mode: range of the crop's share of the frame area (random resized crop).
 
     Items are ``dict(clip, label, video, view)``, or ``dict(error, path,
     video)`` for a video that cannot be decoded. Clips have channels-last
@@ -73,6 +74,7 @@ class ClipDataset(Dataset):
         fixed_views: int | None = None,
         seed: int = 0,
         reader: ClipReader | None = None,
+        crop_scale: tuple[float, float] | None = None,
     ):
         if mode not in MODES:
             raise ConfigError(f"dataset mode must be one of {MODES}, got {mode!r}")
@@ -94,7 +96,7 @@ class ClipDataset(Dataset):
         self.seed = seed
         self.reader: ClipReader = reader if reader is not None else DirectReader()
         if mode == "train":
-            self.transform = train_clip_transform(preprocessing.crop_size)
+            self.transform = train_clip_transform(preprocessing.crop_size, tuple(crop_scale or DEFAULT_CROP_SCALE))
         else:
             self.transform = eval_clip_transform(preprocessing.crop_size)
         # Shared memory, so set_epoch in the main process reaches persistent workers too.

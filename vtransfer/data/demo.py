@@ -40,9 +40,9 @@ seeded by ``(seed, crc32(class), index)``, so a video depends only on those thre
 values and the size options, never on which other classes are generated. The
 encoder runs single-threaded; with libx264 the same seed gives byte-identical files.
 
-Class sets: ``target`` (3 appearance + 3 motion) and ``source`` (4 appearance +
-6 motion) share no class, so pretraining on ``source`` and fine-tuning on
-``target`` is a genuine transfer experiment; ``all`` is the whole catalogue (22).
+Class sets: ``target`` (3 appearance + 3 motion) and ``source`` (6 appearance +
+4 motion) share no class, so pretraining on ``source`` and fine-tuning on
+``target`` is a genuine transfer experiment; ``all`` is the whole catalogue (23).
 Both sets are closed under horizontal flip, so flip augmentation keeps labels.
 """
 
@@ -426,6 +426,8 @@ def _shrink(rng: np.random.Generator, c: Canvas) -> Trajectory:
 
 
 def _time_reversed(motion: MotionFn) -> MotionFn:
+    """The motion generator whose every path is ``motion``'s path played backwards."""
+
     def make(rng: np.random.Generator, c: Canvas) -> Trajectory:
         return motion(rng, c).reversed()
 
@@ -442,6 +444,17 @@ def _bounce(rng: np.random.Generator, c: Canvas) -> Trajectory:
     base = _linear(rng, c, 0.0, 0.0)
     s = amplitude * np.sin(omega * t + phase)
     return Trajectory(base.x + s * math.cos(axis), base.y + s * math.sin(axis), base.angle, base.scale)
+
+
+def _orbit(rng: np.random.Generator, c: Canvas) -> Trajectory:
+    """Circles a random centre: radius 6-10 px, period 10-16 frames, clockwise or not at random (flip-safe)."""
+    t = np.arange(c.frames, dtype=np.float64)
+    radius = rng.uniform(6.0, 10.0) * c.unit
+    omega = 2 * math.pi / rng.uniform(10.0, 16.0) * (1.0 if rng.uniform() < 0.5 else -1.0)
+    phase = rng.uniform(0, 2 * math.pi)
+    base = _linear(rng, c, 0.0, 0.0)
+    return Trajectory(base.x + radius * np.cos(omega * t + phase), base.y + radius * np.sin(omega * t + phase),
+                      base.angle, base.scale)
 
 
 # ---------------------------------------------------------------------------
@@ -487,6 +500,8 @@ CATALOGUE: dict[str, DemoClass] = {
                   _shrink),
         DemoClass("bounce", MOTION, "oscillates back and forth along a random axis (periodic)", _motion_object,
                   _bounce),
+        DemoClass("orbit", MOTION, "circles around a point (either way round), 10-16 frames per turn",
+                  _motion_object, _orbit),
         DemoClass("fast", MOTION, "one-way in a random direction, fast (3.2-4.2 px/frame)", _motion_object,
                   _random_direction(3.2, 4.2)),
         DemoClass("slow", MOTION, "one-way in a random direction, slow (0.6-1.0 px/frame)", _motion_object,
@@ -495,14 +510,15 @@ CATALOGUE: dict[str, DemoClass] = {
 }
 """Every demo class by name, in a fixed order (appearance first, then motion)."""
 
-TARGET_CLASSES: tuple[str, ...] = ("triangle", "ring", "cross", "move_up", "move_down", "bounce")
-"""The transfer target: 3 shape classes (random colours) + 3 motion classes that look alike frame by frame."""
+TARGET_CLASSES: tuple[str, ...] = ("striped", "red_star", "ring", "move_up", "move_down", "bounce")
+"""The transfer target: 3 appearance classes (one each by texture, colour and shape) + 3 motion
+classes that look alike frame by frame."""
 
 SOURCE_CLASSES: tuple[str, ...] = (
-    "disc", "square", "striped", "checker",
-    "diagonal_up", "diagonal_down", "grow", "shrink", "fast", "slow",
+    "disc", "square", "triangle", "cross", "checker", "blue_star",
+    "diagonal_up", "diagonal_down", "orbit", "fast",
 )
-"""The pretraining source: 4 appearance + 6 motion classes, none shared with the target.
+"""The pretraining source: 6 appearance + 4 motion classes, none shared with the target.
 
 Both sets are closed under horizontal flip (flipping a video never turns it into
 another class), so the usual random-flip augmentation is safe on them; the

@@ -115,7 +115,10 @@ class EvalClipTransform:
         return f"EvalClipTransform(crop_size={self.crop_size})"
 
 
-def train_clip_transform(crop_size: tuple[int, int], scale: tuple[float, float] = (0.35, 1.0)) -> TrainClipTransform:
+DEFAULT_CROP_SCALE = (0.35, 1.0)
+
+
+def train_clip_transform(crop_size: tuple[int, int], scale: tuple[float, float] = DEFAULT_CROP_SCALE) -> TrainClipTransform:
     """Training augmentation: random resized crop (area fraction ``scale``) + horizontal flip.
 
     The returned callable takes ``(clip, generator=None)``.
