@@ -33,6 +33,7 @@ from _common import base_parser, load_line, rss_line, setup_threads
 from vtransfer import api
 from vtransfer.batches import epoch_indices, make_loader
 from vtransfer.data.demo import make_demo
+from vtransfer.demo_run import DEMO_SETTINGS
 from vtransfer.data.transforms import normalize_clips
 from vtransfer.feature_cache import clear_stores
 from vtransfer.inference import predict_clip_probs
@@ -62,13 +63,14 @@ def reference_run(policy: str, data: Path, manifest: Path, weights: Path, s: dic
     model.preprocessing = base.preprocessing
     plan = resolve_policy(model, policy)
     apply_policy(model, plan)  # requires_grad=False on frozen parameters; nothing else
-    config = TrainConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], seed=s["seed"]).resolved(ckpt.backbone)
+    config = TrainConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], optimizer=s["optimizer"],
+                         weight_decay=s["weight_decay"], seed=s["seed"]).resolved(ckpt.backbone)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config)
     train = index.split("train")
     labels = [index.class_to_idx[r.label] for r in train]
     steps = math.ceil(len(train) / s["batch_size"])
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps * s["epochs"], steps))
-    train_ds = ClipDataset(train, index.class_to_idx, model.preprocessing, "train", seed=s["seed"])
+    train_ds = ClipDataset(train, index.class_to_idx, model.preprocessing, "train", seed=s["seed"], crop_scale=s["crop_scale"])
     val_ds = ClipDataset(index.split("val"), index.class_to_idx, model.preprocessing, "eval", clips_per_video=s["val_clips"])
     for epoch in range(1, s["epochs"] + 1):
         model.train()
@@ -99,27 +101,33 @@ def main() -> None:
     args = parser.parse_args()
     threads = setup_threads(args.threads)
     print(load_line())
-    s = dict(epochs=args.epochs or (2 if args.quick else 6), batch_size=8, lr=0.05, seed=0, workers=0 if args.quick else 2,
+    demo = DEMO_SETTINGS  # the demo's hyperparameters, on both sides
+    s = dict(epochs=args.epochs or (2 if args.quick else 10), batch_size=8, lr=demo["lr"], optimizer=demo["optimizer"],
+             weight_decay=demo["weight_decay"], crop_scale=tuple(demo["crop_scale"]), seed=0, workers=0 if args.quick else 2,
              val_clips=1 if args.quick else 2, clips_per_video=1 if args.quick else 4,
-             frames=10 if args.quick else 16, size=32 if args.quick else 56)
-    vpc, src_vpc = (3, 2) if args.quick else (16, 12)
+             frames=10 if args.quick else 16, size=32 if args.quick else 64)
+    vpc, src_vpc = (3, 2) if args.quick else (demo["target_videos_per_class"], demo["videos_per_class"])
     policies = list(POLICY_NAMES)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_demo(tmp / "source", class_set="source", videos_per_class=src_vpc, frames=16 if args.quick else 24,
-                  size=32 if args.quick else 64, seed=0)
+                  size=32 if args.quick else 64, clutter=demo["clutter"], seed=0)
         vframes = args.video_frames or (16 if args.quick else 150)
         vsize = tuple(int(v) for v in (args.video_size or ("32x32" if args.quick else "120x160")).split("x"))
-        make_demo(tmp / "target", class_set="target", videos_per_class=vpc, frames=vframes, size=vsize, seed=1)
+        make_demo(tmp / "target", class_set="target", videos_per_class=vpc, frames=vframes, size=vsize,
+                  clutter=demo["clutter"], seed=1)
         geometry = dict(backbone=args.backbone, preset="tiny", frames=s["frames"], size=s["size"], batch_size=8,
-                        lr=s["lr"], patience=0, val_clips=s["val_clips"], clips_per_video=s["clips_per_video"], threads=threads)
-        pre = api.pretrain(tmp / "source", register=False, epochs=1 if args.quick else 8, out=tmp / "pre", **geometry)
+                        lr=s["lr"], optimizer=s["optimizer"], weight_decay=s["weight_decay"], crop_scale=s["crop_scale"],
+                        patience=0, val_clips=s["val_clips"], clips_per_video=s["clips_per_video"], threads=threads)
+        pre = api.pretrain(tmp / "source", register=False, epochs=1 if args.quick else demo["pretrain_epochs"],
+                           out=tmp / "pre", **geometry)
         print(f"setup: {args.backbone} tiny, {s['frames']}x{s['size']}x{s['size']} clips, {s['epochs']} epochs, "
               f"{vpc} videos/class on the target ({vframes} frames at {vsize[0]}x{vsize[1]}, H.264), {threads} threads")
 
         clear_stores()
         t0 = time.perf_counter()
         res = api.compare_policies(tmp / "target", weights=str(pre.model_path), policies=policies, epochs=s["epochs"],
+                                   ratios=tuple(demo["target_ratios"]),
                                    out=tmp / "cmp", categories=tmp / "target" / "categories.csv", **geometry)
         t_vt = time.perf_counter() - t0
         manifest = tmp / "cmp" / "split.csv"
