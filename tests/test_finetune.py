@@ -125,3 +125,16 @@ def test_config_records_resolved_options(demo_data, tmp_path):
     assert cfg["resolved"]["train"]["optimizer"] == "sgd"
     assert cfg["resolved"]["trainable_params"] == res.trainable_params < res.total_params
     assert np.isclose(sum(cfg["resolved"]["split_sizes"].values()), 36)
+
+
+def test_tensorboard_logging_or_a_clear_error(demo_data, tmp_path):
+    from vtransfer.errors import ConfigError
+
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            api.finetune(demo_data, policy="top-layer", out=tmp_path / "run", tensorboard=True, **_kw("slowfusion"))
+        return
+    res = api.finetune(demo_data, policy="top-layer", out=tmp_path / "run", tensorboard=True, **_kw("slowfusion"))
+    assert list((res.run_dir / "tensorboard").glob("events.out.tfevents.*"))

@@ -253,6 +253,7 @@ def finetune(
     cache_dir: str | Path | None = None,
     cached_views: int | None = None,
     crop_scale: tuple[float, float] | None = None,
+    tensorboard: bool = False,
     max_bad_fraction: float = 0.2,
     deterministic: bool = False,
     overwrite: bool = False,
@@ -315,6 +316,11 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     ctx = distributed.current()
     main = ctx.is_main  # only rank 0 writes files and reports
     reporter = o.get("reporter") if main else None
+    if main and o.get("tensorboard"):
+        from vtransfer.progress import TensorBoardReporter
+        from vtransfer.train import QuietReporter
+
+        reporter = TensorBoardReporter(reporter or QuietReporter(), run_dir / "tensorboard")
     device = resolve_device(o["device"])
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)

@@ -69,3 +69,47 @@ class RichReporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class TensorBoardReporter:
+    """Forwards to another reporter and logs each epoch's numbers to TensorBoard (``--tensorboard``).
+
+    Needs the ``tensorboard`` package (``pip install tensorboard``); without it
+    the constructor raises a :class:`~vtransfer.errors.ConfigError` saying so.
+    """
+
+    def __init__(self, inner, log_dir) -> None:
+        from vtransfer.errors import ConfigError
+
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+        self.inner = inner
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+        """Forward."""
+        self.inner.epoch_start(epoch, epochs, batches)
+
+    def batch_end(self, loss: float, acc: float) -> None:
+        """Forward."""
+        self.inner.batch_end(loss, acc)
+
+    def epoch_end(self, record: EpochRecord, improved: bool) -> None:
+        """Log loss, accuracies, learning rate and epoch time, then forward."""
+        for key in ("train_loss", "train_acc", "val_video_acc", "val_clip_acc", "lr", "time_s"):
+            self.writer.add_scalar(key, getattr(record, key), record.epoch)
+        self.writer.flush()
+        self.inner.epoch_end(record, improved)
+
+    def message(self, text: str) -> None:
+        """Forward."""
+        self.inner.message(text)
+
+    def close(self) -> None:
+        """Flush the event file and close the inner reporter's display."""
+        self.writer.close()
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()

@@ -57,6 +57,7 @@ Cache = Annotated[str, typer.Option("--cache", help="Decoded-frame cache: auto (
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Folder of the disk frame cache (default: inside the run folder).", rich_help_panel=_S)]
 CachedViews = Annotated[Optional[int], typer.Option("--cached-views", help="Fixed augmented views per training video whose frozen-prefix features are computed once (default: auto = min(epochs, 5) when a frozen prefix exists; 0 = off).", rich_help_panel=_S)]
 CropScale = Annotated[Optional[str], typer.Option("--crop-scale", help="Training crop's share of the frame area as MIN,MAX (random resized crop; default 0.35,1.0). The papers cropped without zoom: about 0.7,0.8.", rich_help_panel=_D)]
+TensorBoard = Annotated[bool, typer.Option("--tensorboard", help="Also log each epoch to RUN/tensorboard (needs the tensorboard package).", rich_help_panel=_O)]
 MaxBad = Annotated[float, typer.Option("--max-bad-fraction", help="Stop the run when more than this fraction of an epoch's clips fail to decode.", rich_help_panel=_T)]
 Deterministic = Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-reproducible CPU runs).", rich_help_panel=_T)]
 

@@ -16,7 +16,7 @@ _TRAINING_KEYS = (
     "backbone", "preset", "weights", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs",
     "patience", "dropout", "frames", "stride", "size", "clips_per_video", "val_clips", "precision", "device",
     "categories", "balance", "manifest", "split_files", "split_seed", "group_pattern", "workers", "threads",
-    "cache", "cache_dir", "cached_views", "max_bad_fraction", "deterministic",
+    "cache", "cache_dir", "cached_views", "max_bad_fraction", "deterministic", "tensorboard",
 )
 _DATA_KEYS = ("manifest", "split_files", "split_seed", "group_pattern", "categories")
 
@@ -102,6 +102,7 @@ def finetune(
     cache_dir: O.CacheDir = None,
     cached_views: O.CachedViews = None,
     crop_scale: O.CropScale = None,
+    tensorboard: O.TensorBoard = False,
     max_bad_fraction: O.MaxBad = 0.2,
     deterministic: O.Deterministic = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a stopped run in this folder with its saved options.")] = None,
@@ -171,6 +172,7 @@ def pretrain(
     cache_dir: O.CacheDir = None,
     cached_views: O.CachedViews = None,
     crop_scale: O.CropScale = None,
+    tensorboard: O.TensorBoard = False,
     max_bad_fraction: O.MaxBad = 0.2,
     deterministic: O.Deterministic = False,
     register: Annotated[bool, typer.Option("--register/--no-register", help="Register the result as a named weight source.")] = True,
@@ -227,6 +229,7 @@ def compare_policies(
     cache_dir: O.CacheDir = None,
     cached_views: O.CachedViews = None,
     crop_scale: O.CropScale = None,
+    tensorboard: O.TensorBoard = False,
     max_bad_fraction: O.MaxBad = 0.2,
     deterministic: O.Deterministic = False,
     overwrite: O.Overwrite = False,
