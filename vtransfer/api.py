@@ -192,6 +192,36 @@ def evaluate_records(
     return result, preds
 
 
+# In-memory frame caches of this process, shared by the runs of compare-policies (and the demo).
+_READERS: dict[tuple, Any] = {}
+
+
+def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preprocessing):
+    """The decoded-frame reader for ``--cache``; an in-memory one is reused by later runs on the same videos.
+
+    Memory caches are keyed by the decode settings and each file's path, size and
+    modification time, so a changed file is decoded again.
+    """
+    from vtransfer.data.frame_cache import make_reader
+
+    stamp = []
+    for r in records:
+        try:
+            st = Path(r.path).stat()
+            stamp.append((str(r.path), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamp.append((str(r.path), -1, -1))
+    key = (preprocessing.resize_short, tuple(sorted(stamp)))
+    if cache in ("auto", "memory") and key in _READERS:
+        return _READERS[key]
+    reader = make_reader(cache, cache_dir, records, preprocessing)
+    cached = getattr(reader, "cache", None)
+    if cached is not None and cached.mode == "memory":
+        _READERS.clear()  # keep one dataset's frames at a time
+        _READERS[key] = reader
+    return reader
+
+
 def _gather_predictions(preds, mine: list[int]):
     """Join every process's clip predictions, mapping local video numbers back to the full list."""
     import numpy as np
@@ -388,9 +418,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
         cache_dir=Path(o["cache_dir"]) if o["cache_dir"] else None, cached_views=o["cached_views"],
         crop_scale=tuple(o["crop_scale"]) if o.get("crop_scale") else None,
     )
-    from vtransfer.data.frame_cache import make_reader
-
-    reader = make_reader(copts.cache, copts.cache_dir or (run_dir / "frame_cache"), index.records, model.preprocessing)
+    reader = shared_reader(copts.cache, copts.cache_dir or (run_dir / "frame_cache"), index.records, model.preprocessing)
     workers = copts.workers if copts.workers is not None else default_workers(device, reader)
     copts.workers = workers
 

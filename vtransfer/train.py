@@ -165,7 +165,7 @@ def screen_dataset(index, max_bad_fraction: float, workers: int = 2, reporter: "
     if notable:
         reporter.message(f"warning: {len(notable)} file(s) in {printable(index.root)} are not used: "
                          f"{describe_bad_videos(notable, root=printable(index.root))}")
-    report = check_dataset(index, workers=max(1, workers))
+    report = _checked(index, workers, check_dataset)
     unreadable = summarize_decode_errors([(u.path, u.reason) for u in report.unreadable], epoch=0)
     if not unreadable:
         return index, skipped, unreadable
@@ -182,6 +182,28 @@ def screen_dataset(index, max_bad_fraction: float, workers: int = 2, reporter: "
     for warning in report.warnings:
         reporter.message(f"warning: {warning}")
     return drop_unreadable(index, report), skipped, unreadable
+
+
+# check results of this process, so the runs of one compare-policies screen the videos once
+_CHECKS: dict[tuple, Any] = {}
+
+
+def _checked(index, workers: int, check_dataset):
+    """``check_dataset(index)``, reused while no file (path, size, mtime) or split has changed."""
+    import os
+
+    stamp = []
+    for r in index.records:
+        try:
+            st = os.stat(r.path)
+            stamp.append((str(r.path), r.split, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamp.append((str(r.path), r.split, -1, -1))
+    key = tuple(stamp)
+    if key not in _CHECKS:
+        _CHECKS.clear()
+        _CHECKS[key] = check_dataset(index, workers=max(1, workers))
+    return _CHECKS[key]
 
 
 class QuietReporter:
