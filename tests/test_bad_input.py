@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import videos
 
 av = pytest.importorskip("av")
 
@@ -52,37 +53,11 @@ def print_outcomes():
 
 
 # -- building the files ------------------------------------------------------------------
-def frame_image(i: int, width: int, height: int) -> np.ndarray:
-    """A frame whose brightness and a moving bar depend on ``i``."""
-    img = np.full((height, width, 3), (9 * i) % 200 + 20, np.uint8)
-    img[:, (3 * i) % width] = 255
-    return img
-
-
-def write_video(path: Path | bytes, frames: int, width: int = 48, height: int = 48, *, fps: int = 12,
-                codec: str = "libx264", pix_fmt: str = "yuv420p", pts: list[int] | None = None,
-                time_base: Fraction | None = None, container: str | None = None, options: dict | None = None) -> None:
-    """Encode ``frames`` frames with PyAV (explicit ``pts`` make a variable frame rate)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with av.open(os.fsdecode(path), "w", format=container, options=options or {}) as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        if codec == "libx264":
-            stream.options = {"preset": "ultrafast", "threads": "1"}
-        if time_base is not None:
-            stream.codec_context.time_base = time_base
-        for i in range(frames):
-            img = frame_image(i, width, height)
-            if pix_fmt == "gray":
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[..., 0]), format="gray")
-            else:
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            if pts is not None:
-                frame.pts, frame.time_base = pts[i], time_base
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+def write_video(path: Path | bytes, frames: int, width: int = 48, height: int = 48, *, pts: list[int] | None = None,
+                time_base: Fraction | None = None, pix_fmt: str = "yuv420p", options: dict | None = None) -> None:
+    """A small lossy H.264 video at 12 fps (see tests/videos.py)."""
+    videos.write_video(path, frames, width, height, fps=12, pix_fmt=pix_fmt, pts=pts, time_base=time_base,
+                       lossless=False, container_options=options)
 
 
 def write_audio_only(path: Path) -> None:

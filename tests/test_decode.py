@@ -8,6 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from videos import write_video
 import torch
 
 from vtransfer.data.decode import DirectReader, probe_video, read_clip, read_video, verify_readable
@@ -24,49 +25,6 @@ def kth_files() -> list[Path]:
     if not files:
         pytest.skip(f"shared test data not found at {KTH}")
     return files
-
-
-def frame_image(i: int, width: int, height: int) -> np.ndarray:
-    """A flat grey frame whose level encodes ``i`` (8 * i), plus a bright moving bar."""
-    img = np.full((height, width, 3), (8 * i) % 256, dtype=np.uint8)
-    img[: height // 4, (3 * i) % width] = 255
-    return img
-
-
-def write_video(
-    path: Path,
-    num_frames: int,
-    width: int = 64,
-    height: int = 48,
-    codec: str = "libx264",
-    pix_fmt: str = "yuv420p",
-    fps: int = 25,
-    pts: list[int] | None = None,
-    time_base: Fraction | None = None,
-    lossless: bool = True,
-    container_options: dict | None = None,
-) -> Path:
-    """Encode ``num_frames`` frames of :func:`frame_image` with PyAV (optionally with explicit pts)."""
-    with av.open(str(path), "w", options=container_options or {}) as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        if codec == "libx264" and lossless:
-            stream.options = {"qp": "0", "preset": "ultrafast"}
-        if time_base is not None:
-            stream.codec_context.time_base = time_base
-        for i in range(num_frames):
-            img = frame_image(i, width, height)
-            if pix_fmt == "gray":
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[..., 0]), format="gray")
-            else:
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            if pts is not None:
-                frame.pts, frame.time_base = pts[i], time_base
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
 
 
 def level_index(frame: torch.Tensor) -> int:
