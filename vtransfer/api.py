@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -315,12 +316,38 @@ def finetune(
             runs.prepare_run_dir(run_dir, overwrite=overwrite)
         distributed.barrier()
     options.update(reporter=reporter, stop_after_epochs=stop_after_epochs, out=str(run_dir))
+    with _sigint_watch() as interrupted:
+        try:
+            return _finetune_run(run_dir, options, resume=resume is not None)
+        except (KeyboardInterrupt, RuntimeError) as e:
+            # Ctrl-C anywhere (cache filling, an epoch, the final test) leaves the saved epochs resumable.
+            # Ctrl-C also reaches DataLoader workers; one that dies of it surfaces here as a RuntimeError.
+            if isinstance(e, RuntimeError) and not interrupted.is_set():
+                raise
+            done = len(runs.read_metrics(run_dir))
+            raise runs.RunInterrupted(run_dir, done, int(options["epochs"])) from None
+
+
+@contextlib.contextmanager
+def _sigint_watch():
+    """Yield an event set when SIGINT arrives (which still raises KeyboardInterrupt as usual)."""
+    import signal
+    import threading
+
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        return _finetune_run(run_dir, options, resume=resume is not None)
-    except KeyboardInterrupt:
-        # Ctrl-C outside the epoch loop (cache filling, final test): the saved epochs stay resumable.
-        done = len(runs.read_metrics(run_dir))
-        raise runs.RunInterrupted(run_dir, done, int(options["epochs"])) from None
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _jsonable(options: dict) -> dict:

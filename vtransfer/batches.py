@@ -7,6 +7,8 @@ cached, so a cached run and a live run see exactly the same clips.
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any, Iterator
 
 import torch
@@ -54,6 +56,35 @@ def epoch_indices(
     return [v * views + chosen[i] for i, v in enumerate(videos)]
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Workers leave Ctrl-C to the main process, which stops cleanly and shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class ClipLoader(DataLoader):
+    """A DataLoader whose worker processes never die of Ctrl-C.
+
+    A terminal sends SIGINT to the whole process group. While the workers are
+    being forked, SIGINT is only recorded (workers inherit that and then ignore
+    it); once they exist, a recorded Ctrl-C is raised in the main process,
+    which shuts the workers down and stops cleanly.
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        caught: list[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+        try:
+            iterator = super().__iter__()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if caught:
+            del iterator  # shuts the workers down
+            raise KeyboardInterrupt
+        return iterator
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -67,13 +98,14 @@ def make_loader(
     RNG, so dropout masks do not depend on how batches were produced.
     """
     order = indices if indices is not None else list(range(len(dataset)))
-    return DataLoader(
+    return ClipLoader(
         dataset,
         batch_size=batch_size,
         sampler=order,
         num_workers=workers,
         collate_fn=collate_clips,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_sigint if workers > 0 else None,
         persistent_workers=False,
         prefetch_factor=2 if workers > 0 else None,
     )
