@@ -183,6 +183,19 @@ def build_training_step(
     return step, model, x
 
 
+def inference_pass(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A closure running one fp32 evaluation forward (eval mode, ``inference_mode``) of ``model`` on ``x``."""
+
+    def run() -> None:
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+        model.train(was_training)
+
+    return run
+
+
 def step_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     """Model FLOPs of one forward+backward in fp32.
 
@@ -209,9 +222,11 @@ def bench_backbone(
     flops = step_flops(model, x)
     variants: dict[str, Callable[[], None]] = {"fp32": lambda: step(False), "bf16": lambda: step(True)}
     if name in CNNS:
-        step_cl, _, _ = build_training_step(name, size, channels_last=True)
+        step_cl, model_cl, x_cl = build_training_step(name, size, channels_last=True)
         variants["fp32_cl"] = lambda: step_cl(False)
         variants["bf16_cl"] = lambda: step_cl(True)
+        variants["eval"] = inference_pass(model, x)
+        variants["eval_cl"] = inference_pass(model_cl, x_cl)
     return StepResult(name, size_name, flops, time_interleaved(variants, warmup=warmup, repeat=repeat, clock=clock))
 
 
@@ -315,6 +330,10 @@ def print_step_result(r: StepResult, peak: dict[str, float]) -> None:
             f"(contiguous/channels_last {t['fp32'] / t['fp32_cl']:.2f}x), bf16 {_ms(t['bf16_cl'])} "
             f"(contiguous/channels_last {t['bf16'] / t['bf16_cl']:.2f}x; "
             f"fp32/bf16 ratio {t['fp32_cl'] / t['bf16_cl']:.2f}x)"
+        )
+        print(
+            f"{r.backbone} {r.size} inference fp32: contiguous {_ms(t['eval'])}, channels_last_3d {_ms(t['eval_cl'])} "
+            f"(contiguous/channels_last {t['eval'] / t['eval_cl']:.2f}x)"
         )
 
 

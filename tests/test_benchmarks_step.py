@@ -58,6 +58,14 @@ def test_prints_channels_last_ratio_for_cnns(quick_output: str, backbone: str) -
     assert re.search(pattern, quick_output, re.MULTILINE), quick_output
 
 
+@pytest.mark.parametrize("backbone", ["slowfusion", "i3d"])
+def test_prints_channels_last_inference_ratio_for_cnns(quick_output: str, backbone: str) -> None:
+    pattern = (rf"^{backbone} tiny inference fp32: contiguous {NUM} m?s, channels_last_3d {NUM} m?s "
+               rf"\(contiguous/channels_last ({NUM})x\)")
+    m = re.search(pattern, quick_output, re.MULTILINE)
+    assert m and float(m.group(1)) > 0, quick_output
+
+
 def test_vivit_has_no_channels_last_line(quick_output: str) -> None:
     assert "vivit tiny channels_last_3d" not in quick_output
 

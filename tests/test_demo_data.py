@@ -305,3 +305,23 @@ def test_cli_writes_dataset_and_prints_table(tmp_path):
 
     listing = runner.invoke(app, ["make-demo", "--list-classes", "--json"])
     assert listing.exit_code == 0 and json.loads(listing.output) == {c: s.category for c, s in CATALOGUE.items()}
+
+
+def _keyframes(path: Path) -> list[int]:
+    """Indices of the keyframe packets of a file's video stream."""
+    with av.open(str(path)) as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+    return [i for i, p in enumerate(packets) if p.is_keyframe]
+
+
+def test_keyframe_interval_default_is_one_second_and_can_be_set(tmp_path):
+    one_second = make_demo(tmp_path / "a", classes=["ring", "bounce"], videos_per_class=1, frames=20, size=32, fps=10)
+    assert _keyframes(one_second.files[0]) == [0, 10]
+    every_five = make_demo(tmp_path / "b", classes=["ring", "bounce"], videos_per_class=1, frames=20, size=32, fps=10,
+                           keyframe_interval=5)
+    assert _keyframes(every_five.files[0]) == [0, 5, 10, 15]
+    one_keyframe = make_demo(tmp_path / "c", classes=["ring", "bounce"], videos_per_class=1, frames=20, size=32, fps=10,
+                             keyframe_interval=250)
+    assert _keyframes(one_keyframe.files[0]) == [0]
+    with pytest.raises(ConfigError, match="--keyframe-interval 0"):
+        make_demo(tmp_path / "d", classes=["ring", "bounce"], videos_per_class=1, frames=20, size=32, keyframe_interval=0)

@@ -116,3 +116,47 @@ def test_prefix_split_equals_full_forward(name, policy):
         split = m.forward_groups(h, plan.first_trainable_group, n)
         full = m(x)
     torch.testing.assert_close(split, full)
+
+
+DROPOUT = {"slowfusion": dict(dropout=0.5), "i3d": dict(dropout=0.5),
+           "vivit": dict(dropout=0.3, attn_dropout=0.2, emb_dropout=0.5)}
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_every_dropout_belongs_to_one_group(name):
+    """A dropout module either sits inside a module with parameters or is listed by exactly one group."""
+    m = build_backbone(name, "tiny", num_classes=4, **DROPOUT[name])
+    listed = [mod for g in m.layer_groups() for mod in g.modules]
+    assert len(listed) == len(set(listed))
+    for mod_name, mod in m.named_modules():
+        if not isinstance(mod, torch.nn.Dropout):
+            continue
+        parent = mod_name.rpartition(".")[0]
+        inside_params = bool(parent) and any(True for _ in m.get_submodule(parent).parameters())
+        assert inside_params or mod_name in listed, mod_name
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_frozen_groups_are_fixed_functions_in_training(name, policy):
+    """With dropout on, every fully frozen group gives the same output twice in train mode, equal to eval mode."""
+    torch.manual_seed(0)
+    m = build_backbone(name, "tiny", num_classes=4, **DROPOUT[name])
+    plan = resolve_policy(m, policy)
+    apply_policy(m, plan)
+    pp = m.preprocessing
+    x = torch.randn(2, 3, pp.frames, *pp.crop_size)
+    trainable = set(plan.trainable)
+    frozen = [i for i, g in enumerate(m.layer_groups()) if not trainable.intersection(g.params)]
+    with torch.no_grad():
+        for i in frozen:
+            m.eval()
+            state = m.forward_groups(x, 0, i)
+            expected = m.run_group(i, state)
+            set_train_mode(m, True)
+            first, second = m.run_group(i, state), m.run_group(i, state)
+            for a in (first, second):
+                for got, want in zip(a if isinstance(a, tuple) else (a,), expected if isinstance(expected, tuple) else (expected,)):
+                    torch.testing.assert_close(got, want, msg=f"{name}/{policy}: group {m.layer_groups()[i].name}")
+    if policy in ("all", "scratch"):
+        assert frozen == []

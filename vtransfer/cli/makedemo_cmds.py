@@ -61,6 +61,7 @@ def make_demo_command(
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same videos.")] = 0,
     clutter: Annotated[float, typer.Option("--clutter", help="Background clutter, distractors, camera jitter and noise: 0 none, 1 default, up to 4.")] = 1.0,
     codec: Annotated[str, typer.Option("--codec", help="PyAV video encoder (files are .mp4).")] = "libx264",
+    keyframe_interval: Annotated[Optional[int], typer.Option("--keyframe-interval", help="Most frames between keyframes (default: one per second, --fps). Longer intervals make seeking into a clip cost more decoding, as in most real datasets (x264's default is 250).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it holds an earlier make-demo dataset.")] = False,
     list_classes: Annotated[bool, typer.Option("--list-classes", help="Show every class, its category and sets, then exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no table, no progress bar).")] = False,
@@ -84,7 +85,7 @@ def make_demo_command(
             raise typer.Exit(2)
         kwargs = dict(class_set=class_set, classes=classes.split(",") if classes else None,
                       videos_per_class=videos_per_class, frames=frames, size=_parse_size(size), fps=fps, seed=seed,
-                      codec=codec, overwrite=overwrite, clutter=clutter)
+                      codec=codec, overwrite=overwrite, clutter=clutter, keyframe_interval=keyframe_interval)
         if as_json:
             summary = make_demo(out, **kwargs)
         else:

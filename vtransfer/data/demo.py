@@ -672,8 +672,13 @@ def render_video(name: str, index: int, *, seed: int = 0, frames: int = 24, heig
 # ---------------------------------------------------------------------------
 
 
-def encode_video(path: Path, video: np.ndarray, *, fps: int = 12, codec: str = "libx264") -> None:
+def encode_video(path: Path, video: np.ndarray, *, fps: int = 12, codec: str = "libx264",
+                 keyframe_interval: int | None = None) -> None:
     """Write uint8 ``T x H x W x 3`` RGB frames to ``path`` (yuv420p, single-threaded encoder).
+
+    ``keyframe_interval`` is the most frames between keyframes (default: one
+    second, ``fps``, so that decoders' seeking is exercised; x264's own default
+    is 250, which is what most re-encoded datasets have).
 
     Raises :class:`ConfigError` when the codec is unknown or cannot encode these frames.
     """
@@ -686,7 +691,7 @@ def encode_video(path: Path, video: np.ndarray, *, fps: int = 12, codec: str = "
             # MJPEG only takes full-range ("j") YUV; everything else gets plain yuv420p.
             stream.width, stream.height, stream.pix_fmt = w, h, "yuvj420p" if codec == "mjpeg" else "yuv420p"
             stream.codec_context.thread_count = 1
-            keyint = max(1, fps)  # a keyframe every second, so decoders' seeking is exercised
+            keyint = max(1, keyframe_interval or fps)
             if codec in ("libx264", "h264"):
                 # x264's macroblock-tree rate control made repeated encodes of the same frames differ
                 # (measured with PyAV 18 / x264 core 165); without it the output is byte-identical.
@@ -799,6 +804,7 @@ def make_demo(
     codec: str = "libx264",
     overwrite: bool = False,
     clutter: float = 1.0,
+    keyframe_interval: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> DemoSummary:
     """Write a synthetic demo dataset to ``out`` and return what was written.
@@ -815,6 +821,7 @@ def make_demo(
         codec: PyAV encoder name (``libx264`` by default; the files are always ``.mp4``).
         overwrite: replace ``out`` if it is a previous make-demo folder.
         clutter: scale of background texture, distractors, camera jitter and noise (0 = none, 1 = default).
+        keyframe_interval: most frames between keyframes (default ``fps``: one per second).
         progress: optional callback ``(videos_done, videos_total)`` called after each file.
 
     Raises:
@@ -830,6 +837,8 @@ def make_demo(
         raise ConfigError(f"--frames {frames}: must be at least 4 (motion needs several frames)")
     if fps < 1:
         raise ConfigError(f"--fps {fps}: must be at least 1")
+    if keyframe_interval is not None and keyframe_interval < 1:
+        raise ConfigError(f"--keyframe-interval {keyframe_interval}: must be at least 1")
     if not 0.0 <= clutter <= 4.0:
         raise ConfigError(f"--clutter {clutter}: must be between 0 and 4")
     check_codec(codec)
@@ -849,7 +858,7 @@ def make_demo(
         for i in range(videos_per_class):
             path = out / name / f"{name}_{i:03d}.mp4"
             video = render_video(name, i, seed=seed, frames=frames, height=height, width=width, clutter=clutter)
-            encode_video(path, video, fps=fps, codec=codec)
+            encode_video(path, video, fps=fps, codec=codec, keyframe_interval=keyframe_interval)
             summary.files.append(path)
             summary.total_bytes += path.stat().st_size
             if progress is not None:

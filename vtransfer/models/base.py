@@ -92,6 +92,9 @@ class LayerGroup:
             spatial group, a proper subset for mixed groups (an I3D Inception
             block's convs with temporal extent > 1, and their BatchNorms).
         buffers: fully qualified buffer names owned by the group (BatchNorm stats).
+        modules: names of parameterless submodules the group applies that act
+            differently in training (dropout). When the group is frozen they are
+            put in eval mode with it, so a frozen group is a fixed function.
     """
 
     name: str
@@ -99,6 +102,7 @@ class LayerGroup:
     params: list[str]
     temporal_params: list[str] = field(default_factory=list)
     buffers: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.tag not in GROUP_TAGS:

@@ -335,7 +335,7 @@ class I3D(VideoBackbone):
                 temporal = []
             else:
                 tag = "temporal" if temporal else "spatial"
-            groups.append(LayerGroup(name, tag, params, temporal, buffers))
+            groups.append(LayerGroup(name, tag, params, temporal, buffers, modules=["dropout"] if name == "head" else []))
         return groups
 
     def run_group(self, index: int, state: State) -> State:

@@ -274,12 +274,13 @@ class SlowFusion(VideoBackbone):
         """``conv1`` .. ``conv5``, ``fc6``, ``fc7``, ``head`` (see :meth:`temporal_group_names` for tags)."""
         temporal = set(self.temporal_group_names())
         groups = []
+        dropout = {"fc6": ["drop6"], "fc7": ["drop7"]}
         for name in [f"conv{i}" for i in range(1, 6)] + ["fc6", "fc7"]:
             params = module_param_names(name, getattr(self, name))
             if name in temporal:
-                groups.append(LayerGroup(name, "temporal", params, list(params)))
+                groups.append(LayerGroup(name, "temporal", params, list(params), modules=dropout.get(name, [])))
             else:
-                groups.append(LayerGroup(name, "spatial", params))
+                groups.append(LayerGroup(name, "spatial", params, modules=dropout.get(name, [])))
         groups.append(LayerGroup("head", "head", module_param_names("classifier", self.classifier)))
         return groups
 

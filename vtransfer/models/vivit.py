@@ -355,6 +355,7 @@ class ViViT(VideoBackbone):
         self.spatial_cls = nn.Parameter(torch.zeros(1, 1, dim)) if use_cls else None
         self.temporal_cls = nn.Parameter(torch.zeros(1, 1, dim)) if use_cls else None
         self.emb_drop = nn.Dropout(emb_dropout)
+        self.temporal_emb_drop = nn.Dropout(emb_dropout)  # its own module: it belongs to group temporal.0
 
         def blocks(depth: int) -> nn.ModuleList:
             return nn.ModuleList(
@@ -410,7 +411,7 @@ class ViViT(VideoBackbone):
         for name in ("pos_embed", "spatial_pos", "spatial_cls"):
             if getattr(self, name, None) is not None:
                 embed.append(name)
-        groups = [LayerGroup("embed", "spatial", embed)]
+        groups = [LayerGroup("embed", "spatial", embed, modules=["emb_drop"])]
         n_sp = len(self.spatial_blocks)
         for i, block in enumerate(self.spatial_blocks):
             params = module_param_names(f"spatial_blocks.{i}", block)
@@ -425,7 +426,8 @@ class ViViT(VideoBackbone):
             params += module_param_names(f"temporal_blocks.{i}", block)
             if i == n_tm - 1:
                 params += module_param_names("temporal_norm", self.temporal_norm)
-            groups.append(LayerGroup(f"temporal.{i}", "temporal", params, temporal_params=list(params)))
+            groups.append(LayerGroup(f"temporal.{i}", "temporal", params, temporal_params=list(params),
+                                     modules=["temporal_emb_drop"] if i == 0 else []))
         groups.append(LayerGroup("head", "head", module_param_names("head", self.head)))
         return groups
 
@@ -499,7 +501,7 @@ class ViViT(VideoBackbone):
             if self.temporal_cls is not None:
                 x = torch.cat([self.temporal_cls.expand(b, 1, -1), x], dim=1)
             if self.config["pos_embed"] == "factorised":
-                x = self.emb_drop(x + self.temporal_pos[: x.shape[1]])
+                x = self.temporal_emb_drop(x + self.temporal_pos[: x.shape[1]])
         x = self.temporal_blocks[i](x)
         if i < len(self.temporal_blocks) - 1:
             return x

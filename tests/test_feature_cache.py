@@ -1,0 +1,166 @@
+"""Frozen-prefix feature cache: the same model as live decoding, shared stores, run order, fast paths."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vtransfer.api as api
+from vtransfer.api import ClipOptions, evaluate_records, shallow_prefixes_first, shared_reader
+from vtransfer.batches import LivePrefixSource
+from vtransfer.data.dataset import ClipDataset
+from vtransfer.data.demo import make_demo
+from vtransfer.data.scan import load_dataset
+from vtransfer.feature_cache import CachedPrefixSource, clear_stores, get_store
+from vtransfer.models.registry import build_backbone
+from vtransfer.policies import apply_policy, resolve_policy, set_train_mode
+from vtransfer.runtime import preferred_memory_format
+from vtransfer.train import Trainer, TrainConfig, build_optimizer
+from vtransfer.weights.checkpoint import save_checkpoint
+
+CPU = torch.device("cpu")
+GEOMETRY = {name: api.geometry_overrides(name, "tiny", None, None, None if name == "vivit" else 32)
+            for name in ("i3d", "slowfusion", "vivit")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fc") / "target"
+    make_demo(root, class_set="target", videos_per_class=3, frames=16, size=40, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Random tiny checkpoints standing in for pretrained weights."""
+    folder = tmp_path_factory.mktemp("fc-weights")
+    out = {}
+    for name in ("i3d", "slowfusion", "vivit"):
+        torch.manual_seed(3)
+        model = build_backbone(name, "tiny", num_classes=5, **GEOMETRY[name])
+        out[name] = save_checkpoint(folder / f"{name}.safetensors", model, classes=[f"s{i}" for i in range(5)])
+    return out
+
+
+def _train(model, plan, source, epochs: int = 3):
+    config = TrainConfig(epochs=epochs, batch_size=4, lr=0.05, optimizer="sgd", weight_decay=1e-4, patience=0).resolved(
+        model.backbone_name)
+    torch.manual_seed(0)  # dropout masks: the same on both sides
+    trainer = Trainer(model, plan, config, CPU, source, validate=lambda m: (0.0, 0.0), save_best=lambda m, r: None,
+                      save_state=lambda s: None, train_size=len(source.labels))
+    return trainer.fit().history
+
+
+@pytest.mark.parametrize("backbone,policy", [("i3d", "top-3"), ("slowfusion", "top-layer"), ("vivit", "temporal")])
+def test_cached_prefix_trains_the_same_model_as_live_decoding(data, backbone, policy):
+    """Cached prefix activations and decoding + prefix every epoch: same clips, same model up to rounding."""
+    index = load_dataset(data)
+    records = index.records
+    torch.manual_seed(5)
+    base = build_backbone(backbone, "tiny", num_classes=len(index.classes), **GEOMETRY[backbone])
+    plan = resolve_policy(base, policy)
+    apply_policy(base, plan)
+    k = plan.first_trainable_group
+    assert k > 0
+    labels = [index.class_to_idx[r.label] for r in records]
+    reader = shared_reader("memory", data / "unused", records, base.preprocessing)
+    views = 2
+    dataset = ClipDataset(records, index.class_to_idx, base.preprocessing, "train", fixed_views=views, seed=0, reader=reader)
+
+    cached, live = copy.deepcopy(base), copy.deepcopy(base)
+    clear_stores()
+    set_train_mode(cached, True)
+    store = get_store(cached, dataset, k, 4, 0, CPU, "fp32")
+    hist_cached = _train(cached, plan, CachedPrefixSource(store, labels, views, 4, 0, CPU))
+    hist_live = _train(live, plan, LivePrefixSource(dataset, labels, live, k, 4, 0, CPU, seed=0, views=views))
+
+    assert [h["train_loss"] for h in hist_cached] == pytest.approx([h["train_loss"] for h in hist_live], rel=1e-4, abs=1e-5)
+    before, a, b = base.state_dict(), cached.state_dict(), live.state_dict()
+    trained = set(plan.trainable)
+    assert any(not torch.equal(before[n], a[n]) for n in trained)  # it did train
+    for name in before:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+        if name in dict(base.named_parameters()) and name not in trained:
+            assert torch.equal(a[name], before[name]), f"frozen {name} changed"
+
+
+def test_cached_evaluation_equals_full_forward(data, pretrained):
+    index = load_dataset(data)
+    from vtransfer.weights.checkpoint import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(pretrained["i3d"])
+    model.reset_classifier(len(index.classes))
+    plan = resolve_policy(model, "top-layer")
+    apply_policy(model, plan)
+    opts = ClipOptions(frames=None, stride=None, size=None, clips_per_video=2, val_clips=1, batch_size=4, workers=0,
+                       cache="memory", cache_dir=None, cached_views=None, crop_scale=None)
+    reader = shared_reader("memory", data / "unused", index.records, model.preprocessing)
+    clear_stores()
+    full, preds_full = evaluate_records(model, index.records, index.classes, opts, CPU, reader=reader)
+    cached, preds_cached = evaluate_records(model, index.records, index.classes, opts, CPU, reader=reader,
+                                            prefix_stop=plan.first_trainable_group)
+    torch.testing.assert_close(torch.from_numpy(preds_cached.probs), torch.from_numpy(preds_full.probs), rtol=1e-4, atol=1e-6)
+    assert (preds_cached.video == preds_full.video).all()
+    assert cached.video_hit1 == full.video_hit1
+
+
+def test_compare_shares_stores_shallowest_first_and_gives_the_same_models(data, pretrained, tmp_path):
+    """top-3 runs first, top-layer's store is derived from it, and both equal runs made on their own."""
+    kw = dict(backbone="i3d", weights=str(pretrained["i3d"]), epochs=2, batch_size=4, clips_per_video=1, val_clips=1,
+              workers=0, patience=0, device="cpu", cache="memory", cached_views=2)
+    ran = []
+    clear_stores()
+    res = api.compare_policies(data, policies=["top-layer", "top-3"], out=tmp_path / "cmp",
+                               on_policy=lambda p, s: ran.append(p), **kw)
+    assert ran == ["top-3", "top-layer"]
+    assert [r.policy for r in res.rows] == ["top-layer", "top-3"]
+    for policy in ("top-layer", "top-3"):
+        clear_stores()
+        alone = api.finetune(data, policy=policy, out=tmp_path / policy, manifest=tmp_path / "cmp" / "split.csv", **kw)
+        shared, own = load_file(tmp_path / "cmp" / policy / "model.safetensors"), load_file(alone.model_path)
+        for name in own:
+            torch.testing.assert_close(shared[name], own[name], rtol=1e-4, atol=1e-5, msg=f"{policy}: {name}")
+
+
+def test_run_order_puts_shallow_prefixes_first(pretrained):
+    five = ["scratch", "top-layer", "top-3", "temporal", "all"]
+    i3d = dict(backbone="i3d", weights=str(pretrained["i3d"]))
+    assert shallow_prefixes_first(five, i3d) == ["scratch", "top-3", "top-layer", "temporal", "all"]
+    vivit = dict(backbone="vivit", weights=str(pretrained["vivit"]))
+    model = build_backbone("vivit", "tiny", num_classes=2)
+    depth = {p: resolve_policy(model, p).first_trainable_group for p in ("top-layer", "top-3", "temporal")}
+    expected = iter(sorted(("top-layer", "top-3", "temporal"), key=depth.get))
+    assert shallow_prefixes_first(five, vivit) == [p if p in ("scratch", "all") else next(expected) for p in five]
+    # a model that cannot be built here: the order is kept, the run reports the problem
+    assert shallow_prefixes_first(five, dict(backbone="i3d", weights="no/such/file")) == five
+
+
+def test_channels_last_only_where_measured_faster():
+    for precision in ("fp32", "bf16"):
+        assert preferred_memory_format("i3d", precision, CPU) == torch.channels_last_3d
+        assert preferred_memory_format("slowfusion", precision, CPU) == torch.contiguous_format
+        assert preferred_memory_format("vivit", precision, CPU) == torch.contiguous_format
+    assert preferred_memory_format("i3d", "fp32", torch.device("cuda")) == torch.contiguous_format
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fused_optimizer_matches_the_default_update(optimizer):
+    torch.manual_seed(0)
+    model = build_backbone("i3d", "tiny", num_classes=4, **GEOMETRY["i3d"])
+    params = [p for p in model.parameters()]
+    config = TrainConfig(optimizer=optimizer, lr=0.01, weight_decay=0.01).resolved("i3d")
+    copies = {kind: [p.detach().clone().requires_grad_() for p in params] for kind in ("fused", "plain")}
+    opts = {"fused": build_optimizer(copies["fused"], config), "plain": build_optimizer(copies["plain"], config, fused=False)}
+    assert opts["fused"].defaults.get("fused") is True and not opts["plain"].defaults.get("fused")
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for kind, opt in opts.items():
+            for p, g in zip(copies[kind], grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b, p in zip(copies["fused"], copies["plain"], params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, p)
