@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import vtransfer.api as api
+from checkpoints import random_checkpoints
 from vtransfer.api import ClipOptions, evaluate_records, shallow_prefixes_first, shared_reader
 from vtransfer.batches import LivePrefixSource
 from vtransfer.data.dataset import ClipDataset
@@ -19,7 +20,6 @@ from vtransfer.models.registry import build_backbone
 from vtransfer.policies import apply_policy, resolve_policy, set_train_mode
 from vtransfer.runtime import preferred_memory_format
 from vtransfer.train import Trainer, TrainConfig, build_optimizer
-from vtransfer.weights.checkpoint import save_checkpoint
 
 CPU = torch.device("cpu")
 GEOMETRY = {name: api.geometry_overrides(name, "tiny", None, None, None if name == "vivit" else 32)
@@ -36,13 +36,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """Random tiny checkpoints standing in for pretrained weights."""
-    folder = tmp_path_factory.mktemp("fc-weights")
-    out = {}
-    for name in ("i3d", "slowfusion", "vivit"):
-        torch.manual_seed(3)
-        model = build_backbone(name, "tiny", num_classes=5, **GEOMETRY[name])
-        out[name] = save_checkpoint(folder / f"{name}.safetensors", model, classes=[f"s{i}" for i in range(5)])
-    return out
+    return random_checkpoints(tmp_path_factory.mktemp("fc-weights"), classes=5, seed=3, overrides=GEOMETRY)
 
 
 def _train(model, plan, source, epochs: int = 3):

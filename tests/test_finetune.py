@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import vtransfer.api as api
+from checkpoints import random_checkpoints
 from vtransfer.data.demo import make_demo
 from vtransfer.models.registry import build_backbone
-from vtransfer.weights.checkpoint import save_checkpoint
 
 FAST = dict(epochs=2, batch_size=8, clips_per_video=2, val_clips=1, workers=0, patience=0, device="cpu", cache="memory")
 
@@ -28,14 +28,7 @@ def demo_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """Random-init tiny checkpoints standing in for pretrained weights, one per backbone."""
-    folder = tmp_path_factory.mktemp("pretrained")
-    out = {}
-    for name in ("i3d", "vivit", "slowfusion"):
-        torch.manual_seed(1)
-        m = build_backbone(name, "tiny", num_classes=7)
-        out[name] = save_checkpoint(folder / f"{name}.safetensors", m, classes=[f"src{i}" for i in range(7)],
-                                    source={"dataset": "synthetic-source", "classes": 7})
-    return out
+    return random_checkpoints(tmp_path_factory.mktemp("pretrained"))
 
 
 def _kw(name):
