@@ -80,12 +80,14 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def preferred_memory_format(backbone: str, precision: str, device: torch.device) -> torch.memory_format:
     """``channels_last_3d`` where benchmarks/bench_step.py measured it faster, else contiguous.
 
-    On CPU, I3D in ``channels_last_3d`` trains 1.1-1.2x faster in fp32 and
-    1.4-1.9x in bf16, and its inference runs 1.6x faster (oneDNN's pooling and
-    convolutions are vectorised over channels); slow fusion gets slower in
-    both precisions, and ViViT has no 3D convolutions to speak of. On GPUs
-    cuDNN's own choice is kept.
+    On CPU, I3D in ``channels_last_3d`` trains 1.1-1.2x faster at batch 4-8 in
+    fp32 and 1.3-1.6x in bf16, and evaluates 1.6x faster (ATen's channels-first
+    3D max pool is slow; the channels-last kernels are vectorised over
+    channels); only a batch of one at full width is slightly slower. Slow
+    fusion measured slower or the same, ViViT has no 3D convolutions to speak
+    of, and on GPUs cuDNN's own choice is kept. ``precision`` is accepted for
+    callers that choose per precision; both precisions get the same answer.
     """
-    if backbone == "i3d" and device.type == "cpu" and precision in PRECISIONS:
+    if backbone == "i3d" and device.type == "cpu":
         return torch.channels_last_3d
     return torch.contiguous_format
