@@ -7,6 +7,7 @@ cached, so a cached run and a live run see exactly the same clips.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from typing import Any, Iterator
@@ -64,25 +65,78 @@ def _ignore_sigint(worker_id: int) -> None:
 class ClipLoader(DataLoader):
     """A DataLoader whose worker processes never die of Ctrl-C.
 
-    A terminal sends SIGINT to the whole process group. While the workers are
-    being forked, SIGINT is only recorded (workers inherit that and then ignore
-    it); once they exist, a recorded Ctrl-C is raised in the main process,
-    which shuts the workers down and stops cleanly.
+    A terminal sends SIGINT to the whole process group. Workers ignore it; the
+    main process acts on it only between batches (see ``_sigint_deferred``),
+    then shuts the workers down and stops cleanly.
     """
 
     def __iter__(self):
         if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
             return super().__iter__()
-        caught: list[int] = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+        iterator = None
         try:
-            iterator = super().__iter__()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+            # workers forked inside this block inherit the recording handler, then ignore SIGINT for good
+            with _sigint_deferred():
+                iterator = super().__iter__()
+        except KeyboardInterrupt:
+            iterator = None  # shuts the workers down before the interrupt goes on
+            raise
+        return _InterruptibleBetweenBatches(iterator)
+
+
+class _InterruptibleBetweenBatches:
+    """Wraps a multi-process DataLoader iterator so that Ctrl-C lands between batches.
+
+    Receiving a batch from a worker is a socket handshake that passes file
+    descriptors (torch's shared-memory tensors). A KeyboardInterrupt raised in
+    the middle of it leaves the worker's resource-sharer thread with a broken
+    connection, which it reports with a traceback on the user's terminal.
+    """
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __next__(self):
+        with _sigint_deferred():
+            return next(self._iterator)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a first SIGINT until the block ends, then hand it to the previous handler.
+
+    A second SIGINT inside the block is not held: it goes to the previous
+    handler at once, so a stuck worker can never make Ctrl-C useless.
+    """
+    caught: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def record(signum, frame):
         if caught:
-            del iterator  # shuts the workers down
-            raise KeyboardInterrupt
-        return iterator
+            _deliver_sigint(previous, frame)
+        caught.append(signum)
+
+    signal.signal(signal.SIGINT, record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:  # also when the block raised (the epoch's last batch ends in StopIteration)
+            _deliver_sigint(previous, None)
+
+
+def _deliver_sigint(handler, frame) -> None:
+    """Act on SIGINT as ``handler`` (a Python handler, SIG_DFL or SIG_IGN) would."""
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    elif handler != signal.SIG_IGN:
+        raise KeyboardInterrupt
 
 
 def make_loader(
