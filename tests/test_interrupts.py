@@ -25,12 +25,15 @@ WORKER_DELAY_S = 0.6
 class SignalsParentThenSlowlyReturns(Dataset):
     """Item 0 sends SIGINT to the main process, then takes ``WORKER_DELAY_S`` to arrive."""
 
+    def __init__(self):
+        self.main_pid = os.getpid()  # not os.getppid(): under forkserver the parent is the server
+
     def __len__(self):
         return 4
 
     def __getitem__(self, index):
         if index == 0:
-            os.kill(os.getppid(), signal.SIGINT)
+            os.kill(self.main_pid, signal.SIGINT)
             time.sleep(WORKER_DELAY_S)
         return {"clip": torch.full((2, 3, 4, 4), index, dtype=torch.uint8), "label": index % 2, "video": index, "view": 0}
 
