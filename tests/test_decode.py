@@ -77,6 +77,31 @@ def test_clip_frames_are_the_requested_indices(tmp_path):
     assert clip.shape == (5, 3, 48, 64) and clip.permute(0, 2, 3, 1).is_contiguous()
 
 
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_display_rotation_is_applied_and_the_short_side_is_the_upright_one(tmp_path, rotation):
+    stored = write_video(tmp_path / "stored.mp4", 12, width=64, height=48)
+    tagged = write_video(tmp_path / f"tagged{rotation}.mp4", 12, width=64, height=48, rotation=rotation)
+    turns = (rotation // 90) % 4
+    for short_side in (None, 24):
+        upright = read_video(tagged, short_side=short_side)
+        plain = read_video(stored, short_side=short_side)
+        expected = torch.rot90(plain, turns, dims=(2, 3))  # counter-clockwise, as ffplay shows it
+        assert upright.shape == expected.shape
+        assert torch.equal(upright, expected)
+        assert torch.equal(read_clip(tagged, 5, 3, stride=2, short_side=short_side), upright[5:10:2])
+    # frame 0 is black with a white bar down the stored picture's left column, top quarter
+    first = read_video(tagged)[0].float().mean(0)
+    assert first.shape == ((64, 48) if rotation % 180 else (48, 64))
+    bar = {90: first[-1, :12], -90: first[0, -12:], 180: first[-12:, -1]}[rotation]
+    assert bar.min() > 200 and first[first.shape[0] // 2, first.shape[1] // 2] < 30
+
+
+def test_quarter_turns_round_to_the_nearest_multiple_of_90():
+    from vtransfer.data.decode import quarter_turns
+
+    assert [quarter_turns(r) for r in (0, 90, -90, 180, -180, 270, 89.6, -0.4, float("nan"))] == [0, 1, 3, 2, 2, 3, 1, 0, 0]
+
+
 def test_past_the_end_repeats_last_frame(tmp_path):
     path = write_video(tmp_path / "short.mp4", 6)
     clip = read_clip(path, 2, 8, stride=1)

@@ -29,15 +29,20 @@ def write_video(
     time_base: Fraction | None = None,
     lossless: bool = True,
     container_options: dict | None = None,
+    rotation: int = 0,
 ) -> Path:
     """Encode ``num_frames`` frames of :func:`frame_image` (explicit ``pts`` make a variable frame rate).
 
-    ``path`` may be bytes (non-UTF-8 names); its folder is created.
+    ``rotation`` (degrees counter-clockwise) goes into the container's display
+    matrix, as phones tag portrait video. ``path`` may be bytes (non-UTF-8
+    names); its folder is created.
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with av.open(os.fsdecode(path), "w", options=container_options or {}) as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if rotation:
+            stream.set_display_rotation(rotation)
         if codec == "libx264":
             stream.options = {"qp": "0", "preset": "ultrafast"} if lossless else {"preset": "ultrafast", "threads": "1"}
         if time_base is not None:

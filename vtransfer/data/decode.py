@@ -11,6 +11,9 @@ use the same rule, so ``read_clip(p, s, n, k)`` equals the frames
 ``s, s+k, ...`` of ``read_video(p)`` (indices past the end repeat the last
 frame).
 
+Frames come out upright: a rotation stored in the display matrix (portrait
+phone video) is applied, and ``short_side`` refers to the upright picture.
+
 Decoded tensors have shape ``T x 3 x H x W`` but channels-last strides (the
 RGB bytes stay interleaved as the decoder wrote them); call ``.contiguous()``
 if you need a plain layout. :func:`vtransfer.data.transforms.normalize_clips`
@@ -225,7 +228,8 @@ class _GridDecoder:
         self.fps = _stream_fps(stream, path)
         self.time_base = stream.time_base
         self.t0 = _stream_start_seconds(stream)
-        self.size: tuple[int, int] | None = None
+        self.size: tuple[int, int] | None = None  # upright output (width, height)
+        self.quarter_turns = 0
         self._started = False
         self._last: tuple[av.VideoFrame, np.ndarray] | None = None
         # One reformatter per decode keeps its swscale context between frames.
@@ -266,21 +270,41 @@ class _GridDecoder:
             yield t, frame
 
     def to_array(self, frame: av.VideoFrame) -> np.ndarray:
-        """RGB ``H x W x 3`` uint8, resized to the output size (fixed by the first frame).
+        """RGB ``H x W x 3`` uint8 as a player shows it, resized to the output size (fixed by the first frame).
 
-        The latest conversion is remembered, so a repeated frame converts once.
+        A rotation in the display matrix (phones store portrait video as
+        landscape pictures plus a rotation) is applied in quarter turns; the
+        short side refers to the upright picture. Flips in the matrix are not
+        applied. The latest conversion is remembered, so a repeated frame
+        converts once.
         """
         if self._last is not None and self._last[0] is frame:
             return self._last[1]
         if self.size is None:
-            self.size = _output_size(frame.width, frame.height, self.short_side)
+            self.quarter_turns = quarter_turns(frame.rotation)
+            upright = (frame.height, frame.width) if self.quarter_turns % 2 else (frame.width, frame.height)
+            self.size = _output_size(*upright, self.short_side)
         width, height = self.size
+        if self.quarter_turns % 2:
+            width, height = height, width  # scale the stored picture, then turn it
         rgb = self._reformatter.reformat(
             frame, width=width, height=height, format="rgb24", interpolation="BILINEAR", threads=1
         )
         array = rgb.to_ndarray()
+        if self.quarter_turns:
+            array = np.rot90(array, self.quarter_turns)  # counter-clockwise, as the display matrix says
         self._last = (frame, array)
         return array
+
+
+def quarter_turns(rotation: float) -> int:
+    """Counter-clockwise quarter turns (0-3) for a display-matrix rotation in degrees (nearest multiple of 90).
+
+    A singular matrix has no rotation (NaN): the picture is used as stored.
+    """
+    if not math.isfinite(rotation):
+        return 0
+    return int(round(rotation / 90.0)) % 4
 
 
 class _NeedRestart(Exception):

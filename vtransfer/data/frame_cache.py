@@ -41,7 +41,7 @@ from vtransfer.models.base import Preprocessing
 
 CACHE_MODES = ("memory", "disk")
 # Bump when decoding changes in a way that changes the frames (grid rule, scaler).
-_DECODE_VERSION = "grid-v1|rgb24|bilinear|nhwc"
+_DECODE_VERSION = "grid-v1|rgb24|bilinear|nhwc|upright"
 _COUNTER_SLOTS = 65
 
 
