@@ -48,3 +48,24 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     # only rank 0 wrote: one report, no stray temp files
     assert (multi / "report" / "report.json").exists()
     assert not list(multi.glob(".*.tmp"))
+
+
+RANK_SCRIPT = """
+import atexit, os, sys
+import torch
+import torch.distributed as dist
+from vtransfer import distributed
+ctx = distributed.init_from_env(torch.device("cpu"))
+x = torch.tensor([float(ctx.rank + 1)])
+dist.all_reduce(x)  # gloo's worker threads have run work
+assert x.item() == 3.0 and dist.is_initialized()
+atexit._run_exitfuncs()  # what the interpreter runs at exit, before tearing itself down
+print(f"rank {ctx.rank} destroyed={not dist.is_initialized()}", flush=True)
+"""
+
+
+def test_every_rank_destroys_its_process_group_before_python_exits(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534", str(script)])
+    assert r.stdout.count("destroyed=True") == 2, r.stdout

@@ -11,6 +11,7 @@ ranks; only rank 0 writes files.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,20 @@ def init_from_env(device: torch.device) -> DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
+        atexit.register(shutdown)
     return DistContext(rank=rank, world=world, local_rank=local_rank)
+
+
+def shutdown() -> None:
+    """Destroy the process group while Python is still fully alive (no-op when there is none).
+
+    Left to interpreter teardown, gloo's worker threads can still hold
+    tensors and abort the process with "terminate called without an active
+    exception" (SIGABRT), which made a finished rank fail the whole job.
+    :func:`init_from_env` registers this to run at exit.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> DistContext:
