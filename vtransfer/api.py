@@ -204,15 +204,9 @@ def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preproces
     modification time, so a changed file is decoded again.
     """
     from vtransfer.data.frame_cache import make_reader
+    from vtransfer.hashing import file_stamp
 
-    stamp = []
-    for r in records:
-        try:
-            st = Path(r.path).stat()
-            stamp.append((str(r.path), st.st_size, st.st_mtime_ns))
-        except OSError:
-            stamp.append((str(r.path), -1, -1))
-    key = (preprocessing.resize_short, tuple(sorted(stamp)))
+    key = (preprocessing.resize_short, tuple(sorted((str(r.path), *file_stamp(r.path)) for r in records)))
     if cache in ("auto", "memory") and key in _READERS:
         return _READERS[key]
     reader = make_reader(cache, cache_dir, records, preprocessing)

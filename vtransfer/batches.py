@@ -73,7 +73,6 @@ class ClipLoader(DataLoader):
     def __iter__(self):
         if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
             return super().__iter__()
-        iterator = None
         try:
             # workers forked inside this block inherit the recording handler, then ignore SIGINT for good
             with _sigint_deferred():

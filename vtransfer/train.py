@@ -190,16 +190,9 @@ _CHECKS: dict[tuple, Any] = {}
 
 def _checked(index, workers: int, check_dataset):
     """``check_dataset(index)``, reused while no file (path, size, mtime) or split has changed."""
-    import os
+    from vtransfer.hashing import file_stamp
 
-    stamp = []
-    for r in index.records:
-        try:
-            st = os.stat(r.path)
-            stamp.append((str(r.path), r.split, st.st_size, st.st_mtime_ns))
-        except OSError:
-            stamp.append((str(r.path), r.split, -1, -1))
-    key = tuple(stamp)
+    key = tuple((str(r.path), r.split, *file_stamp(r.path)) for r in index.records)
     if key not in _CHECKS:
         _CHECKS.clear()
         _CHECKS[key] = check_dataset(index, workers=max(1, workers))
