@@ -45,7 +45,6 @@ from _common import base_parser, load_line, rss_line, setup_threads
 from vtransfer import api
 from vtransfer.batches import epoch_indices, make_loader
 from vtransfer.data.demo import make_demo
-from vtransfer.demo_run import DEMO_SETTINGS
 from vtransfer.data.transforms import normalize_clips
 from vtransfer.feature_cache import clear_stores
 from vtransfer.inference import predict_clip_probs
@@ -54,6 +53,14 @@ from vtransfer.policies import POLICY_NAMES, apply_policy, resolve_policy
 from vtransfer.runs import read_metrics
 from vtransfer.train import TrainConfig, build_optimizer, warmup_cosine
 from vtransfer.weights.checkpoint import model_from_checkpoint
+
+
+#: The tiny-I3D transfer setting both sides train with (the demo's before it moved to ImageNet weights):
+#: a source set to pretrain on, a small target set, AdamW.
+SETTINGS = {
+    "videos_per_class": 24, "target_videos_per_class": 16, "target_ratios": [0.5, 0.2, 0.3], "clutter": 0.4,
+    "pretrain_epochs": 40, "optimizer": "adamw", "lr": 0.01, "weight_decay": 0.0001, "crop_scale": [0.6, 0.9],
+}
 
 
 def reference_run(policy: str, data: Path, manifest: Path, weights: Path, s: dict) -> tuple[float, float]:
@@ -127,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = setup_threads(args.threads)
     print(load_line())
-    demo = DEMO_SETTINGS  # the demo's hyperparameters, on both sides
+    demo = SETTINGS  # the same hyperparameters on both sides
     s = dict(epochs=args.epochs or (2 if args.quick else 10), batch_size=8, lr=demo["lr"], optimizer=demo["optimizer"],
              weight_decay=demo["weight_decay"], crop_scale=tuple(demo["crop_scale"]), seed=0, workers=0 if args.quick else 2,
              val_clips=1 if args.quick else 2, clips_per_video=1 if args.quick else 4,

@@ -27,7 +27,7 @@ from vtransfer.weights.checkpoint import (
 torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-BACKBONES = ("slowfusion", "i3d", "vivit")
+BACKBONES = ("slowfusion", "i3d", "vivit", "effnet3d")
 
 
 @pytest.fixture(autouse=True)
@@ -404,10 +404,10 @@ def test_vit_pytorch_vivit_file_imports_with_the_same_logits(tmp_path):
 def test_weights_of_another_backbone_are_an_error(tmp_path):
     model = tiny("i3d")
     path = save_checkpoint(tmp_path / "i3d.safetensors", model, classes=classes_for(model))
-    with pytest.raises(WeightsError, match="holds a i3d backbone.*vivit"):
+    with pytest.raises(WeightsError, match="holds a backbone of type i3d.*vivit"):
         load_backbone("vivit", weights=path)
     torch.save(model.state_dict(), tmp_path / "port.pt")
-    with pytest.raises(WeightsError, match="holds a i3d backbone.*slowfusion"):
+    with pytest.raises(WeightsError, match="holds a backbone of type i3d.*slowfusion"):
         load_backbone("slowfusion", weights=tmp_path / "port.pt")
 
 

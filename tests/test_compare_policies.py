@@ -88,3 +88,19 @@ def test_cli_compare_policies_json(datasets, tmp_path):
     doc = json.loads(r.stdout)
     assert [row["policy"] for row in doc["rows"]] == ["top-layer", "top-3"]
     assert torch.tensor([row["test_video_hit1"] for row in doc["rows"]]).le(1).all()
+
+
+def test_every_row_trains_the_checkpoints_architecture(datasets, tmp_path):
+    """scratch beside a tiny checkpoint trains the tiny network, not the backbone's full default preset."""
+    pre = api.pretrain(datasets / "source", register=False, out=tmp_path / "pre", **{**FAST, "epochs": 1})
+    kw = {k: v for k, v in FAST.items() if k not in ("preset", "size")}  # what a user types: no preset
+    res = api.compare_policies(datasets / "target", weights=str(pre.model_path), policies=["scratch", "top-layer"],
+                               out=tmp_path / "cmp", **kw)
+    want = load_checkpoint(pre.model_path).config
+    for policy in ("scratch", "top-layer"):
+        got = load_checkpoint(tmp_path / "cmp" / policy / "model.safetensors").config
+        assert {k: v for k, v in got.items() if k != "num_classes"} == {k: v for k, v in want.items() if k != "num_classes"}
+    scratch, top = res.rows
+    assert scratch.total_params == top.total_params
+    info = json.loads((tmp_path / "cmp" / "scratch" / "config.json").read_text())["resolved"]["weights"]
+    assert info["kind"] == "random" and info["architecture_from"] == str(pre.model_path)

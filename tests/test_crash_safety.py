@@ -21,7 +21,7 @@ import torch
 import vtransfer.api as api
 from vtransfer import runs
 from vtransfer.data.demo import make_demo
-from vtransfer.errors import ConfigError
+from vtransfer.errors import ConfigError, WeightsError
 from vtransfer.weights.checkpoint import load_checkpoint
 
 TINY = dict(backbone="slowfusion", preset="tiny", size=48, policy="all", batch_size=8, clips_per_video=2, val_clips=1,
@@ -178,3 +178,66 @@ def test_cli_never_overwrites_a_run_folder_without_overwrite(demo, tmp_path):
     result = runner.invoke(app, [*args, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert not (run / "notes.txt").exists() and json.loads((run / runs.CONFIG_FILE).read_text())["options"]["epochs"] == 1
+
+
+def test_the_resume_hint_runs_exactly_as_printed(demo, tmp_path):
+    """`vtransfer finetune --resume RUN`, copied from the interruption message, finishes the run (no DATA needed)."""
+    run = tmp_path / "run"
+    with pytest.raises(runs.RunInterrupted) as info:
+        api.finetune(demo, out=run, epochs=2, stop_after_epochs=None, reporter=_InterruptAfterFirstEpoch(), **TINY)
+    hint = str(info.value).split("resume with ", 1)[1].split(" (", 1)[0]
+    assert hint == f"vtransfer finetune --resume {run}"
+    runner, app = cli()
+    result = runner.invoke(app, hint.split()[1:])
+    assert result.exit_code == 0, result.output
+    assert [h["epoch"] for h in runs.read_metrics(run)] == [1, 2]
+    assert (run / "report" / "report.json").exists()
+
+    missing = runner.invoke(app, ["finetune"])
+    assert missing.exit_code == 2 and "DATA" in missing.output
+
+
+class _InterruptAfterFirstEpoch:
+    """Raises KeyboardInterrupt in the first batch of epoch 2 (as Ctrl-C would)."""
+
+    def epoch_start(self, epoch, epochs, batches):  # noqa: D102
+        self.epoch = epoch
+
+    def batch_end(self, loss, acc):  # noqa: D102
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+
+    def epoch_end(self, record, improved):  # noqa: D102
+        pass
+
+    def message(self, text):  # noqa: D102
+        pass
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_nothing_in_the_way(demo, tmp_path, monkeypatch):
+    """Offline weights, a bad policy: the same command, corrected, runs without --overwrite."""
+    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
+    monkeypatch.setenv("VTRANSFER_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    with pytest.raises(WeightsError):
+        api.finetune(demo, out=run, epochs=1, **{**TINY, "backbone": "i3d", "weights": "i3d:imagenet"})
+    assert not run.exists()
+    with pytest.raises(ConfigError, match="unknown policy"):
+        api.finetune(demo, out=run, epochs=1, **{**TINY, "policy": "top3"})
+    assert not run.exists()
+    res = api.finetune(demo, out=run, epochs=1, **TINY)
+    assert res.report and (run / "model.safetensors").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()  # an empty folder the user made stays, empty
+    with pytest.raises(ConfigError):
+        api.finetune(demo, out=mine, epochs=1, **{**TINY, "policy": "top3"})
+    assert mine.is_dir() and not any(mine.iterdir())
+
+
+def test_a_diverging_run_stops_naming_the_learning_rate(demo, tmp_path):
+    from vtransfer.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"diverged in epoch \d.*--lr 1e\+06 \(sgd\).*--lr 100000"):
+        api.finetune(demo, out=tmp_path / "run", epochs=3, lr=1e6, optimizer="sgd", **TINY)
+    assert not (tmp_path / "run").exists()  # it failed before a finished epoch: nothing left behind

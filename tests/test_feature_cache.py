@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import vtransfer.api as api
 from checkpoints import random_checkpoints
-from vtransfer.api import ClipOptions, evaluate_records, shallow_prefixes_first, shared_reader
+from vtransfer.api import ClipOptions, evaluate_records, plan_comparison, shallow_prefixes_first, shared_reader
 from vtransfer.batches import LivePrefixSource
 from vtransfer.data.dataset import ClipDataset
 from vtransfer.data.demo import make_demo
@@ -122,14 +122,29 @@ def test_compare_shares_stores_shallowest_first_and_gives_the_same_models(data, 
 def test_run_order_puts_shallow_prefixes_first(pretrained):
     five = ["scratch", "top-layer", "top-3", "temporal", "all"]
     i3d = dict(backbone="i3d", weights=str(pretrained["i3d"]))
-    assert shallow_prefixes_first(five, i3d) == ["scratch", "top-3", "top-layer", "temporal", "all"]
+    assert plan_comparison(five, i3d) == (["scratch", "top-3", "top-layer", "temporal", "all"], {})
     vivit = dict(backbone="vivit", weights=str(pretrained["vivit"]))
     model = build_backbone("vivit", "tiny", num_classes=2)
     depth = {p: resolve_policy(model, p).first_trainable_group for p in ("top-layer", "top-3", "temporal")}
     expected = iter(sorted(("top-layer", "top-3", "temporal"), key=depth.get))
-    assert shallow_prefixes_first(five, vivit) == [p if p in ("scratch", "all") else next(expected) for p in five]
-    # a model that cannot be built here: the order is kept, the run reports the problem
-    assert shallow_prefixes_first(five, dict(backbone="i3d", weights="no/such/file")) == five
+    assert plan_comparison(five, vivit)[0] == [p if p in ("scratch", "all") else next(expected) for p in five]
+    assert shallow_prefixes_first(["all", "top-layer", "top-3"], {"all": 0, "top-layer": 5, "top-3": 3}) == [
+        "all", "top-3", "top-layer"]
+
+
+def test_a_comparison_that_cannot_run_fails_before_any_work(pretrained, tmp_path):
+    from vtransfer.errors import ConfigError, WeightsError
+
+    five = ["scratch", "top-layer", "top-3", "temporal", "all"]
+    with pytest.raises(WeightsError, match="no such file"):
+        plan_comparison(five, dict(backbone="i3d", weights="no/such/file"))
+    with pytest.raises(ConfigError, match=r"unknown 'top3'; choose from scratch, top-layer, top-3"):
+        plan_comparison(["scratch", "top3"], dict(backbone="i3d", weights=str(pretrained["i3d"])))
+    with pytest.raises(WeightsError, match="holds a backbone of type vivit"):
+        plan_comparison(five, dict(backbone="i3d", weights=str(pretrained["vivit"])))
+    with pytest.raises(ConfigError, match="unknown 'top3'"):  # nothing trained, no folder made
+        api.compare_policies(tmp_path / "no-data", policies=["scratch", "top3"], out=tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_channels_last_only_where_measured_faster():

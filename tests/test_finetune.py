@@ -131,3 +131,24 @@ def test_tensorboard_logging_or_a_clear_error(demo_data, tmp_path):
         return
     res = api.finetune(demo_data, policy="top-layer", out=tmp_path / "run", tensorboard=True, **_kw("slowfusion"))
     assert list((res.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_evaluate_without_a_manifest_scores_the_runs_own_test_split_and_says_so(demo_data, tmp_path):
+    a = api.finetune(demo_data, policy="all", out=tmp_path / "a", seed=5, **_kw("slowfusion"))
+    seen = []
+    ev = api.evaluate(a.run_dir, demo_data, clips_per_video=2, workers=0, device="cpu", out=tmp_path / "ev",
+                      on_selection=seen.append)  # a run folder finds its model.safetensors
+    assert ev.num_videos == a.test.num_videos < 36 and ev.video_hit1 == pytest.approx(a.test.video_hit1)
+    assert seen[0].description.startswith("test split of") and str(a.run_dir / "split.csv") in seen[0].description
+    assert seen[0].warning is None
+    doc = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert doc["title"] == f"a / all: {seen[0].description}"
+    assert all(p["name"] and p["name"].endswith(".mp4") for p in doc["predictions"])
+
+    alone = tmp_path / "alone.safetensors"  # a model file without its run folder: every video, with a warning
+    alone.write_bytes(a.model_path.read_bytes())
+    seen.clear()
+    ev = api.evaluate(alone, demo_data, clips_per_video=1, workers=0, device="cpu", on_selection=seen.append)
+    assert ev.num_videos == 36
+    assert seen[0].description == f"all 36 videos of {demo_data}, including any the model trained on"
+    assert "training videos included" in seen[0].warning

@@ -213,3 +213,15 @@ def test_classification_report_rejects_bad_input():
         classification_report(np.full((4, 3), np.nan), [0, 0, 1, 1], [0, 1], ["a", "b", "c"])
     with pytest.raises(ValueError, match="video names"):
         classification_report(probs, [0, 0, 1, 1], [0, 1], ["a", "b", "c"], video_names=["x"])
+
+
+def test_a_model_that_predicts_one_class_for_every_video_is_called_collapsed():
+    probs = np.tile([[0.2, 0.7, 0.1]], (6, 1))  # every clip says class 1
+    r = classification_report(probs, [0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2], ["a", "b", "c"])
+    assert r.collapsed_to() == "b"
+    assert "all 6 videos predicted as 'b'" in r.collapse_warning()
+    assert r.to_dict()["collapsed_to"] == "b"
+    fine = classification_report(np.eye(3)[[0, 0, 1, 1, 2, 2]], [0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2], ["a", "b", "c"])
+    assert fine.collapsed_to() is None and fine.collapse_warning() is None
+    one_class = classification_report(np.tile([[0.9, 0.1]], (2, 1)), [0, 1], [0, 0], ["a", "b"])
+    assert one_class.collapsed_to() is None  # a test set of one class cannot show a collapse

@@ -36,7 +36,7 @@ def invoke(*args: str):
 
 def test_backbones_json_lists_every_backbone_with_counts_and_sources():
     rows = {r["name"]: r for r in json.loads(invoke("backbones", "--json").stdout)}
-    assert set(rows) == {"slowfusion", "i3d", "vivit"}
+    assert set(rows) == {"slowfusion", "i3d", "vivit", "effnet3d"}
     i3d = rows["i3d"]
     assert i3d["default_preset"] in i3d["presets"] and "tiny" in i3d["presets"]
     assert i3d["params"] == 12_697_264 and i3d["num_classes"] == 400  # the I3D reference count
@@ -133,3 +133,9 @@ def test_weights_add_then_list(tmp_path):
 def test_weights_fetch_offline_names_the_path(home):
     with pytest.raises(WeightsError, match="Offline\\? Download it elsewhere and put it at .*googlenet-1378be20.pth"):
         invoke("weights", "fetch", "i3d:imagenet")
+
+
+def test_version_flag():
+    from importlib.metadata import version
+
+    assert invoke("--version").stdout.strip() == f"vtransfer {version('vtransfer')}"

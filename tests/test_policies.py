@@ -1,4 +1,4 @@
-"""Freezing policies over the three backbones' layer groups."""
+"""Freezing policies over every backbone's layer groups."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from vtransfer.errors import ConfigError
 from vtransfer.models.registry import build_backbone
 from vtransfer.policies import POLICY_NAMES, apply_policy, frozen_modules, resolve_policy, set_train_mode
 
-BACKBONES = ("slowfusion", "i3d", "vivit")
+BACKBONES = ("slowfusion", "i3d", "vivit", "effnet3d")
 
 
 def tiny(name: str, classes: int = 4):
@@ -119,7 +119,7 @@ def test_prefix_split_equals_full_forward(name, policy):
 
 
 DROPOUT = {"slowfusion": dict(dropout=0.5), "i3d": dict(dropout=0.5),
-           "vivit": dict(dropout=0.3, attn_dropout=0.2, emb_dropout=0.5)}
+           "vivit": dict(dropout=0.3, attn_dropout=0.2, emb_dropout=0.5), "effnet3d": dict(dropout=0.5)}
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -132,7 +132,7 @@ def test_every_recipe_parses_for_every_command(name, command):
     values = _values(RECIPES / name, command)
     per_command, _ = _command_keys()
     assert values and set(values) <= per_command[command]
-    assert values["backbone"] in ("slowfusion", "i3d", "vivit")
+    assert values["backbone"] in ("slowfusion", "i3d", "vivit", "effnet3d")
     for key in ("categories", "split_files", "manifest"):
         if key in values:
             assert Path(values[key]).is_file(), f"{name} [{command}] {key} = {values[key]}"
@@ -250,13 +250,13 @@ def test_demo_recipe_mirrors_demo_settings():
     demo = raw["demo"]
     assert set(demo) <= set(DEMO_SETTINGS), f"keys the demo does not have: {set(demo) - set(DEMO_SETTINGS)}"
     assert demo == DEMO_SETTINGS
-    # the command-option form replays the same two steps
-    pre, cmp_ = _values(RECIPES / "demo.toml", "pretrain"), _values(RECIPES / "demo.toml", "compare-policies")
-    for key in ("backbone", "preset", "frames", "stride", "size", "batch_size", "lr", "clips_per_video", "val_clips"):
-        assert pre[key] == cmp_[key] == DEMO_SETTINGS[key], key
-    assert pre["epochs"] == DEMO_SETTINGS["pretrain_epochs"] and pre["seed"] == DEMO_SETTINGS["seed"]
+    # the command-option form replays the comparison
+    cmp_ = _values(RECIPES / "demo.toml", "compare-policies")
+    for key in ("backbone", "preset", "weights", "frames", "stride", "size", "batch_size", "clips_per_video", "val_clips"):
+        assert cmp_[key] == DEMO_SETTINGS[key], key
     assert cmp_["epochs"] == DEMO_SETTINGS["epochs"] and cmp_["policies"] == DEMO_SETTINGS["policies"]
-    assert cmp_["seeds"] == [DEMO_SETTINGS["seed"]] and pre["patience"] == cmp_["patience"] == 0
+    assert cmp_["seeds"] == [DEMO_SETTINGS["seed"]] and cmp_["patience"] == 0
+    assert cmp_["ratios"] == DEMO_SETTINGS["target_ratios"]
 
 
 # -- unknown keys ------------------------------------------------------------------------
@@ -353,14 +353,12 @@ def test_vivit_recipe_drives_finetune(data, tmp_path):
     assert r["train"]["optimizer"] == "adamw"                               # the seed paper states none: vtransfer's ViViT default
 
 
-def test_demo_recipe_drives_pretrain(data, tmp_path):
-    run = tmp_path / "run"
-    _invoke(["pretrain", data, "--recipe", RECIPES / "demo.toml", "--frames", "10", "--size", "32", *FAST, "--out", run])
-    o = _options(run)
-    assert (o["backbone"], o["preset"], o["stride"]) == ("i3d", "tiny", 1)
-    assert (o["lr"], o["optimizer"], o["batch_size"], o["patience"], o["seed"]) == (0.01, "adamw", 8, 0, 0)
-    assert o["crop_scale"] == [0.6, 0.9]
-    assert (o["epochs"], o["clips_per_video"], o["frames"], o["size"]) == (1, 1, 10, 32)  # --epochs beats [pretrain]'s 40
-    from vtransfer.weights.sources import registered_sources
-
-    assert registered_sources() == {}                                       # [pretrain] register = false
+def test_demo_recipe_replays_the_comparison(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
+    out = tmp_path / "cmp"
+    _invoke(["compare-policies", data, "--recipe", RECIPES / "demo.toml", "--policies", "top-layer", "--frames", "4",
+             "--size", "32", *FAST, "--out", out])
+    o = _options(out / "top-layer")
+    assert (o["backbone"], o["preset"], o["weights"], o["stride"]) == ("effnet3d", "tiny", "effnet3d:imagenet", 2)
+    assert (o["batch_size"], o["patience"], o["seed"]) == (8, 0, 0)
+    assert (o["epochs"], o["clips_per_video"], o["frames"], o["size"]) == (1, 1, 4, 32)  # --epochs beats the table's 10

@@ -276,3 +276,16 @@ def test_policy_row_from_eval_and_unknown_fields():
     assert row.per_category == result.category_accuracy() and row.seeds == [3]
     with pytest.raises(ValueError, match="unknown PolicyRow field"):
         PolicyRow.from_dict({**row.to_dict(), "colour": "red"})
+
+
+def test_report_says_when_every_video_got_one_class_and_drops_trivial_hit_k(tmp_path):
+    probs = np.tile([[0.2, 0.7, 0.1]], (6, 1))
+    r = classification_report(probs, list(range(6)), [0, 0, 1, 1, 2, 2], ["a", "b", "c"],
+                              video_names=[f"c/v{i}.mp4" for i in range(6)])
+    paths = write_eval_report(r, tmp_path)
+    md = paths["markdown"].read_text()
+    assert "all 6 videos predicted as 'b'" in md
+    assert "Video hit@3" not in md and "always 100%" in md  # 3 classes: hit@3 is trivial
+    doc = json.loads(paths["json"].read_text())
+    assert doc["collapsed_to"] == "b"
+    assert [p["name"] for p in doc["predictions"]] == [f"c/v{i}.mp4" for i in range(6)]

@@ -215,7 +215,7 @@ def test_sources_without_public_weights_say_how_to_get_them(name, backbone):
     assert not source.available and source.url is None
     with pytest.raises(WeightsError, match="no public weights exist.*vtransfer pretrain.*--weights FILE"):
         load_backbone(backbone, weights=name)
-    with pytest.raises(WeightsError, match="holds a slowfusion backbone"):
+    with pytest.raises(WeightsError, match="holds a backbone of type slowfusion"):
         load_backbone("i3d", weights="slowfusion:sports1m")
 
 

@@ -108,6 +108,7 @@ _GEOMETRY_KEYS = {
     "slowfusion": {"size": "input_size", "stride": "frame_stride"},
     "i3d": {"size": "crop_size", "frames": "frames", "stride": "frame_stride"},
     "vivit": {"size": "image_size", "frames": "frames", "stride": "frame_stride"},
+    "effnet3d": {"size": "crop_size", "frames": "frames", "stride": "frame_stride"},
 }
 
 
@@ -189,8 +190,15 @@ def evaluate_records(
     if ctx.enabled:
         preds = _gather_predictions(preds, mine)
     video_labels = [class_to_idx[r.label] for r in records]
-    result = classification_report(preds.probs, preds.video, video_labels, classes, categories)
+    names = [_video_name(r.path) for r in records]
+    result = classification_report(preds.probs, preds.video, video_labels, classes, categories, video_names=names)
     return result, preds
+
+
+def _video_name(path: Path) -> str:
+    """A video's path relative to the folder holding its class folders (``class/video.mp4``), else as given."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else str(path)
 
 
 # In-memory frame caches of this process, shared by the runs of compare-policies (and the demo).
@@ -241,7 +249,7 @@ def _check_classes(model_classes: list[str], data_classes: list[str], model_path
 
 # -- finetune -------------------------------------------------------------------------
 def finetune(
-    data: str | Path,
+    data: str | Path | None = None,
     *,
     backbone: str = "i3d",
     preset: str | None = None,
@@ -253,6 +261,7 @@ def finetune(
     lr: float | None = None,
     optimizer: str = "auto",
     weight_decay: float | None = None,
+    head_lr_scale: float | None = None,
     warmup_epochs: float = 1.0,
     patience: int = 5,
     dropout: float | None = None,
@@ -292,7 +301,8 @@ def finetune(
     Writes a run folder (``out``): ``config.json``, ``split.csv``,
     ``metrics.jsonl``, ``model.safetensors`` (best validation epoch) and a
     test-set report under ``report/``. ``resume=RUN_DIR`` continues a stopped
-    run with the options it was started with. See ``vtransfer finetune --help``
+    run with the options it was started with (``data`` then comes from its
+    ``config.json`` and may be omitted). See ``vtransfer finetune --help``
     for every option.
     """
     options = {k: v for k, v in locals().items() if k not in ("reporter", "stop_after_epochs", "resume", "overwrite")}
@@ -302,10 +312,14 @@ def finetune(
     ctx = distributed.init_from_env(resolve_device(device))
     if resume is not None:
         run_dir = runs.prepare_run_dir(Path(resume), resume=True) if ctx.is_main else Path(resume)
+        existed = True
         distributed.barrier()
         options = runs.read_json(run_dir / runs.CONFIG_FILE)["options"]
     else:
+        if data is None:
+            raise ConfigError("finetune: give the dataset folder (or resume=RUN_DIR to continue a stopped run)")
         run_dir = Path(out) if out else Path(distributed.broadcast_object(str(_default_run_dir(f"{backbone}-{policy}"))))
+        existed = run_dir.exists()
         if ctx.is_main:
             runs.prepare_run_dir(run_dir, overwrite=overwrite)
         distributed.barrier()
@@ -317,9 +331,21 @@ def finetune(
             # Ctrl-C anywhere (cache filling, an epoch, the final test) leaves the saved epochs resumable.
             # Ctrl-C also reaches DataLoader workers; one that dies of it surfaces here as a RuntimeError.
             if isinstance(e, RuntimeError) and not interrupted.is_set():
+                _discard_if_failed_early(run_dir, resume, existed, ctx)
                 raise
             done = len(runs.read_metrics(run_dir))
             raise runs.RunInterrupted(run_dir, done, int(options["epochs"])) from None
+        except Exception:
+            _discard_if_failed_early(run_dir, resume, existed, ctx)
+            raise
+
+
+def _discard_if_failed_early(run_dir: Path, resume, existed: bool, ctx) -> None:
+    """A new run that failed before its first finished epoch leaves nothing in the way of its corrected rerun."""
+    from vtransfer import runs
+
+    if resume is None and ctx.is_main:
+        runs.discard_failed_run(run_dir, existed)
 
 
 def build_run_model(o: dict, num_classes: int) -> tuple[VideoBackbone, dict]:
@@ -335,14 +361,32 @@ def build_run_model(o: dict, num_classes: int) -> tuple[VideoBackbone, dict]:
     arch_overrides = {}
     if o.get("dropout") is not None:
         arch_overrides["dropout"] = o["dropout"]
-    weights = None if o["policy"] == "scratch" else o.get("weights")
+    weights = o.get("weights")
     if weights is None:
         arch_overrides.update(geometry_overrides(o["backbone"], o.get("preset"), o.get("frames"), o.get("stride"), o.get("size")))
     # a checkpoint carries its own architecture: the preset only applies to fresh or built-in-source models
     preset = o.get("preset") if weights is None or not Path(str(weights)).exists() else None
     model, info = load_backbone_with_info(o["backbone"], weights=weights, num_classes=num_classes, preset=preset, **arch_overrides)
+    if o["policy"] == "scratch" and weights is not None:
+        model, info = _random_twin(model, info)
     model.preprocessing = adapt_preprocessing(model.preprocessing, o.get("frames"), o.get("stride"), o.get("size"))
     return model, info
+
+
+def _random_twin(model: VideoBackbone, info: dict) -> tuple[VideoBackbone, dict]:
+    """A randomly initialised model of exactly ``model``'s architecture and preprocessing (the scratch baseline).
+
+    ``scratch`` beside pretrained policies must train the same network, so a
+    comparison never sets a checkpoint's small preset against a full-size one.
+    """
+    from vtransfer.models.registry import build_from_config
+
+    twin = build_from_config(model.backbone_name, dict(model.config))
+    twin.preprocessing = model.preprocessing
+    twin.eval()
+    random_info = {**info, "kind": "random", "source": None, "path": None, "pretrained_on": None,
+                   "pretrained_classes": None, "classes": None, "architecture_from": info.get("weights")}
+    return twin, random_info
 
 
 @contextlib.contextmanager
@@ -444,6 +488,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
         seed=int(o["seed"]),
         balance=o["balance"],
         max_bad_fraction=float(o["max_bad_fraction"]),
+        head_lr_scale=o.get("head_lr_scale"),
     ).resolved(o["backbone"])
     copts = ClipOptions(
         frames=o["frames"], stride=o["stride"], size=o["size"],
@@ -523,6 +568,8 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     result, preds = evaluate_records(best, test_set, classes, copts, device, config.precision, categories, reader=reader,
                                      prefix_stop=plan.first_trainable_group)
     report = result.to_dict()
+    if result.collapse_warning() and reporter is not None:
+        reporter.message(f"warning: test split: {result.collapse_warning()}")
     extra = {"run": str(run_dir), "backbone": o["backbone"], "policy": plan.policy, "trainable_params": trainable_params,
              "total_params": total_params, "train_time_s": train_time, "best_epoch": state.best_epoch,
              "decode_errors": sorted({f"{p}: {r}" for p, r in preds.errors}),
@@ -543,6 +590,59 @@ def _provenance(o: dict, info: dict, index) -> dict:
 
 
 # -- evaluate -------------------------------------------------------------------------
+def resolve_model_path(model: str | Path) -> Path:
+    """A model file, or a run folder holding ``model.safetensors``."""
+    from vtransfer import runs
+
+    path = Path(model)
+    if path.is_dir():
+        if not (path / runs.MODEL_FILE).is_file():
+            raise ConfigError(f"{path} is a folder without {runs.MODEL_FILE}; give a model file or a finished run folder")
+        return path / runs.MODEL_FILE
+    return path
+
+
+@dataclass
+class EvalSelection:
+    """Which videos an evaluation scored, and the words that say so."""
+
+    records: list
+    description: str  # "test split of runs/x/split.csv (9 videos)"
+    warning: str | None = None
+
+
+def select_eval_records(model_path: Path, data: Path, manifest: Path | None, split: str) -> EvalSelection:
+    """The videos ``evaluate`` scores: ``manifest``'s split, else the model's run's ``split.csv``, else the folder.
+
+    A folder with ``train/val/test`` subfolders gives its ``split``. A plain
+    class folder next to a model whose run saved its split uses that split's
+    ``split`` (so ``evaluate RUN DATA`` scores the run's own test videos);
+    with no split anywhere every video is scored and the result says that it
+    may include videos the model trained on.
+    """
+    from vtransfer import runs
+    from vtransfer.data.scan import load_dataset, scan_dataset
+
+    has_split_folders = data.is_dir() and any((data / s).is_dir() for s in ("train", "val", "test"))
+    run_split = model_path.parent / runs.SPLIT_FILE
+    if manifest is None and not has_split_folders and data.is_dir() and run_split.is_file():
+        from vtransfer.data.splits import read_manifest
+
+        if read_manifest(run_split, check_files=False).root.resolve() == data.resolve():  # the run's own dataset
+            manifest = run_split
+    if manifest is None and not has_split_folders and data.is_dir():
+        index = scan_dataset(data)
+        return EvalSelection(index.records, f"all {len(index.records)} videos of {data}, including any the model trained on",
+                             warning=(f"no split given and no {runs.SPLIT_FILE} beside {model_path.name}: scoring every "
+                                      f"video in {data}, training videos included; pass --manifest RUN/{runs.SPLIT_FILE} "
+                                      "for a held-out score"))
+    index = load_dataset(data, manifest=Path(manifest) if manifest else None)
+    records = index.records if split == "all" else index.split(split)
+    where = f"{manifest}" if manifest else f"{data}/{split}"
+    what = "every split" if split == "all" else f"{split} split"
+    return EvalSelection(records, f"{what} of {where} ({len(records)} videos)")
+
+
 def evaluate(
     model: str | Path,
     data: str | Path,
@@ -558,40 +658,44 @@ def evaluate(
     device: str = "auto",
     threads: int | None = None,
     progress=None,
+    on_selection=None,
 ):
-    """Evaluate a saved model on a dataset's test split, a whole folder, or a manifest.
+    """Evaluate a saved model (a file or a run folder) on held-out videos, saying which.
 
-    ``split`` picks ``train``/``val``/``test`` or ``all``; a folder without
-    split folders and without ``manifest`` is evaluated whole. Writes
-    ``report.json``, ``per_class.csv``, ``confusion.csv``, ``report.md``, plots
-    and ``report.html`` into ``out`` when given. Returns the
-    :class:`~vtransfer.metrics.EvalResult`.
+    Which videos: see :func:`select_eval_records` (``split`` picks
+    ``train``/``val``/``test`` or ``all``). ``on_selection(EvalSelection)`` is
+    called before scoring (the CLI prints it). Writes ``report.json``,
+    ``per_class.csv``, ``confusion.csv``, ``report.md``, plots and
+    ``report.html`` into ``out`` when given, titled by run, policy and videos.
+    Returns the :class:`~vtransfer.metrics.EvalResult`.
     """
-    from vtransfer.data.scan import load_dataset, scan_dataset
     from vtransfer.report import write_eval_report
     from vtransfer.runtime import configure_threads, resolve_device
     from vtransfer.weights.checkpoint import model_from_checkpoint
 
+    if split not in ("train", "val", "test", "all"):
+        raise ConfigError(f"--split {split!r}: choose train, val, test or all")
+    model_path = resolve_model_path(model)
     dev = resolve_device(device)
     configure_threads(threads)
-    net, ckpt = model_from_checkpoint(Path(model))
+    net, ckpt = model_from_checkpoint(model_path)
     net.to(dev)
     data = Path(data)
-    if manifest is None and data.is_dir() and not any((data / s).is_dir() for s in ("train", "val", "test")):
-        index = scan_dataset(data)
-        records = index.records
-    else:
-        index = load_dataset(data, manifest=Path(manifest) if manifest else None)
-        records = index.records if split == "all" else index.split(split)
-    if not records:
+    chosen = select_eval_records(model_path, data, Path(manifest) if manifest else None, split)
+    if not chosen.records:
         raise DatasetError(f"{data}: no videos in split {split!r}")
-    _check_classes(ckpt.classes, sorted({r.label for r in records}), Path(model))
+    if on_selection is not None:
+        on_selection(chosen)
+    _check_classes(ckpt.classes, sorted({r.label for r in chosen.records}), model_path)
     cats = load_categories_for(Path(categories), ckpt.classes) if categories else None
     opts = ClipOptions(clips_per_video=clips_per_video, batch_size=batch_size, workers=workers)
-    result, preds = evaluate_records(net, records, ckpt.classes, opts, dev, precision, cats, progress=progress)
+    result, preds = evaluate_records(net, chosen.records, ckpt.classes, opts, dev, precision, cats, progress=progress)
     if out is not None:
-        write_eval_report(result, Path(out), title=f"{Path(model).name} on {data.name}",
-                          extra={"model": str(model), "data": str(data), "split": split,
+        policy = (ckpt.training or {}).get("policy", {}).get("policy")
+        run = model_path.parent.name if model_path.name == "model.safetensors" else model_path.stem
+        write_eval_report(result, Path(out), title=f"{run}{' / ' + policy if policy else ''}: {chosen.description}",
+                          extra={"model": str(model_path), "data": str(data), "videos": chosen.description,
+                                 **({"warning": chosen.warning} if chosen.warning else {}),
                                  "decode_errors": sorted({f'{p}: {r}' for p, r in preds.errors})})
     return result
 
@@ -696,7 +800,9 @@ def compare_policies(
     from vtransfer import runs
     from vtransfer.data.splits import write_manifest
     from vtransfer.report import PolicyRow, aggregate_seed_rows, write_policy_table
+    from vtransfer.train import TrainingDiverged
 
+    order, skipped = plan_comparison(list(policies), dict(backbone=backbone, **finetune_options))  # fail before work
     out_dir = Path(out) if out else _default_run_dir(f"compare-{backbone}")
     reuse = out_dir.exists() and (out_dir / runs.SPLIT_FILE).exists() and not overwrite
     if not reuse:
@@ -706,8 +812,8 @@ def compare_policies(
         write_manifest(out_dir / runs.SPLIT_FILE, index)
     split_manifest = out_dir / runs.SPLIT_FILE
 
-    rows, skipped, run_dirs = [], {}, {}
-    for policy in shallow_prefixes_first(list(policies), dict(backbone=backbone, **finetune_options)):
+    rows, run_dirs = [], {}
+    for policy in order:
         per_seed = []
         for seed in seeds:
             sub = out_dir / policy if len(seeds) == 1 else out_dir / policy / f"seed-{seed}"
@@ -719,7 +825,7 @@ def compare_policies(
                     manifest=split_manifest, **finetune_options))
             except runs.RunInterrupted as e:
                 raise runs.RunInterrupted(out_dir, e.epochs_done, e.epochs, command="compare-policies") from None
-            except ConfigError as e:
+            except (ConfigError, TrainingDiverged) as e:
                 skipped[policy] = str(e)
                 break
             run_dirs.setdefault(policy, []).append(sub)
@@ -735,30 +841,43 @@ def compare_policies(
     return CompareResult(out_dir, rows, skipped, run_dirs)
 
 
-def shallow_prefixes_first(policies: list[str], options: dict) -> list[str]:
-    """The order to run ``policies`` in so that shared feature caches are reused, not recomputed.
+def plan_comparison(policies: list[str], options: dict) -> tuple[list[str], dict[str, str]]:
+    """Check a comparison before any data is decoded; return the order to run it in and the skipped policies.
 
-    A frozen-prefix feature store can be extended to a deeper prefix by running
-    only the groups in between, never cut back to a shallower one, so the
-    policies with a frozen prefix run shallowest first (``top-3`` before
-    ``top-layer``), each taking the place of one of them in the list; policies
-    without a frozen prefix keep their places. If the model cannot be built
-    here the order is kept and the runs themselves report the problem.
+    Unknown policy names, weights that do not fit the backbone, a preset a
+    checkpoint contradicts: all raise here, naming the valid choices, instead
+    of after minutes of training. A policy that does not apply to this model
+    (``temporal`` without temporal layers) is returned in ``skipped`` with the
+    reason. The rest are ordered by :func:`shallow_prefixes_first`.
     """
-    from vtransfer.policies import resolve_policy
+    from vtransfer.policies import POLICY_NAMES, resolve_policy
 
-    if len(policies) < 2:
-        return policies
-    try:
-        model, _ = build_run_model({**options, "policy": "top-layer"}, num_classes=2)
-    except Exception:  # noqa: BLE001 - the real run reports it with full context
-        return policies
-    depth = {}
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown:
+        raise ConfigError(f"--policies: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(POLICY_NAMES)}")
+    if not policies:
+        raise ConfigError(f"--policies: give at least one of {', '.join(POLICY_NAMES)}")
+    model, _ = build_run_model({**options, "policy": "top-layer"}, num_classes=2)
+    depth, skipped = {}, {}
     for p in policies:
         try:
             depth[p] = resolve_policy(model, p, options.get("train_groups")).first_trainable_group
-        except Exception:  # noqa: BLE001 - e.g. temporal without temporal layers: skipped by its run
-            depth[p] = 0
+        except ConfigError as e:
+            skipped[p] = str(e)
+    runnable = [p for p in policies if p in depth]
+    return shallow_prefixes_first(runnable, depth), skipped
+
+
+def shallow_prefixes_first(policies: list[str], depth: dict[str, int]) -> list[str]:
+    """The order to run ``policies`` in so that shared feature caches are reused, not recomputed.
+
+    ``depth`` is each policy's first trainable group. A frozen-prefix feature
+    store can be extended to a deeper prefix by running only the groups in
+    between, never cut back to a shallower one, so the policies with a frozen
+    prefix run shallowest first (``top-3`` before ``top-layer``), each taking
+    the place of one of them in the list; policies without a frozen prefix
+    keep their places.
+    """
     cached = iter(sorted((p for p in policies if depth[p] > 0), key=lambda p: depth[p]))
     return [next(cached) if depth[p] > 0 else p for p in policies]
 

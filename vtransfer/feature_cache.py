@@ -74,6 +74,7 @@ def clipset_key(dataset, extra: str = "") -> str:
         str(getattr(dataset, "clips_per_video", None)),
         str(getattr(dataset, "seed", None)),
         repr(dataset.preprocessing.to_dict()),
+        repr(getattr(dataset, "transform", None)),  # the augmentation (crop scale) makes different views
         *[str(r.path) for r in dataset.records],
         extra,
     ]

@@ -54,7 +54,7 @@ def _finish(model: VideoBackbone, info: dict[str, Any], num_classes: int | None)
 
 def _check_backbone(name: str | None, found: str, what: str) -> str:
     if name is not None and name != found:
-        raise WeightsError(f"{what} holds a {found} backbone, but the backbone asked for is {name}")
+        raise WeightsError(f"{what} holds a backbone of type {found}, but the backbone asked for is {name}")
     return found
 
 

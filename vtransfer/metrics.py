@@ -23,6 +23,10 @@ UNCATEGORISED = "uncategorised"
 """Category given to classes missing from a categories mapping."""
 
 
+class NonFiniteScores(ValueError):
+    """Model outputs with NaN or infinite values: the model diverged (or its input was broken)."""
+
+
 def _as_numpy(x: Any) -> np.ndarray:
     """``np.asarray`` that also accepts torch tensors (on any device, with grad)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
@@ -40,7 +44,7 @@ def _check_probs(probs: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D array [N, C] with C >= 1, got shape {probs.shape}")
     probs = probs.astype(np.float64, copy=False)
     if not np.all(np.isfinite(probs)):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise NonFiniteScores(f"{name} contains NaN or infinite values")
     return probs
 
 
@@ -221,6 +225,23 @@ class EvalResult:
         """The headline numbers as ``{name: fraction}`` (``None`` where undefined)."""
         return {k: _nan_to_none(getattr(self, k)) for k in self.SUMMARY_KEYS}
 
+    def collapsed_to(self) -> str | None:
+        """The one class every video was predicted as, when videos of two or more classes were all
+        given the same label (a model that learned nothing about the task); else ``None``."""
+        predicted = self.confusion.sum(axis=0)
+        true_classes = int((self.confusion.sum(axis=1) > 0).sum())
+        if self.num_videos < 2 or true_classes < 2 or int((predicted > 0).sum()) != 1:
+            return None
+        return self.classes[int(predicted.argmax())]
+
+    def collapse_warning(self) -> str | None:
+        """``"all N test videos predicted as X"`` (with a hint) when :meth:`collapsed_to` finds one class."""
+        cls = self.collapsed_to()
+        if cls is None:
+            return None
+        return (f"all {self.num_videos} videos predicted as {cls!r}: the model collapsed to one class and learned "
+                "nothing that separates the classes (try a pretrained --weights, another --lr, or more epochs)")
+
     def category_accuracy(self) -> dict[str, float | None]:
         """``{category: accuracy}`` in category order (empty without categories)."""
         return {c.name: c.accuracy for c in self.per_category}
@@ -245,6 +266,7 @@ class EvalResult:
                 {**asdict(p), "top": [[name, prob] for name, prob in p.top]} for p in self.predictions
             ],
             "categories": dict(self.categories) if self.categories is not None else None,
+            "collapsed_to": self.collapsed_to(),
         }
 
     @classmethod

@@ -232,15 +232,17 @@ def _extra_table(extra: Mapping[str, Any]) -> Table:
 def eval_tables(result: EvalResult) -> dict[str, Table]:
     """The evaluation report's tables: ``summary``, ``per_category`` (if categories), ``per_class``, ``confused``."""
     k = result.top_k
+    trivial = k >= len(result.classes)  # hit@k over every class says nothing
     clips_per_video = result.num_clips / max(result.num_videos, 1)
     summary = Table(
         "Summary",
         ["Metric", "Value"],
         [
+            *([["Warning", collapse]] if (collapse := result.collapse_warning()) else []),
             ["Video hit@1", format_pct(result.video_hit1)],
-            [f"Video hit@{k}", format_pct(result.video_hit5)],
+            *([] if trivial else [[f"Video hit@{k}", format_pct(result.video_hit5)]]),
             ["Clip hit@1", format_pct(result.clip_hit1)],
-            [f"Clip hit@{k}", format_pct(result.clip_hit5)],
+            *([] if trivial else [[f"Clip hit@{k}", format_pct(result.clip_hit5)]]),
             ["Mean class accuracy", format_pct(result.mean_class_accuracy)],
             ["Videos", str(result.num_videos)],
             ["Clips", f"{result.num_clips} ({clips_per_video:.3g} per video)"],
@@ -248,7 +250,8 @@ def eval_tables(result: EvalResult) -> dict[str, Table]:
         ],
         right={1},
         caption="Video score = mean of its clips' softmax probabilities. "
-        "Mean class accuracy = mean over classes with test videos.",
+        "Mean class accuracy = mean over classes with test videos."
+        + (f" Hit@{k} is left out: with {len(result.classes)} classes it is always 100%." if trivial else ""),
     )
     tables = {"summary": summary}
     if result.per_category:

@@ -73,6 +73,24 @@ def prepare_run_dir(path: Path, overwrite: bool = False, resume: bool = False) -
     return path
 
 
+def discard_failed_run(run_dir: Path, existed: bool) -> bool:
+    """After a run failed before finishing an epoch, remove what it wrote so the corrected command can run.
+
+    A run with a finished epoch (``resume.pt``) is kept: it can be resumed.
+    Otherwise the folder's contents go, and the folder itself too when this
+    run created it (``existed`` False). Returns True when something was removed.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or has_resume_state(run_dir):
+        return False
+    if not existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return True
+    for child in run_dir.iterdir():
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    return True
+
+
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     """Delete the hidden ``.NAME.XXXX.tmp`` files an atomic write leaves when its process is killed.
 

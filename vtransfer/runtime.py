@@ -78,16 +78,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def preferred_memory_format(backbone: str, precision: str, device: torch.device) -> torch.memory_format:
-    """``channels_last_3d`` where benchmarks/bench_step.py measured it faster, else contiguous.
+    """The memory format backbone family ``backbone`` declares for ``device`` and ``precision``.
 
-    On CPU, I3D in ``channels_last_3d`` trains 1.1-1.2x faster at batch 4-8 in
-    fp32 and 1.3-1.6x in bf16, and evaluates 1.6x faster (ATen's channels-first
-    3D max pool is slow; the channels-last kernels are vectorised over
-    channels); only a batch of one at full width is slightly slower. Slow
-    fusion measured slower or the same, ViViT has no 3D convolutions to speak
-    of, and on GPUs cuDNN's own choice is kept. ``precision`` is accepted for
-    callers that choose per precision; both precisions get the same answer.
+    Each family measures its own choice (``benchmarks/bench_step.py``); see
+    ``preferred_memory_format`` in its module (contiguous when it declares none).
     """
-    if backbone == "i3d" and device.type == "cpu":
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    from vtransfer.models.registry import memory_format
+
+    return memory_format(backbone, device, precision)

@@ -20,3 +20,22 @@ app = typer.Typer(
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"vtransfer {version('vtransfer')}")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+            typer.echo("vtransfer (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_print_version,
+                                      is_eager=True),
+) -> None:
+    """Transfer learning for video classification: pretrained backbones, freezing policies, per-category reports."""

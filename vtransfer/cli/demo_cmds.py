@@ -17,7 +17,7 @@ def demo(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again from nothing.")] = False,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe whose \\[demo] table overrides the demo's settings (see recipes/demo.toml).")] = None,
 ) -> None:
-    """Make demo data, pretrain a tiny backbone on it, compare all policies on new classes; no downloads."""
+    """Make demo videos and compare every policy on them, from the ImageNet weights installed with vtransfer; no downloads."""
     from vtransfer.demo_run import run_demo
     from vtransfer.recipes import demo_settings
     from vtransfer.progress import RichReporter
@@ -26,8 +26,13 @@ def demo(
     t0 = time.perf_counter()
     reporter = RichReporter(console)
     settings = demo_settings(recipe) if recipe else None
-    res = run_demo(out, overwrite=overwrite, settings=settings, reporter=reporter, on_step=lambda text: console.rule(text))
-    render_policy_table(res.rows, console, title="demo: transfer from source classes to new target classes")
+    def on_policy(policy: str, seed: int) -> None:
+        reporter.label = f"[{policy}] "
+        console.rule(f"policy {policy}")
+
+    res = run_demo(out, overwrite=overwrite, settings=settings, reporter=reporter, on_step=lambda text: console.rule(text),
+                   on_policy=on_policy)
+    render_policy_table(res.rows, console, title="demo: ImageNet-pretrained effnet3d on new video classes")
     for policy, why in res.skipped.items():
         console.print(f"[yellow]skipped {policy}:[/] {why}")
     console.print(f"[bold]everything is in[/] {out}  ({time.perf_counter() - t0:.0f}s)")

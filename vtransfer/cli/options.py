@@ -20,7 +20,7 @@ _O = "Output"
 Data = Annotated[Path, typer.Argument(help="Dataset folder (DATA/<class>/<video> or DATA/{train,val,test}/<class>/<video>) or a split manifest CSV.")]
 Recipe = Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe with option values (command-line options win).", rich_help_panel=_O)]
 
-Backbone = Annotated[str, typer.Option("--backbone", "-b", help="Backbone: slowfusion, i3d or vivit.", rich_help_panel=_M)]
+Backbone = Annotated[str, typer.Option("--backbone", "-b", help="Backbone: slowfusion, i3d, vivit or effnet3d (see `vtransfer backbones`).", rich_help_panel=_M)]
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Architecture preset (see `vtransfer backbones`); default: the backbone's default.", rich_help_panel=_M)]
 Weights = Annotated[Optional[str], typer.Option("--weights", "-w", help="Pretrained weights: a source name (i3d:kinetics400, ...), a registered name, or a file. Default: random init.", rich_help_panel=_M)]
 Policy = Annotated[str, typer.Option("--policy", "-p", help="Freezing policy: scratch, top-layer, top-3, temporal, all.", rich_help_panel=_M)]
@@ -29,9 +29,10 @@ Dropout = Annotated[Optional[float], typer.Option("--dropout", help="Dropout rat
 
 Epochs = Annotated[int, typer.Option("--epochs", "-e", help="Maximum number of epochs.", rich_help_panel=_T)]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Clips per batch.", rich_help_panel=_T)]
-Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 1e-2 for SGD, 3e-4 for AdamW).", rich_help_panel=_T)]
-Optimizer = Annotated[str, typer.Option("--optimizer", help="auto (SGD+momentum for CNNs, AdamW for ViViT), sgd or adamw.", rich_help_panel=_T)]
-WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default: 5e-4 SGD, 0.05 AdamW).", rich_help_panel=_T)]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the backbone's; `vtransfer backbones` lists them).", rich_help_panel=_T)]
+Optimizer = Annotated[str, typer.Option("--optimizer", help="auto (the backbone's: SGD+momentum for slowfusion and i3d, AdamW for vivit and effnet3d), sgd or adamw.", rich_help_panel=_T)]
+WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default: the backbone's; 5e-4 with SGD, 0.05 with AdamW).", rich_help_panel=_T)]
+HeadLrScale = Annotated[Optional[float], typer.Option("--head-lr-scale", help="Learning rate of the new classifier as a multiple of --lr (default: the backbone's; 10 for effnet3d, 1 for the others).", rich_help_panel=_T)]
 Warmup = Annotated[float, typer.Option("--warmup-epochs", help="Linear LR warm-up length in epochs, then cosine decay.", rich_help_panel=_T)]
 Patience = Annotated[int, typer.Option("--patience", help="Stop after this many epochs without a better validation video accuracy (0: never).", rich_help_panel=_T)]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed for initialisation, sampling and augmentation.", rich_help_panel=_T)]
@@ -51,7 +52,7 @@ Ratios = Annotated[str, typer.Option("--ratios", help="train,val,test fractions 
 GroupPattern = Annotated[Optional[str], typer.Option("--group-pattern", help="Regex whose capture keeps related clips in one split (UCF-101: '_(g\\d+)_', KTH: '(person\\d+)').", rich_help_panel=_D)]
 
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=_S)]
-Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes (default: min(4, CPUs)).", rich_help_panel=_S)]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader worker processes (default: none when decoded frames are cached in memory, else min(2, CPUs) on CPU).", rich_help_panel=_S)]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="torch intra-op threads (default: all CPUs).", rich_help_panel=_S)]
 Cache = Annotated[str, typer.Option("--cache", help="Decoded-frame cache: auto (by dataset size vs free memory), memory, disk or none.", rich_help_panel=_S)]
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Folder of the disk frame cache (default: inside the run folder).", rich_help_panel=_S)]

@@ -13,7 +13,7 @@ from vtransfer.cli.app import app, console
 
 # Options every training command shares: (CLI parameter name) -> api keyword.
 _TRAINING_KEYS = (
-    "backbone", "preset", "weights", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs",
+    "backbone", "preset", "weights", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "head_lr_scale", "warmup_epochs",
     "patience", "dropout", "frames", "stride", "size", "clips_per_video", "val_clips", "precision", "device",
     "categories", "balance", "manifest", "split_files", "split_seed", "group_pattern", "workers", "threads",
     "cache", "cache_dir", "cached_views", "max_bad_fraction", "deterministic", "tensorboard",
@@ -66,7 +66,9 @@ def _print_result_summary(res) -> None:
 @app.command(rich_help_panel="Train and evaluate")
 def finetune(
     ctx: typer.Context,
-    data: O.Data,
+    data: Annotated[Optional[Path], typer.Argument(
+        help="Dataset folder (DATA/<class>/<video> or DATA/{train,val,test}/<class>/<video>) or a split manifest CSV; "
+             "not needed with --resume.", show_default=False)] = None,
     backbone: O.Backbone = "i3d",
     preset: O.Preset = None,
     weights: O.Weights = None,
@@ -77,6 +79,7 @@ def finetune(
     lr: O.Lr = None,
     optimizer: O.Optimizer = "auto",
     weight_decay: O.WeightDecay = None,
+    head_lr_scale: O.HeadLrScale = None,
     warmup_epochs: O.Warmup = 1.0,
     patience: O.Patience = 5,
     dropout: O.Dropout = None,
@@ -117,6 +120,9 @@ def finetune(
     reporter = RichReporter(console)
     if p["resume"] is not None:
         res = api.finetune(p["data"], resume=p["resume"], reporter=reporter)
+    elif p["data"] is None:
+        raise typer.BadParameter("give the dataset folder DATA (or --resume RUN to continue a stopped run)",
+                                 param_hint="DATA")
     else:
         res = api.finetune(p["data"], policy=p["policy"], train_groups=O.split_list(p["train"]), out=p["out"],
                            overwrite=p["overwrite"], seed=p["seed"], reporter=reporter, **_training_kwargs(p))
@@ -147,6 +153,7 @@ def pretrain(
     lr: O.Lr = None,
     optimizer: O.Optimizer = "auto",
     weight_decay: O.WeightDecay = None,
+    head_lr_scale: O.HeadLrScale = None,
     warmup_epochs: O.Warmup = 1.0,
     patience: O.Patience = 5,
     dropout: O.Dropout = None,
@@ -205,6 +212,7 @@ def compare_policies(
     lr: O.Lr = None,
     optimizer: O.Optimizer = "auto",
     weight_decay: O.WeightDecay = None,
+    head_lr_scale: O.HeadLrScale = None,
     warmup_epochs: O.Warmup = 1.0,
     patience: O.Patience = 5,
     dropout: O.Dropout = None,
@@ -265,8 +273,8 @@ def compare_policies(
 
 @app.command(rich_help_panel="Train and evaluate")
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="A vtransfer model file (model.safetensors).")],
-    data: Annotated[Path, typer.Argument(help="Dataset folder or split manifest CSV.")],
+    model: Annotated[Path, typer.Argument(help="A vtransfer model file (model.safetensors) or a finished run folder.")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder or split manifest CSV (with a run's model, its split.csv picks the test videos).")],
     manifest: O.Manifest = None,
     split: Annotated[str, typer.Option("--split", help="Which split to evaluate: test, val, train or all (a folder without splits is evaluated whole).")] = "test",
     clips_per_video: O.ClipsPerVideo = 10,
@@ -282,17 +290,29 @@ def evaluate(
 ) -> None:
     """Clip/video hit@1/@5, mean class accuracy, per-class and per-category accuracy of a saved model."""
     import vtransfer.api as api
+    from rich.markup import escape
+
     from vtransfer.errors import ConfigError
     from vtransfer.report import render_eval_table
 
     if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out} is not empty; pass --overwrite or choose another --out")
+    chosen = []
+
+    def announce(selection) -> None:
+        chosen.append(selection)
+        if not json_out:
+            console.print(f"evaluating {escape(selection.description)}", highlight=False)
+            if selection.warning:
+                console.print(f"warning: {escape(selection.warning)}", style="yellow", highlight=False)
+
     result = api.evaluate(model, data, manifest=manifest, split=split, clips_per_video=clips_per_video, categories=categories,
-                          out=out, batch_size=batch_size, workers=workers, precision=precision, device=device, threads=threads)
+                          out=out, batch_size=batch_size, workers=workers, precision=precision, device=device, threads=threads,
+                          on_selection=announce)
     if json_out:
-        console.print_json(json.dumps(result.to_dict()))
+        console.print_json(json.dumps({**result.to_dict(), "videos": chosen[0].description if chosen else None}))
         return
-    render_eval_table(result, console, title=f"{model.name} on {data.name} ({split})")
+    render_eval_table(result, console, title=f"{model.name}: {chosen[0].description}" if chosen else model.name)
     if out is not None:
         console.print(f"[bold]report:[/] {out}")
 

@@ -200,6 +200,17 @@ def module_buffer_names(prefix: str, module: nn.Module) -> list[str]:
     return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_buffers()]
 
 
+def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF "SAME" padding ``(before, after)`` of one dimension of length ``size``.
+
+    The output has ``ceil(size / stride)`` positions; the total padding is
+    whatever makes that so, and an odd total puts the extra element after.
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
 def as_pair(v: int | Sequence[int]) -> tuple[int, int]:
     """``7 -> (7, 7)``; ``(h, w) -> (h, w)``."""
     if isinstance(v, int):

@@ -1,9 +1,12 @@
 """Backbone names, their presets, and one builder for all of them.
 
-Each model module (``vtransfer.models.slowfusion``, ``.i3d``, ``.vivit``)
-exposes ``MODEL_CLASS`` (a :class:`~vtransfer.models.base.VideoBackbone`
-subclass), ``PRESETS`` (preset name -> constructor kwargs) and
-``DEFAULT_PRESET``. Modules are imported lazily so listing names is cheap.
+Each model module (``vtransfer.models.slowfusion``, ``.i3d``, ``.vivit``,
+``.effnet3d``) exposes ``MODEL_CLASS`` (a
+:class:`~vtransfer.models.base.VideoBackbone` subclass), ``PRESETS`` (preset
+name -> constructor kwargs), ``DEFAULT_PRESET``, ``TRAINING_DEFAULTS``
+(optimiser, learning rate, weight decay measured to work for the family) and
+optionally ``preferred_memory_format(device, precision)``. Modules are
+imported lazily so listing names is cheap.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ _MODULES = {
     "slowfusion": "vtransfer.models.slowfusion",
     "i3d": "vtransfer.models.i3d",
     "vivit": "vtransfer.models.vivit",
+    "effnet3d": "vtransfer.models.effnet3d",
 }
 
 
@@ -69,3 +73,16 @@ def build_backbone(name: str, preset: str | None = None, num_classes: int | None
 def build_from_config(name: str, config: dict[str, Any]) -> VideoBackbone:
     """Rebuild a backbone from the ``config`` stored in a checkpoint."""
     return backbone_module(name).MODEL_CLASS(**config)
+
+
+def training_defaults(name: str) -> dict[str, Any]:
+    """The family's default ``optimizer``, ``lr`` and ``weight_decay`` (used where the user gives none)."""
+    return dict(backbone_module(name).TRAINING_DEFAULTS)
+
+
+def memory_format(name: str, device: Any, precision: str) -> Any:
+    """The memory format the family runs fastest in on ``device`` at ``precision`` (contiguous unless it says)."""
+    import torch
+
+    chooser = getattr(backbone_module(name), "preferred_memory_format", None)
+    return chooser(device, precision) if chooser else torch.contiguous_format

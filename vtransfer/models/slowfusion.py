@@ -340,3 +340,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 DEFAULT_PRESET = "full"
+
+#: SGD with momentum, as Karpathy et al. train.
+TRAINING_DEFAULTS = {"optimizer": "sgd", "lr": 1e-2, "weight_decay": 5e-4}

