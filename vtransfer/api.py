@@ -335,6 +335,8 @@ def finetune(
                 raise
             done = len(runs.read_metrics(run_dir))
             raise runs.RunInterrupted(run_dir, done, int(options["epochs"])) from None
+        except runs.RunInterrupted:
+            raise  # stopped on purpose: the folder stays resumable
         except Exception:
             _discard_if_failed_early(run_dir, resume, existed, ctx)
             raise

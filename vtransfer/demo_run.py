@@ -31,7 +31,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "demo_frames": 24,
     "demo_size": 64,
     "clutter": 0.4,
-    "epochs": 10,
+    "epochs": 8,
     "batch_size": 8,
     "clips_per_video": 4,
     "val_clips": 2,

@@ -356,7 +356,8 @@ class Trainer:
         if not params:
             raise ConfigError("nothing to train: the policy left every parameter frozen")
         named = dict(model.named_parameters())
-        head = [named[n] for n in model.layer_groups()[-1].params if named[n].requires_grad]
+        # a new head on pretrained layers learns faster than they may move; from scratch nothing is ahead
+        head = [] if plan.reinit else [named[n] for n in model.layer_groups()[-1].params if named[n].requires_grad]
         self.optimizer = build_optimizer(params, config, head=head)
         steps_per_epoch = max(1, source.num_batches())
         total = steps_per_epoch * config.epochs

@@ -32,7 +32,7 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Clips per batch.",
 Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the backbone's; `vtransfer backbones` lists them).", rich_help_panel=_T)]
 Optimizer = Annotated[str, typer.Option("--optimizer", help="auto (the backbone's: SGD+momentum for slowfusion and i3d, AdamW for vivit and effnet3d), sgd or adamw.", rich_help_panel=_T)]
 WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default: the backbone's; 5e-4 with SGD, 0.05 with AdamW).", rich_help_panel=_T)]
-HeadLrScale = Annotated[Optional[float], typer.Option("--head-lr-scale", help="Learning rate of the new classifier as a multiple of --lr (default: the backbone's; 10 for effnet3d, 1 for the others).", rich_help_panel=_T)]
+HeadLrScale = Annotated[Optional[float], typer.Option("--head-lr-scale", help="Learning rate of the new classifier over pretrained layers, as a multiple of --lr (default: the backbone's; 10 for effnet3d, 1 for the others; scratch always uses 1).", rich_help_panel=_T)]
 Warmup = Annotated[float, typer.Option("--warmup-epochs", help="Linear LR warm-up length in epochs, then cosine decay.", rich_help_panel=_T)]
 Patience = Annotated[int, typer.Option("--patience", help="Stop after this many epochs without a better validation video accuracy (0: never).", rich_help_panel=_T)]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed for initialisation, sampling and augmentation.", rich_help_panel=_T)]

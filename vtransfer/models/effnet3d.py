@@ -143,37 +143,44 @@ class Conv3dSame(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve ``B x C x T x H x W``; the output keeps ``T`` and has ``ceil(H / stride)`` rows."""
+        if self.conv.groups > 1 and self.conv.groups == self.conv.in_channels == self.conv.out_channels:
+            return self._depthwise_over_frames(x)
         ph = tf_same_padding(x.shape[3], self.kernel, self.stride)
         pw = tf_same_padding(x.shape[4], self.kernel, self.stride)
         if any(ph + pw):
             x = F.pad(x, (*pw, *ph, 0, 0))
-        if self.time == 1:
-            return self.conv(x)
-        if self.conv.groups == self.conv.in_channels == self.conv.out_channels:
-            return self._depthwise_over_frames(x)
-        half = self.time // 2
-        return self.conv(F.pad(x, (0, 0, 0, 0, half, self.time - 1 - half), mode="replicate"))
+        if self.time > 1:
+            half = self.time // 2
+            x = F.pad(x, (0, 0, 0, 0, half, self.time - 1 - half), mode="replicate")
+        return self.conv(x)
 
     def _depthwise_over_frames(self, x: torch.Tensor) -> torch.Tensor:
-        """The depthwise ``t x k x k`` conv as ``t`` depthwise 2D convs over time-shifted frames, summed.
+        """The depthwise ``t x k x k`` conv as ``t`` channels-last depthwise 2D convs over time-shifted frames, summed.
 
         The same arithmetic as ``conv3d`` with ``groups=C`` (edge frames
-        repeated), but PyTorch's CPU backward of grouped 3D convs is about 5x
-        slower than ``t`` channels-last 2D ones (measured at Lite0's stage-5
-        shapes: 1.15 s vs 0.36 s per batch of 4 clips), and fine-tuning time is
-        dominated by it.
+        repeated), but PyTorch's CPU backward of grouped 3D convs is several
+        times slower than that of channels-last 2D ones (Lite0 stage-5 shapes,
+        4 clips: 1.15 s vs 0.36 s for three 2D convs), and fine-tuning time is
+        dominated by it. (Running the whole network in ``channels_last_3d``,
+        where these frames would be a view, measured 1.9x slower: its BatchNorm
+        and 1x1x1 convs lose more than the copies cost.)
         """
-        b, c, t = x.shape[:3]
-        half = self.time // 2
-        frames = x.transpose(1, 2)  # B x T x C x H x W (a view)
-        idx = torch.arange(-half, t + self.time - 1 - half, device=x.device).clamp_(0, t - 1)  # replicate time
-        frames = frames.index_select(1, idx)
+        b, c, t, h, w = x.shape
+        frames = x.permute(0, 2, 3, 4, 1)  # B x T x H x W x C; contiguous for a channels_last_3d input
+        ph = tf_same_padding(h, self.kernel, self.stride)
+        pw = tf_same_padding(w, self.kernel, self.stride)
+        if any(ph + pw):
+            frames = F.pad(frames, (0, 0, *pw, *ph))
+        if self.time > 1:
+            half = self.time // 2
+            frames = torch.cat([frames[:, :1]] * half + [frames] + [frames[:, -1:]] * (self.time - 1 - half), dim=1)
         out = None
         for tau in range(self.time):
-            shifted = frames[:, tau:tau + t].reshape(b * t, c, *frames.shape[3:]).contiguous(memory_format=torch.channels_last)
+            shifted = frames[:, tau:tau + t].reshape(b * t, *frames.shape[2:]).permute(0, 3, 1, 2)  # NCHW, NHWC strides
             y = F.conv2d(shifted, self.conv.weight[:, :, tau], stride=self.stride, groups=c)
             out = y if out is None else out + y
-        return out.reshape(b, t, c, *out.shape[2:]).transpose(1, 2).contiguous()
+        ho, wo = out.shape[2:]
+        return out.permute(0, 2, 3, 1).reshape(b, t, ho, wo, c).permute(0, 4, 1, 2, 3)
 
 
 def _bn(channels: int) -> nn.BatchNorm3d:

@@ -20,9 +20,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from vtransfer.errors import WeightsError
-from vtransfer.weights.inflate import inflate_conv2d_weight
-from vtransfer.weights.keymatch import key_problems
+from vtransfer.weights.inflate import inflate_conv2d_weight, load_converted
 
 def inflate_effnet_lite_into_effnet3d(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
     """Load a 2D EfficientNet-Lite state dict into an :class:`EfficientNet3D` of the same size.
@@ -56,9 +54,4 @@ def inflate_effnet_lite_into_effnet3d(state_dict: Mapping[str, torch.Tensor], mo
         else:
             new[key3] = w2
     unexpected = [k for k in src if k not in used]
-    problems = key_problems(missing, unexpected, mismatched)
-    if problems:
-        raise WeightsError("EfficientNet-Lite state dict does not fit this effnet3d: " + "; ".join(problems))
-    merged = dict(target)
-    merged.update(new)
-    model.load_state_dict(merged, strict=True)
+    load_converted(model, new, missing, unexpected, mismatched, "EfficientNet-Lite state dict does not fit this effnet3d")

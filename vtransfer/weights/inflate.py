@@ -123,11 +123,20 @@ def inflate_googlenet_into_i3d(googlenet_state_dict: Mapping[str, torch.Tensor],
             else:
                 new[k3] = src[k2]
     unexpected = [k for k in src if k not in used and not k.startswith(DROPPED_PREFIXES)]
+    load_converted(model, new, missing, unexpected, mismatched, "GoogLeNet state dict cannot be inflated into this I3D")
+
+
+def load_converted(model: nn.Module, converted: Mapping[str, torch.Tensor], missing: list[str], unexpected: list[str],
+                   mismatched: list[str], failure: str) -> None:
+    """Load ``converted`` tensors over ``model``'s own, or raise :class:`WeightsError` naming the mismatches.
+
+    ``model`` is left untouched when anything is missing, unexpected or mis-shaped.
+    """
     problems = key_problems(missing, unexpected, mismatched)
     if problems:
-        raise WeightsError("GoogLeNet state dict cannot be inflated into this I3D: " + "; ".join(problems))
-    merged = dict(target)
-    merged.update(new)
+        raise WeightsError(f"{failure}: " + "; ".join(problems))
+    merged = dict(model.state_dict())
+    merged.update(converted)
     model.load_state_dict(merged, strict=True)
 
 
