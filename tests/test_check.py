@@ -228,3 +228,15 @@ def test_cli_check_table_json_and_exit_codes(messy_dataset, tmp_path):
     write_video(single / "only" / "v.mp4", frames=4, size=16)
     result = runner.invoke(app, ["check", str(single)])
     assert result.exit_code == 2 and "single class" in result.output
+
+
+def test_check_warns_about_classes_missing_from_a_split_and_a_pattern_that_matches_nothing(tmp_path):
+    for cls, n in (("many", 8), ("few", 2)):
+        for i in range(n):
+            write_video(tmp_path / "d" / cls / f"clip{i}.mp4", frames=6, size=16)
+    runner, app = cli()
+    result = runner.invoke(app, ["check", str(tmp_path / "d"), "--json", "--group-pattern", r"(person\d+)", "--frames", "2"])
+    assert result.exit_code == 0, result.output
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("without a usable val video" in w and "few" in w for w in warnings), warnings
+    assert any("--group-pattern '(person\\\\d+)' matches no file name" in w for w in warnings), warnings

@@ -289,3 +289,14 @@ def test_report_says_when_every_video_got_one_class_and_drops_trivial_hit_k(tmp_
     doc = json.loads(paths["json"].read_text())
     assert doc["collapsed_to"] == "b"
     assert [p["name"] for p in doc["predictions"]] == [f"c/v{i}.mp4" for i in range(6)]
+
+
+def test_policy_table_keeps_durations_on_one_line_at_80_columns():
+    rows = [PolicyRow(policy=p, seeds=[0], trainable_params=1_234_567, total_params=3_714_787, train_time_s=467.0,
+                      val_video_acc=0.5, test_video_hit1=0.5, test_video_hit5=1.0, test_clip_hit1=0.5, mean_class_acc=0.5,
+                      per_category={"appearance": 0.5, "motion": 0.5}, top_k=5)
+            for p in ("scratch", "top-layer", "top-3", "temporal", "all")]
+    console = Console(width=80, record=True)
+    render_policy_table(rows, console)
+    text = console.export_text()
+    assert text.count("7m 47s") == 5, text

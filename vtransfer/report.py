@@ -126,7 +126,8 @@ def _rich_table(table: Table) -> Any:
     # A light box and an unwrapped first column keep wide tables legible in an 80-column terminal.
     out = RichTable(title=table.title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     for j, header in enumerate(table.headers):
-        out.add_column(header, justify="right" if j in table.right else "left", no_wrap=(j == 0))
+        # durations ("7m 47s") must not break across lines either
+        out.add_column(header, justify="right" if j in table.right else "left", no_wrap=(j == 0 or "time" in header.lower()))
     for i, row in enumerate(table.rows):
         out.add_row(*(f"[bold green]{cell}[/]" if (i, j) in table.bold else cell for j, cell in enumerate(row)))
     return out

@@ -115,6 +115,8 @@ def check_command(
             )
     except VtransferError as e:
         raise _fail(e) from None
+    if group_pattern and not any(r.group for r in index.records):
+        report.warnings.append(f"--group-pattern {group_pattern!r} matches no file name: every video is its own group")
 
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

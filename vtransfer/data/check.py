@@ -209,6 +209,11 @@ def _warnings(report: CheckReport) -> list[str]:
     for split in SPLITS:
         if sum(v[split] for v in report.counts.values()) == 0:
             out.append(f"the {split} split has no usable video")
+        elif split != "train":
+            missing = [c for c, v in report.counts.items() if v[split] == 0]
+            if missing:
+                out.append(f"class(es) without a usable {split} video (their {split} accuracy cannot be measured): "
+                           f"{', '.join(missing)}")
     return out
 
 
