@@ -32,3 +32,12 @@ def test_bench_memory_quick():
     out = run_script("bench_memory.py", "--threads", "1")
     assert "main-process RSS growth" in out and "decoded disk cache" in out
     assert "peak memory (RSS):" in out
+
+
+@pytest.mark.slow
+def test_bench_transfer_quick_prints_the_table_and_the_baseline():
+    out = run_script("bench_transfer.py", "--threads", "1", "--policies", "scratch,top-layer")
+    assert "motion+LR" in out and "chance" in out and "best pretrained policy: top-layer" in out
+    for policy in ("scratch", "top-layer"):
+        assert any(line.startswith(policy) for line in out.splitlines()), policy
+    assert "peak memory (RSS):" in out
