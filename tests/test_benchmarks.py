@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,4 +42,20 @@ def test_bench_transfer_quick_prints_the_table_and_the_baseline():
     assert "motion+LR" in out and "chance" in out and "best pretrained policy: top-layer" in out
     for policy in ("scratch", "top-layer"):
         assert any(line.startswith(policy) for line in out.splitlines()), policy
+    assert "peak memory (RSS):" in out
+
+
+@pytest.mark.slow
+def test_bench_contention_quick_times_the_compare_step_alone_and_beside_busy_processes():
+    out = run_script("bench_contention.py")
+    alone = re.search(r"^alone: +(\d+\.\d)s", out, re.M)
+    loaded = re.search(r"^beside 2 busy: +(\d+\.\d)s", out, re.M)
+    ratio = re.search(r"^slowdown loaded/alone: (\d+\.\d\d)x +\(fair share \(cores\+2\)/cores = (\d\.\d\d)x", out, re.M)
+    assert alone and loaded and ratio, out
+    assert float(ratio.group(1)) == pytest.approx(float(loaded.group(1)) / float(alone.group(1)), rel=0.05)
+    cores = len(os.sched_getaffinity(0))
+    assert float(ratio.group(2)) == pytest.approx((cores + 2) / cores, abs=0.006)
+    # both runs had the CLI's OpenMP default (or the user's own value) in effect
+    assert out.count(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')},") == 2
+    assert out.count(f"intra_op_threads={cores},") == 2
     assert "peak memory (RSS):" in out

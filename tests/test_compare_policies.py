@@ -104,3 +104,27 @@ def test_every_row_trains_the_checkpoints_architecture(datasets, tmp_path):
     assert scratch.total_params == top.total_params
     info = json.loads((tmp_path / "cmp" / "scratch" / "config.json").read_text())["resolved"]["weights"]
     assert info["kind"] == "random" and info["architecture_from"] == str(pre.model_path)
+    # the table states the one architecture and geometry every row trained
+    assert "architecture mismatch" not in res.setup
+    assert res.setup["parameters"] == f"{top.total_params:,}"
+    assert f"{want['frames']} frames" in res.setup["input"] if "frames" in want else "frames" in res.setup["input"]
+    assert res.setup["pretrained weights"] == str(pre.model_path)
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert res.setup["architecture"] in md and res.setup["input"] in md
+
+
+def test_comparison_setup_flags_rows_of_different_architectures(tmp_path):
+    """Rows reused from runs of another geometry are named, not silently tabulated together."""
+    def run(name, frames):
+        d = tmp_path / name
+        d.mkdir()
+        pre = {"frames": frames, "stride": 2, "crop_size": [32, 32], "resize_short": 36}
+        resolved = {"preprocessing": pre, "total_params": 10, "architecture": {"width": 8, "frames": frames},
+                    "weights": {"backbone": "i3d", "weights": None}}
+        (d / "config.json").write_text(json.dumps({"options": {}, "resolved": resolved}))
+        return d
+
+    same = api.comparison_setup({"scratch": [run("a", 4)], "all": [run("b", 4)]})
+    assert "architecture mismatch" not in same and same["input"].startswith("4 frames, stride 2, 32x32 crop")
+    differ = api.comparison_setup({"scratch": [run("c", 4)], "all": [run("d", 8)]})
+    assert differ["architecture mismatch"] == "scratch; all"

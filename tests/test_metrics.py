@@ -110,9 +110,9 @@ def test_classification_report_agrees_with_sklearn(data):
 
     assert (r.num_videos, r.num_clips, r.top_k) == (n, len(clip_video), 5)
     assert r.video_hit1 == pytest.approx(accuracy_score(labels, pred))
-    assert r.video_hit5 == pytest.approx(top_k_accuracy_score(labels, vp, k=5, labels=np.arange(c)))
+    assert r.video_hit_k == pytest.approx(top_k_accuracy_score(labels, vp, k=5, labels=np.arange(c)))
     assert r.clip_hit1 == pytest.approx(accuracy_score(labels[clip_video], probs.argmax(1)))
-    assert r.clip_hit5 == pytest.approx(
+    assert r.clip_hit_k == pytest.approx(
         top_k_accuracy_score(labels[clip_video], probs, k=5, labels=np.arange(c))
     )
     with warnings.catch_warnings():
@@ -158,7 +158,7 @@ def test_category_with_only_absent_classes_has_no_accuracy():
     probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]])
     r = classification_report(probs, [0, 1], [0, 1], ["a", "b", "c"], {"a": "x", "b": "x", "c": "y"})
     assert [(c.name, c.accuracy) for c in r.per_category] == [("x", 1.0), ("y", None)]
-    assert r.top_k == 3 and r.video_hit5 == 1.0
+    assert r.top_k == 3 and r.video_hit_k == 1.0
 
 
 def test_most_confused_pairs_and_predictions(data):

@@ -193,7 +193,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
 def _row(policy, seed, hit1, cats, time_s=10.0, trainable=1000):
     return PolicyRow(policy=policy, seeds=[seed], trainable_params=trainable, total_params=50_000,
                      train_time_s=time_s, val_video_acc=hit1 - 0.05, test_video_hit1=hit1,
-                     test_video_hit5=min(1.0, hit1 + 0.2), test_clip_hit1=hit1 - 0.1,
+                     test_video_hit_k=min(1.0, hit1 + 0.2), test_clip_hit1=hit1 - 0.1,
                      mean_class_acc=hit1 - 0.02, per_category=cats, top_k=5)
 
 
@@ -293,10 +293,50 @@ def test_report_says_when_every_video_got_one_class_and_drops_trivial_hit_k(tmp_
 
 def test_policy_table_keeps_durations_on_one_line_at_80_columns():
     rows = [PolicyRow(policy=p, seeds=[0], trainable_params=1_234_567, total_params=3_714_787, train_time_s=467.0,
-                      val_video_acc=0.5, test_video_hit1=0.5, test_video_hit5=1.0, test_clip_hit1=0.5, mean_class_acc=0.5,
+                      val_video_acc=0.5, test_video_hit1=0.5, test_video_hit_k=1.0, test_clip_hit1=0.5, mean_class_acc=0.5,
                       per_category={"appearance": 0.5, "motion": 0.5}, top_k=5)
             for p in ("scratch", "top-layer", "top-3", "temporal", "all")]
     console = Console(width=80, record=True)
     render_policy_table(rows, console)
     text = console.export_text()
     assert text.count("7m 47s") == 5, text
+
+
+def test_hit_k_keys_carry_their_k_and_reports_written_before_still_read(tmp_path):
+    from sklearn.metrics import top_k_accuracy_score
+
+    rng = np.random.default_rng(1)
+    labels = np.arange(12) % 4
+    probs = rng.dirichlet(np.ones(4), size=12)
+    r = classification_report(probs, np.arange(12), labels, list("abcd"), top_k=2)
+    doc = json.loads(write_eval_report(r, tmp_path / "k2")["json"].read_text())
+    assert list(doc["summary"]) == ["video_hit1", "video_hit2", "clip_hit1", "clip_hit2", "mean_class_accuracy"]
+    hit2 = top_k_accuracy_score(labels, probs, k=2, labels=np.arange(4))
+    assert 0 < hit2 < 1 and doc["summary"]["video_hit2"] == pytest.approx(hit2) == r.video_hit_k
+    # what the writer wrote before: "video_hit5" holding hit@top_k, whatever top_k was
+    old = {**doc, "summary": {("video_hit5" if k == "video_hit2" else "clip_hit5" if k == "clip_hit2" else k): v
+                              for k, v in doc["summary"].items()}}
+    assert EvalResult.from_dict(old).video_hit_k == pytest.approx(hit2)
+    assert EvalResult.from_dict(old).summary() == EvalResult.from_dict(doc).summary() == r.summary()
+
+    seeds = [PolicyRow.from_eval("top-3", s, trainable_params=10, total_params=100, train_time_s=1.0 + s,
+                                 val_video_acc=0.5, test=classification_report(
+                                     rng.dirichlet(np.ones(4), size=12), np.arange(12), labels, list("abcd"), top_k=2))
+             for s in (0, 1)]
+    row = aggregate_seed_rows(seeds)
+    data = row.to_dict()
+    assert "test_video_hit2" in data and "test_video_hit2" in data["std"]
+    assert not {"test_video_hit5", "test_video_hit_k"} & (set(data) | set(data["std"]))
+    assert PolicyRow.from_dict(data) == row
+    legacy = {("test_video_hit5" if k == "test_video_hit2" else k): v for k, v in data.items()}
+    legacy["std"] = {("test_video_hit5" if k == "test_video_hit2" else k): v for k, v in data["std"].items()}
+    assert PolicyRow.from_dict(legacy) == row
+
+    paths = write_policy_table([row], tmp_path / "cmp")
+    (line,) = csv.DictReader(paths["csv"].open())
+    assert float(line["test_video_hit2"]) == pytest.approx(row.test_video_hit_k)
+    assert float(line["test_video_hit2_std"]) == pytest.approx(row.std["test_video_hit_k"], rel=1e-5)
+    assert "| Test hit@2 |" in paths["markdown"].read_text()
+    mixed = write_policy_table([row, _row("all", 0, 0.5, {})], tmp_path / "mixed")  # k = 2 and k = 5
+    header = next(csv.reader(mixed["csv"].open()))
+    assert "test_video_hitk" in header and "test_video_hit5" not in header and "top_k" in header

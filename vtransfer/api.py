@@ -103,23 +103,14 @@ def adapt_preprocessing(base: Preprocessing, frames: int | None, stride: int | N
     return base.replace(frames=frames, stride=stride, crop_size=(size, size) if size else None, resize_short=resize_short)
 
 
-# Constructor keywords that set each backbone's clip geometry (for models built from a preset).
-_GEOMETRY_KEYS = {
-    "slowfusion": {"size": "input_size", "stride": "frame_stride"},
-    "i3d": {"size": "crop_size", "frames": "frames", "stride": "frame_stride"},
-    "vivit": {"size": "image_size", "frames": "frames", "stride": "frame_stride"},
-    "effnet3d": {"size": "crop_size", "frames": "frames", "stride": "frame_stride"},
-}
-
-
 def geometry_overrides(backbone: str, preset: str | None, frames: int | None, stride: int | None, size: int | None) -> dict[str, Any]:
     """Constructor overrides so a freshly built backbone takes ``frames``/``stride``/``size`` clips.
 
     The short-side resize keeps the preset's crop-to-resize ratio (the backbone's own rule when the preset does not say).
     """
-    from vtransfer.models.registry import resolve_config
+    from vtransfer.models.registry import geometry_keys, resolve_config
 
-    keys = _GEOMETRY_KEYS.get(backbone, {})
+    keys = geometry_keys(backbone)
     wanted = {"frames": frames, "stride": stride, "size": size}
     out = {keys[k]: v for k, v in wanted.items() if v is not None and k in keys}
     if size is not None and "size" in keys:
@@ -238,6 +229,9 @@ def _gather_predictions(preds, mine: list[int]):
 
 
 def _default_run_dir(prefix: str) -> Path:
+    import re
+
+    prefix = re.sub(r"[^A-Za-z0-9_.+-]+", "_", prefix)  # hf:ORG/REPO names one folder, not a tree
     return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -256,7 +250,7 @@ def finetune(
     weights: str | None = None,
     policy: str = DEFAULT_POLICY,
     train_groups: list[str] | None = None,
-    epochs: int = 10,
+    epochs: int | None = None,
     batch_size: int = 8,
     lr: float | None = None,
     optimizer: str = "auto",
@@ -324,6 +318,10 @@ def finetune(
             runs.prepare_run_dir(run_dir, overwrite=overwrite)
         distributed.barrier()
     options.update(reporter=reporter, stop_after_epochs=stop_after_epochs, out=str(run_dir))
+    if options.get("epochs") is None:  # the policy's default (a run's config.json records the number)
+        from vtransfer.policies import default_epochs
+
+        options["epochs"] = default_epochs(str(options["policy"]))
     with _sigint_watch() as interrupted:
         try:
             return _finetune_run(run_dir, options, resume=resume is not None)
@@ -369,7 +367,7 @@ def build_run_model(o: dict, num_classes: int) -> tuple[VideoBackbone, dict]:
     # a checkpoint carries its own architecture: the preset only applies to fresh or built-in-source models
     preset = o.get("preset") if weights is None or not Path(str(weights)).exists() else None
     model, info = load_backbone_with_info(o["backbone"], weights=weights, num_classes=num_classes, preset=preset, **arch_overrides)
-    if o["policy"] == "scratch" and weights is not None:
+    if o["policy"] == "scratch" and (weights is not None or info["kind"] != "random"):  # hf:REPO brings weights
         model, info = _random_twin(model, info)
     model.preprocessing = adapt_preprocessing(model.preprocessing, o.get("frames"), o.get("stride"), o.get("size"))
     return model, info
@@ -512,7 +510,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
                 "train": asdict(config), "device": str(device), "threads": threads, "workers": workers,
                 "preprocessing": model.preprocessing.to_dict(), "classes": classes,
                 "policy": plan.to_dict(), "trainable_params": trainable_params, "total_params": total_params,
-                "weights": info,
+                "weights": info, "architecture": dict(model.config),
                 "split_sizes": {s: len(index.split(s)) for s in ("train", "val", "test")},
                 "processes": ctx.world,
             },
@@ -771,6 +769,7 @@ class CompareResult:
     rows: list[Any]
     skipped: dict[str, str]
     runs: dict[str, list[Path]]
+    setup: dict[str, str] = field(default_factory=dict)  # backbone, architecture, input, parameters (see comparison_setup)
 
 
 def compare_policies(
@@ -837,10 +836,63 @@ def compare_policies(
         if per_seed and policy not in skipped:
             rows.append(aggregate_seed_rows(per_seed))
     rows.sort(key=lambda r: list(policies).index(r.policy))  # the table keeps the order asked for
+    setup = comparison_setup(run_dirs)
     if rows:
-        write_policy_table(rows, out_dir)
+        write_policy_table(rows, out_dir, extra=setup)
     runs.write_json(out_dir / "skipped.json", skipped)
-    return CompareResult(out_dir, rows, skipped, run_dirs)
+    return CompareResult(out_dir, rows, skipped, run_dirs, setup)
+
+
+def _short(value: Any) -> str:
+    """A config value for one line of a table (nested settings are counted, not spelled out)."""
+    if isinstance(value, dict):
+        return f"<{len(value)} settings>"
+    return str(value)
+
+
+def comparison_setup(run_dirs: dict[str, list[Path]]) -> dict[str, str]:
+    """What every row of a comparison trained: backbone, architecture, input geometry, parameters, weights.
+
+    Read back from each run's ``config.json``. Rows must share one
+    architecture and geometry; if any differs (runs reused from an older
+    comparison), an ``"architecture mismatch"`` entry names the rows.
+    """
+    from vtransfer import runs
+
+    seen: dict[str, list[str]] = {}
+    setup: dict[str, str] = {}
+    weights = set()
+    epochs: dict[str, list[str]] = {}
+    for policy, dirs in run_dirs.items():
+        for d in dirs:
+            try:
+                resolved = runs.read_json(d / runs.CONFIG_FILE)["resolved"]
+            except (OSError, KeyError, ValueError):
+                continue
+            arch = resolved.get("architecture")
+            pre = resolved.get("preprocessing", {})
+            crop = pre.get("crop_size") or ["?", "?"]
+            described = {
+                "backbone": str(resolved.get("weights", {}).get("backbone", "?")),
+                "architecture": ", ".join(f"{k}={_short(v)}" for k, v in sorted((arch or {}).items())
+                                          if k not in ("num_classes", "dropout")) or "(not recorded)",
+                "input": f"{pre.get('frames')} frames, stride {pre.get('stride')}, {crop[0]}x{crop[1]} crop of a "
+                         f"{pre.get('resize_short')} px short side",
+                "parameters": f"{int(resolved.get('total_params', 0)):,}",
+            }
+            key = repr(sorted(described.items()))
+            epochs.setdefault(str(resolved.get("train", {}).get("epochs", "?")), []).append(policy)
+            seen.setdefault(key, []).append(f"{policy}" if len(dirs) == 1 else f"{policy}/{d.name}")
+            setup = setup or described
+            if policy != "scratch":
+                weights.add(str(resolved.get("weights", {}).get("weights")))
+    if weights:
+        setup["pretrained weights"] = ", ".join(sorted(weights))
+    if epochs:
+        setup["epochs"] = "; ".join(f"{n} ({', '.join(dict.fromkeys(ps))})" for n, ps in epochs.items()) if len(epochs) > 1 else next(iter(epochs))
+    if len(seen) > 1:
+        setup["architecture mismatch"] = "; ".join(", ".join(rows) for rows in seen.values())
+    return setup
 
 
 def plan_comparison(policies: list[str], options: dict) -> tuple[list[str], dict[str, str]]:
@@ -887,7 +939,10 @@ def shallow_prefixes_first(policies: list[str], depth: dict[str, int]) -> list[s
 def _finished_or_run(run_dir: Path, reporter, options: dict) -> FinetuneResult:
     """Reuse a finished run with identical options, else (re)run it."""
     from vtransfer import runs
+    from vtransfer.policies import default_epochs
 
+    if options.get("epochs") is None:  # compare as finetune will record it
+        options = {**options, "epochs": default_epochs(str(options["policy"]))}
     report_file = run_dir / "report" / "report.json"
     same_options = False
     if (run_dir / runs.CONFIG_FILE).exists():
@@ -930,6 +985,10 @@ def pretrain(
 
     source = Path(source)
     name = name or f"{backbone}:{source.name}"
+    if register:  # a name that cannot be registered fails now, not after the training
+        from vtransfer.weights.sources import check_source_name
+
+        check_source_name(name)
     idx = load_dataset(source) if source.is_dir() else None
     info = {"name": name, "dataset": source.name, "path": str(source.resolve()),
             "classes": idx.classes if idx else [], "videos": len(idx.records) if idx else 0}

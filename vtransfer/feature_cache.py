@@ -26,6 +26,9 @@ from vtransfer.batches import LivePrefixSource, epoch_indices, make_loader, run_
 from vtransfer.inference import batch_inputs
 from vtransfer.models.base import VideoBackbone
 
+# Model config keys that cannot change a frozen prefix's output.
+_NOT_PREFIX_KEYS = frozenset({"dropout", "num_classes"})
+
 # (prefix fingerprint, clip-set key) -> FeatureStore; lives for the process.
 _STORES: dict[tuple[str, str], "FeatureStore"] = {}
 
@@ -54,8 +57,14 @@ class FeatureStore:
 
 
 def prefix_fingerprint(model: VideoBackbone, stop: int) -> str:
-    """Hash of the parameters and buffers of groups ``0 .. stop-1`` plus the architecture."""
-    h = hashlib.sha1(repr(model.describe()).encode())
+    """Hash of the parameters and buffers of groups ``0 .. stop-1`` plus the architecture.
+
+    Dropout rates and the class count are left out: the frozen prefix runs in
+    eval mode, and the classifier is never part of a prefix.
+    """
+    arch = model.describe()
+    arch["config"] = {k: v for k, v in arch["config"].items() if k not in _NOT_PREFIX_KEYS}
+    h = hashlib.sha1(repr(arch).encode())
     state = model.state_dict()
     for g in model.layer_groups()[:stop]:
         for name in list(g.params) + list(g.buffers):

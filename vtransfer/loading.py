@@ -173,7 +173,7 @@ def load_backbone_with_info(
     """Like :func:`load_backbone`, and also return where the weights came from.
 
     The info dict has ``backbone``, ``kind`` (``random``, ``source``,
-    ``checkpoint``, ``foreign``), ``weights``, ``source`` (source name or
+    ``checkpoint``, ``foreign``; ``hf`` for ``hf:REPO`` built with its own weights), ``weights``, ``source`` (source name or
     ``None``), ``path``, ``pretrained_on`` (dataset dict: name, num_classes,
     size), ``pretrained_classes``, ``classes`` (names of the current head's
     outputs; ``None`` if unknown or reset), ``num_classes``, ``head_reset``
@@ -187,7 +187,8 @@ def load_backbone_with_info(
         if name is None:
             raise WeightsError("load_backbone: give a backbone name, or weights to take it from")
         model = build_backbone(name, preset, num_classes=num_classes, **overrides)
-        return _finish(model, _info(name, "random", None), num_classes)
+        # a backbone that brings its own weights when built (hf:REPO) says where they came from
+        return _finish(model, {**_info(name, "random", None), **(getattr(model, "pretrained_info", None) or {})}, num_classes)
 
     spec = str(weights)
     if isinstance(weights, str) and spec in BUILTIN_SOURCES:

@@ -2,8 +2,8 @@
 
 The evaluation protocol of Karpathy et al. (2014) and I3D: several clips are
 taken from each video, each gets softmax probabilities, and a video's score is
-the mean of its clips' probabilities. From these we report hit@1/hit@5 at clip
-and video level, mean class accuracy, per-class precision/recall/F1
+the mean of its clips' probabilities. From these we report hit@1/hit@k (k = 5,
+or the number of classes when there are fewer) at clip and video level, mean class accuracy, per-class precision/recall/F1
 (scikit-learn), per-category accuracy, the confusion matrix and the most
 confused class pairs.
 
@@ -15,12 +15,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 UNCATEGORISED = "uncategorised"
 """Category given to classes missing from a categories mapping."""
+
+LEGACY_HIT_K = 5
+"""The k in the hit@k keys of reports written before keys were named by their k: ``video_hit5``
+held hit@3 when there were 3 classes. Readers fall back to it (:func:`read_hit_k`)."""
+
+
+def hit_key(prefix: str, k: int | str) -> str:
+    """The report key of hit@k: ``hit_key("video", 3)`` -> ``"video_hit3"`` (``"test_video"`` -> ``"test_video_hit3"``)."""
+    return f"{prefix}_hit{k}"
+
+
+def read_hit_k(values: dict[str, Any], prefix: str, k: int) -> Any:
+    """hit@k from a report mapping: the ``<prefix>_hit<k>`` key, else the legacy ``<prefix>_hit5`` one (``None`` if neither)."""
+    key = hit_key(prefix, k)
+    return values[key] if key in values else values.get(hit_key(prefix, LEGACY_HIT_K))
 
 
 class NonFiniteScores(ValueError):
@@ -185,8 +200,9 @@ class EvalResult:
     Attributes:
         classes: class names, index order.
         num_videos, num_clips: sizes of the evaluated set.
-        top_k: the k of the "hit@5" fields (5, or fewer when there are fewer classes).
-        clip_hit1, clip_hit5, video_hit1, video_hit5: fractions in [0, 1].
+        top_k: the k of hit@k (5, or the number of classes when there are fewer).
+        clip_hit1, clip_hit_k, video_hit1, video_hit_k: hit@1 and hit@k, fractions in [0, 1];
+            reports name the hit@k keys by their k (``video_hit3``, see :meth:`summary`).
         mean_class_accuracy: mean per-class video accuracy over classes with videos
             (scikit-learn's balanced accuracy).
         per_class: one :class:`ClassMetrics` per class, index order.
@@ -202,9 +218,9 @@ class EvalResult:
     num_clips: int
     top_k: int
     clip_hit1: float
-    clip_hit5: float
+    clip_hit_k: float
     video_hit1: float
-    video_hit5: float
+    video_hit_k: float
     mean_class_accuracy: float
     per_class: list[ClassMetrics]
     per_category: list[CategoryMetrics]
@@ -213,17 +229,21 @@ class EvalResult:
     predictions: list[VideoPrediction]
     categories: dict[str, str] | None = None
 
-    SUMMARY_KEYS: ClassVar[tuple[str, ...]] = (
-        "video_hit1",
-        "video_hit5",
-        "clip_hit1",
-        "clip_hit5",
-        "mean_class_accuracy",
-    )
-
     def summary(self) -> dict[str, float | None]:
-        """The headline numbers as ``{name: fraction}`` (``None`` where undefined)."""
-        return {k: _nan_to_none(getattr(self, k)) for k in self.SUMMARY_KEYS}
+        """The headline numbers as ``{key: fraction}`` (``None`` where undefined).
+
+        Keys: ``video_hit1``, ``video_hit<k>``, ``clip_hit1``, ``clip_hit<k>``,
+        ``mean_class_accuracy``, with k = :attr:`top_k` (``video_hit3`` with 3 classes).
+        """
+        k = self.top_k
+        values = {
+            "video_hit1": self.video_hit1,
+            hit_key("video", k): self.video_hit_k,
+            "clip_hit1": self.clip_hit1,
+            hit_key("clip", k): self.clip_hit_k,
+            "mean_class_accuracy": self.mean_class_accuracy,
+        }
+        return {key: _nan_to_none(v) for key, v in values.items()}
 
     def collapsed_to(self) -> str | None:
         """The one class every video was predicted as, when videos of two or more classes were all
@@ -271,23 +291,26 @@ class EvalResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
-        """Rebuild an :class:`EvalResult` from :meth:`to_dict` output (e.g. a ``report.json``)."""
-        summary = data["summary"]
+        """Rebuild an :class:`EvalResult` from :meth:`to_dict` output (e.g. a ``report.json``).
 
-        def num(key: str) -> float:
-            value = summary.get(key)
+        Also reads reports written before the hit@k keys carried their k (``video_hit5`` for any k).
+        """
+        summary = data["summary"]
+        k = int(data["top_k"])
+
+        def num(value: Any) -> float:
             return float("nan") if value is None else float(value)
 
         return cls(
             classes=list(data["classes"]),
             num_videos=int(data["num_videos"]),
             num_clips=int(data["num_clips"]),
-            top_k=int(data["top_k"]),
-            clip_hit1=num("clip_hit1"),
-            clip_hit5=num("clip_hit5"),
-            video_hit1=num("video_hit1"),
-            video_hit5=num("video_hit5"),
-            mean_class_accuracy=num("mean_class_accuracy"),
+            top_k=k,
+            clip_hit1=num(summary.get("clip_hit1")),
+            clip_hit_k=num(read_hit_k(summary, "clip", k)),
+            video_hit1=num(summary.get("video_hit1")),
+            video_hit_k=num(read_hit_k(summary, "video", k)),
+            mean_class_accuracy=num(summary.get("mean_class_accuracy")),
             per_class=[ClassMetrics(**c) for c in data["per_class"]],
             per_category=[CategoryMetrics(**c) for c in data["per_category"]],
             confusion=np.asarray(data["confusion"], dtype=np.int64).reshape(len(data["classes"]), -1),
@@ -434,9 +457,9 @@ def classification_report(
         num_clips=int(probs.shape[0]),
         top_k=k,
         clip_hit1=hit_at_k(probs, clip_labels, 1),
-        clip_hit5=hit_at_k(probs, clip_labels, k),
+        clip_hit_k=hit_at_k(probs, clip_labels, k),
         video_hit1=hit_at_k(video_probs, labels, 1),
-        video_hit5=hit_at_k(video_probs, labels, k),
+        video_hit_k=hit_at_k(video_probs, labels, k),
         mean_class_accuracy=float(np.nanmean(class_acc)),
         per_class=per_class,
         per_category=per_category,

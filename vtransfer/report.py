@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from vtransfer.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from vtransfer.metrics import EvalResult
+from vtransfer.metrics import LEGACY_HIT_K, EvalResult, hit_key
 
 # --------------------------------------------------------------------------- formatting
 
@@ -241,9 +241,9 @@ def eval_tables(result: EvalResult) -> dict[str, Table]:
         [
             *([["Warning", collapse]] if (collapse := result.collapse_warning()) else []),
             ["Video hit@1", format_pct(result.video_hit1)],
-            *([] if trivial else [[f"Video hit@{k}", format_pct(result.video_hit5)]]),
+            *([] if trivial else [[f"Video hit@{k}", format_pct(result.video_hit_k)]]),
             ["Clip hit@1", format_pct(result.clip_hit1)],
-            *([] if trivial else [[f"Clip hit@{k}", format_pct(result.clip_hit5)]]),
+            *([] if trivial else [[f"Clip hit@{k}", format_pct(result.clip_hit_k)]]),
             ["Mean class accuracy", format_pct(result.mean_class_accuracy)],
             ["Videos", str(result.num_videos)],
             ["Clips", f"{result.num_clips} ({clips_per_video:.3g} per video)"],
@@ -451,11 +451,24 @@ def write_eval_report(
 
 # --------------------------------------------------------------------------- compare-policies table
 
+_HIT_K_FIELD = "test_video_hit_k"
+"""The :class:`PolicyRow` field of test video hit@k; files call it ``test_video_hit<k>``."""
+
+
+def _hit_k_as_field(values: dict[str, Any], k: int) -> dict[str, Any]:
+    """``values`` with ``test_video_hit<k>`` (or the legacy ``test_video_hit5``) renamed to ``test_video_hit_k``."""
+    for key in (hit_key("test_video", k), hit_key("test_video", LEGACY_HIT_K)):
+        if key in values:
+            values[_HIT_K_FIELD] = values.pop(key)
+            break
+    return values
+
+
 POLICY_METRICS = (
     "train_time_s",
     "val_video_acc",
     "test_video_hit1",
-    "test_video_hit5",
+    "test_video_hit_k",
     "test_clip_hit1",
     "mean_class_acc",
 )
@@ -469,9 +482,10 @@ class PolicyRow:
     Accuracies are fractions in [0, 1] (``None`` when not measured). With
     several seeds the fields hold the mean and ``std`` maps a field name of
     :data:`POLICY_METRICS` to its standard deviation (``per_category_std`` the
-    same per category). ``top_k`` is the k of ``test_video_hit5`` (fewer than
-    5 when there are fewer classes). ``per_category`` maps category -> mean
-    class accuracy on the test split.
+    same per category). ``top_k`` is the k of ``test_video_hit_k`` (5, or the
+    number of classes when there are fewer); files name it by its k
+    (``test_video_hit3``, see :meth:`to_dict`). ``per_category`` maps
+    category -> mean class accuracy on the test split.
     """
 
     policy: str
@@ -481,7 +495,7 @@ class PolicyRow:
     train_time_s: float
     val_video_acc: float | None
     test_video_hit1: float | None
-    test_video_hit5: float | None
+    test_video_hit_k: float | None
     test_clip_hit1: float | None
     mean_class_acc: float | None
     per_category: dict[str, float | None] = field(default_factory=dict)
@@ -512,7 +526,7 @@ class PolicyRow:
             train_time_s=float(train_time_s),
             val_video_acc=val_video_acc,
             test_video_hit1=test.video_hit1,
-            test_video_hit5=test.video_hit5,
+            test_video_hit_k=test.video_hit_k,
             test_clip_hit1=test.clip_hit1,
             mean_class_acc=test.mean_class_accuracy,
             per_category=test.category_accuracy(),
@@ -521,17 +535,31 @@ class PolicyRow:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict (NaN -> ``None``); :meth:`from_dict` reverses it."""
-        return _jsonable(dataclasses.asdict(self))
+        """A JSON-safe dict (NaN -> ``None``) with hit@k named by its k (``test_video_hit3``, also in ``std``).
+
+        :meth:`from_dict` reverses it.
+        """
+        data = dataclasses.asdict(self)
+        key = hit_key("test_video", self.top_k)
+        data[key] = data.pop(_HIT_K_FIELD)
+        if _HIT_K_FIELD in data["std"]:
+            data["std"][key] = data["std"].pop(_HIT_K_FIELD)
+        return _jsonable(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PolicyRow":
-        """Rebuild a row from :meth:`to_dict` output (unknown keys are an error)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
+        """Rebuild a row from :meth:`to_dict` output (unknown keys are an error).
+
+        Also reads rows written before hit@k keys carried their k (``test_video_hit5`` for any k).
+        """
+        k = int(data.get("top_k", 5))
+        fields = _hit_k_as_field(dict(data), k)
+        if "std" in fields:
+            fields["std"] = _hit_k_as_field(dict(fields["std"]), k)
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown PolicyRow field(s): {', '.join(sorted(unknown))}")
-        return cls(**dict(data))
+        return cls(**fields)
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -616,12 +644,10 @@ def policy_table(rows: Sequence[PolicyRow], title: str = "Freezing policies comp
     rows = list(rows)
     categories = _row_categories(rows)
     multi_seed = any(len(r.seeds) > 1 for r in rows)
-    ks = {r.top_k for r in rows}
-    k_label = str(ks.pop()) if len(ks) == 1 else "5"
     headers = ["Policy"] + (["Seeds"] if multi_seed else [])
-    headers += ["Trainable", "Train time", "Val acc", "Test hit@1", f"Test hit@{k_label}", "Mean class acc"]
+    headers += ["Trainable", "Train time", "Val acc", "Test hit@1", f"Test hit@{_shared_k(rows)}", "Mean class acc"]
     headers += categories
-    acc_fields = ["val_video_acc", "test_video_hit1", "test_video_hit5", "mean_class_acc"]
+    acc_fields = ["val_video_acc", "test_video_hit1", _HIT_K_FIELD, "mean_class_acc"]
     first_acc = len(headers) - len(categories) - len(acc_fields)
 
     cells: list[list[str]] = []
@@ -665,14 +691,24 @@ def render_policy_table(rows: Sequence[PolicyRow], console: Any, title: str = "F
     _print_table(console, policy_table(rows, title))
 
 
+def _shared_k(rows: Sequence[PolicyRow]) -> str:
+    """The k of the rows' hit@k as text (``"3"``), or ``"k"`` when rows differ (each row's ``top_k`` says)."""
+    ks = {r.top_k for r in rows}
+    return str(ks.pop()) if len(ks) == 1 else "k"
+
+
 def _policy_csv(rows: Sequence[PolicyRow]) -> str:
-    """``compare.csv``: raw numbers (fractions, seconds), a ``_std`` column beside each metric."""
+    """``compare.csv``: raw numbers (fractions, seconds), a ``_std`` column beside each metric.
+
+    The hit@k column is named by its k (``test_video_hit3``), as in compare.json.
+    """
     categories = _row_categories(rows)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     header = ["policy", "seeds", "top_k", "trainable_params", "total_params"]
     for name in POLICY_METRICS:
-        header += [name, f"{name}_std"]
+        column = hit_key("test_video", _shared_k(rows)) if name == _HIT_K_FIELD else name
+        header += [column, f"{column}_std"]
     for cat in categories:
         header += [f"category:{cat}", f"category:{cat}_std"]
     writer.writerow(header + ["run_dir"])

@@ -48,7 +48,8 @@ class RunInterrupted(VtransferError):
         self.epochs_done = epochs_done
         self.epochs = epochs
         how = (f"vtransfer finetune --resume {self.run_dir}" if command == "finetune"
-               else f"the same vtransfer {command} command (finished runs are reused, the stopped one continues)")
+               else f"the same vtransfer {command} command and --out {self.run_dir} "
+                    "(finished runs are reused, the stopped one continues)")
         super().__init__(f"interrupted; resume with {how} ({epochs_done} of {epochs} epochs finished and saved)")
 
 

@@ -1,7 +1,9 @@
 """Where and how computation runs: device, threads, precision, seeding.
 
 Small helpers shared by training, evaluation and prediction so that every
-command makes the same choices for the same options.
+command makes the same choices for the same options. Importing this module
+does not import torch (the CLI reads :data:`THREAD_ENVIRONMENT` before torch
+is loaded); the functions that need torch import it when called.
 """
 
 from __future__ import annotations
@@ -9,17 +11,44 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, MutableMapping
 
 from vtransfer.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
 PRECISIONS = ("fp32", "bf16")
+
+# OpenMP settings for a machine shared with other jobs (issue 12). PyTorch's CPU
+# kernels run on GNU libgomp (bundled as torch/lib/libgomp.so.1; Intel's
+# KMP_BLOCKTIME does not apply). By default a libgomp thread that reaches a
+# barrier first spins up to 300,000 times before sleeping, so every one of the
+# thousands of small parallel regions per step burns CPU time that other
+# processes, and our own descheduled thread, needed. PASSIVE makes waiting
+# threads sleep at once. libgomp reads these when torch loads it, so they only
+# take effect if set before ``import torch``; the CLI sets each one the user has
+# not set (see :func:`apply_thread_environment`). Measured by
+# benchmarks/bench_contention.py.
+THREAD_ENVIRONMENT: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def apply_thread_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set the :data:`THREAD_ENVIRONMENT` variables missing from ``environ`` (default ``os.environ``).
+
+    Returns the variables it set (a user's own values are left alone). Has an
+    effect only when called before torch is imported in this process.
+    """
+    env = os.environ if environ is None else environ
+    added = {k: v for k, v in THREAD_ENVIRONMENT.items() if k not in env}
+    env.update(added)
+    return added
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; anything else must exist."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -33,6 +62,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def autocast(device: torch.device, precision: str):
     """Autocast context for ``precision`` (``bf16`` on CPU or GPU; ``fp32`` is a no-op)."""
+    import torch
+
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "bf16":
@@ -49,10 +80,26 @@ def cpu_count() -> int:
 
 
 def configure_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads (default: every available CPU) and return the number."""
-    n = threads or cpu_count()
-    torch.set_num_threads(max(1, n))
+    """Set torch's intra-op threads (default: every available CPU) and return the number.
+
+    Also on a busy machine: with waiting threads that sleep (:data:`THREAD_ENVIRONMENT`)
+    two threads beside two busy processes on two cores finished training steps
+    faster than one thread did (benchmarks/README.md, bench_contention.py).
+    """
+    import torch
+
+    n = max(1, threads or cpu_count())
+    torch.set_num_threads(n)
     return n
+
+
+def thread_settings() -> dict[str, object]:
+    """What governs CPU parallelism in this process now: torch's thread counts and the OpenMP variables."""
+    import torch
+
+    env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return {"cpus": cpu_count(), "intra_op_threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), **env}
 
 
 def default_workers(device: torch.device, reader=None) -> int:
@@ -67,6 +114,9 @@ def default_workers(device: torch.device, reader=None) -> int:
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch; with ``deterministic`` also ask torch for deterministic kernels."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

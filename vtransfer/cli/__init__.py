@@ -1,4 +1,9 @@
-"""Command-line entry point: ``vtransfer`` and ``python -m vtransfer``."""
+"""Command-line entry point: ``vtransfer`` and ``python -m vtransfer``.
+
+Importing this package loads typer and rich only: every command imports
+torch, av and the rest inside its own function, so ``vtransfer --help`` and
+a mistyped command answer at once.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +24,20 @@ def _register_commands() -> None:
             importlib.import_module(f"vtransfer.cli.{module.name}")
 
 
+def prepare_process() -> None:
+    """What the command does before anything imports torch: the OpenMP defaults of a shared machine.
+
+    Sets each variable of :data:`vtransfer.runtime.THREAD_ENVIRONMENT` that the
+    user has not set (libgomp reads them once, when torch loads it).
+    """
+    from vtransfer.runtime import apply_thread_environment
+
+    apply_thread_environment()
+
+
 def main() -> None:
     """Run the CLI; user errors print one red line (no traceback) and exit with code 2 (130 when interrupted)."""
+    prepare_process()
     _register_commands()
     try:
         app()

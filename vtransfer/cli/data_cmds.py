@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vtransfer.cli.app import app, console, err_console
+from vtransfer.cli.options import HelpCommand
 from vtransfer.errors import VtransferError
 
 _SPLITS = ("train", "val", "test")
@@ -76,7 +77,7 @@ def _ratios(text: str):
     return parse_ratios(text)
 
 
-@app.command("check")
+@app.command("check", cls=HelpCommand)
 def check_command(
     data: Path = typer.Argument(..., help="Dataset folder (DATA/<class>/<video> or DATA/{train,val,test}/<class>/<video>) or a manifest .csv."),
     frames: int = typer.Option(16, "--frames", min=1, help="Frames per clip; videos shorter than one clip are flagged."),
@@ -158,7 +159,7 @@ def check_command(
         raise typer.Exit(1)
 
 
-@app.command("split")
+@app.command("split", cls=HelpCommand)
 def split_command(
     data: Path = typer.Argument(..., help="Dataset folder: DATA/<class>/<video> (or with train/val/test folders)."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest .csv to write (path,class,split,group)."),

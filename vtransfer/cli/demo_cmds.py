@@ -9,9 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from vtransfer.cli.app import app, console
+from vtransfer.cli.options import HelpCommand
 
 
-@app.command(rich_help_panel="Get started")
+@app.command(rich_help_panel="Get started", cls=HelpCommand)
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's data, models and reports (re-running reuses it).")] = Path("demo-run"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again from nothing.")] = False,

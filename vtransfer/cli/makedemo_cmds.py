@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vtransfer.cli.app import app, console, err_console
+from vtransfer.cli.options import HelpCommand
 from vtransfer.errors import VtransferError
 
 
@@ -49,14 +50,14 @@ def _catalogue_table(names: list[str], counts: dict[str, int] | None = None) -> 
     return table
 
 
-@app.command("make-demo", rich_help_panel="Get started")
+@app.command("make-demo", rich_help_panel="Get started", cls=HelpCommand)
 def make_demo_command(
     out: Annotated[Optional[Path], typer.Argument(help="Output folder (must be empty or absent; see --overwrite).", show_default=False)] = None,
     class_set: Annotated[str, typer.Option("--set", help="Class set: all (every class), source or target (disjoint sets for a transfer experiment).")] = "all",
-    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated subset of the set's classes (see --list-classes).")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", metavar="CLASS[,CLASS...]", help="Comma-separated subset of the set's classes (see --list-classes).")] = None,
     videos_per_class: Annotated[int, typer.Option("--videos-per-class", "-n", help="Videos written per class.")] = 12,
     frames: Annotated[int, typer.Option("--frames", help="Frames per video.")] = 24,
-    size: Annotated[str, typer.Option("--size", help="Frame size: N for NxN, or WIDTHxHEIGHT (even numbers, at least 16).")] = "64",
+    size: Annotated[str, typer.Option("--size", metavar="N|WIDTHxHEIGHT", help="Frame size: N for NxN, or WIDTHxHEIGHT (even numbers, at least 16).")] = "64",
     fps: Annotated[int, typer.Option("--fps", help="Frame rate written into the files.")] = 12,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same videos.")] = 0,
     clutter: Annotated[float, typer.Option("--clutter", help="Background clutter, distractors, camera jitter and noise: 0 none, 1 default, up to 4.")] = 1.0,

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vtransfer.cli.app import app, console
+from vtransfer.cli.options import HelpCommand
 
 
 def _millions(n: int) -> str:
@@ -31,7 +32,7 @@ def _source_cell(src: dict[str, Any]) -> str:
     return f"{mark} {escape(src['name'])}"
 
 
-@app.command("backbones")
+@app.command("backbones", cls=HelpCommand)
 def backbones_command(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
@@ -65,12 +66,12 @@ def backbones_command(
     )
 
 
-@app.command("inspect")
+@app.command("inspect", cls=HelpCommand)
 def inspect_command(
-    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone: slowfusion, i3d or vivit."),
+    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone: slowfusion, i3d, vivit or effnet3d (see `vtransfer backbones`)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Architecture preset (default: the backbone's default)."),
     policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Show what this freezing policy trains: scratch, top-layer, top-3, temporal, all."),
-    train: Optional[str] = typer.Option(None, "--train", help="Custom comma-separated layer groups (names or globs) to train; overrides --policy."),
+    train: Optional[str] = typer.Option(None, "--train", metavar="GROUP[,GROUP...]", help="Custom comma-separated layer groups (names or globs) to train; overrides --policy."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="Classifier size to count (default: the preset's)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:

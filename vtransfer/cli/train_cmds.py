@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from vtransfer.cli import options as O
-from vtransfer.cli.app import app, console
+from vtransfer.cli.app import app, console, require_data
 
 # Options every training command shares: (CLI parameter name) -> api keyword.
 _TRAINING_KEYS = (
@@ -63,7 +63,7 @@ def _print_result_summary(res) -> None:
                   f"train time {res.train_time_s:.1f}s; best val video acc {res.best_val_video_acc:.3f}")
 
 
-@app.command(rich_help_panel="Train and evaluate")
+@app.command(rich_help_panel="Train and evaluate", cls=O.HelpCommand)
 def finetune(
     ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Argument(
@@ -74,7 +74,7 @@ def finetune(
     weights: O.Weights = None,
     policy: O.Policy = "top-3",
     train: O.TrainGroups = None,
-    epochs: O.Epochs = 10,
+    epochs: O.Epochs = None,
     batch_size: O.BatchSize = 8,
     lr: O.Lr = None,
     optimizer: O.Optimizer = "auto",
@@ -113,6 +113,7 @@ def finetune(
     recipe: O.Recipe = None,
 ) -> None:
     """Fine-tune a backbone on DATA under a freezing policy; saves the model, metrics and a test report."""
+    require_data(data)
     import vtransfer.api as api
     from vtransfer.progress import RichReporter
 
@@ -140,7 +141,7 @@ def _show_finetune(res) -> None:
     _print_result_summary(res)
 
 
-@app.command(rich_help_panel="Train and evaluate")
+@app.command(rich_help_panel="Train and evaluate", cls=O.HelpCommand)
 def pretrain(
     ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Source dataset folder (e.g. your Sports-1M, UCF-101 or Kinetics copy).")],
@@ -187,6 +188,7 @@ def pretrain(
     recipe: O.Recipe = None,
 ) -> None:
     """Train a backbone on a source dataset and save it as a weight source for later fine-tuning."""
+    require_data(data)
     import vtransfer.api as api
     from vtransfer.progress import RichReporter
 
@@ -198,16 +200,16 @@ def pretrain(
     console.print(f"use it with: vtransfer finetune DATA --backbone {p['backbone']} --weights {res.model_path}")
 
 
-@app.command("compare-policies", rich_help_panel="Train and evaluate")
+@app.command("compare-policies", rich_help_panel="Train and evaluate", cls=O.HelpCommand)
 def compare_policies(
     ctx: typer.Context,
     data: O.Data,
     backbone: O.Backbone = "i3d",
     preset: O.Preset = None,
     weights: O.Weights = None,
-    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to compare.")] = "scratch,top-layer,top-3,temporal,all",
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds; each policy runs once per seed, the table shows mean ± std.")] = "0",
-    epochs: O.Epochs = 10,
+    policies: Annotated[str, typer.Option("--policies", metavar="POLICY[,POLICY...]", help="Comma-separated policies to compare.")] = "scratch,top-layer,top-3,temporal,all",
+    seeds: Annotated[str, typer.Option("--seeds", metavar="SEED[,SEED...]", help="Comma-separated seeds; each policy runs once per seed, the table shows mean ± std.")] = "0",
+    epochs: O.Epochs = None,
     batch_size: O.BatchSize = 8,
     lr: O.Lr = None,
     optimizer: O.Optimizer = "auto",
@@ -245,6 +247,7 @@ def compare_policies(
     recipe: O.Recipe = None,
 ) -> None:
     """Run several freezing policies on the same split and seeds; print one table in the papers' form."""
+    require_data(data)
     import vtransfer.api as api
     from vtransfer.progress import RichReporter
     from vtransfer.report import render_policy_table
@@ -266,12 +269,18 @@ def compare_policies(
         console.print_json(json.dumps({"out": str(res.out_dir), "rows": [r.to_dict() for r in res.rows], "skipped": res.skipped}))
         return
     render_policy_table(res.rows, console, title=f"{p['backbone']}: policies on {Path(p['data']).name}")
+    for key, value in res.setup.items():
+        style = "bold red" if key == "architecture mismatch" else "bold"
+        console.print(f"[{style}]{key}:[/] {value}", highlight=False)
     for policy, why in res.skipped.items():
         console.print(f"[yellow]skipped {policy}:[/] {why}")
     console.print(f"[bold]results:[/] {res.out_dir}")
+    if not res.rows:
+        console.print("[bold red]error:[/] every policy was skipped (reasons above); nothing was compared")
+        raise typer.Exit(2)
 
 
-@app.command(rich_help_panel="Train and evaluate")
+@app.command(rich_help_panel="Train and evaluate", cls=O.HelpCommand)
 def evaluate(
     model: Annotated[Path, typer.Argument(help="A vtransfer model file (model.safetensors) or a finished run folder.")],
     data: Annotated[Path, typer.Argument(help="Dataset folder or split manifest CSV (with a run's model, its split.csv picks the test videos).")],
@@ -288,7 +297,7 @@ def evaluate(
     overwrite: O.Overwrite = False,
     json_out: O.Json = False,
 ) -> None:
-    """Clip/video hit@1/@5, mean class accuracy, per-class and per-category accuracy of a saved model."""
+    """Clip/video hit@1 and hit@k (k = 5, or the number of classes), mean class, per-class and per-category accuracy of a saved model."""
     import vtransfer.api as api
     from rich.markup import escape
 
@@ -317,10 +326,10 @@ def evaluate(
         console.print(f"[bold]report:[/] {out}")
 
 
-@app.command(rich_help_panel="Train and evaluate")
+@app.command(rich_help_panel="Train and evaluate", cls=O.HelpCommand)
 def predict(
     model: Annotated[Path, typer.Argument(help="A vtransfer model file (model.safetensors).")],
-    videos: Annotated[list[Path], typer.Argument(help="Video files to classify.")],
+    videos: Annotated[list[Path], typer.Argument(metavar="VIDEO...", help="Video files to classify.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Labels to show per video.")] = 5,
     clips_per_video: O.ClipsPerVideo = 10,
     batch_size: O.BatchSize = 8,

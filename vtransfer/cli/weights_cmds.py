@@ -14,15 +14,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from vtransfer.cli.app import app, console
+from vtransfer.cli.options import HelpCommand, HelpGroup
 
 weights_app = typer.Typer(
     help="Weight sources: list them, register your own files, download built-in ones.",
     no_args_is_help=True,
+    cls=HelpGroup,
 )
 app.add_typer(weights_app, name="weights")
 
 
-@weights_app.command("list")
+@weights_app.command("list", cls=HelpCommand)
 def list_command(
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Only sources for this backbone."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
@@ -62,7 +64,7 @@ def list_command(
         )
 
 
-@weights_app.command("add")
+@weights_app.command("add", cls=HelpCommand)
 def add_command(
     file: Path = typer.Argument(..., help="A vtransfer checkpoint (.safetensors) or a state dict in a recognised layout."),
     name: str = typer.Option(..., "--name", "-n", help="Name to use with --weights (e.g. slowfusion:my-sports1m)."),
@@ -85,7 +87,7 @@ def add_command(
     console.print(f"use it with --weights {escape(name)}; registry: {sources_file()}", style="dim")
 
 
-@weights_app.command("fetch")
+@weights_app.command("fetch", cls=HelpCommand)
 def fetch_command(
     name: str = typer.Argument(..., help="Built-in source name, e.g. i3d:kinetics400."),
 ) -> None:

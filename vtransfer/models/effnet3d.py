@@ -366,3 +366,6 @@ DEFAULT_PRESET = "lite0"
 
 #: AdamW (see the module docstring's note on defaults).
 TRAINING_DEFAULTS = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "head_lr_scale": 10.0}
+
+#: Constructor keyword of each clip-geometry option (``--frames``, ``--stride``, ``--size``).
+GEOMETRY_KEYS = {"size": "crop_size", "frames": "frames", "stride": "frame_stride"}

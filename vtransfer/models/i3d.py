@@ -393,6 +393,9 @@ DEFAULT_PRESET = "kinetics"
 #: SGD with momentum, as the I3D paper fine-tunes.
 TRAINING_DEFAULTS = {"optimizer": "sgd", "lr": 1e-2, "weight_decay": 5e-4}
 
+#: Constructor keyword of each clip-geometry option (``--frames``, ``--stride``, ``--size``).
+GEOMETRY_KEYS = {"size": "crop_size", "frames": "frames", "stride": "frame_stride"}
+
 
 def preferred_memory_format(device: torch.device, precision: str) -> torch.memory_format:
     """``channels_last_3d`` on CPU (both precisions), contiguous elsewhere.

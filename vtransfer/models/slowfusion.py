@@ -343,3 +343,6 @@ DEFAULT_PRESET = "full"
 
 #: SGD with momentum, as Karpathy et al. train.
 TRAINING_DEFAULTS = {"optimizer": "sgd", "lr": 1e-2, "weight_decay": 5e-4}
+
+#: Constructor keyword of each clip-geometry option (``--frames``, ``--stride``, ``--size``).
+GEOMETRY_KEYS = {"size": "input_size", "stride": "frame_stride"}

@@ -152,6 +152,9 @@ DEFAULT_PRESET = "vivit-b"
 #: AdamW, as transformers are fine-tuned (the seed paper's ViViT included).
 TRAINING_DEFAULTS = {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.05}
 
+#: Constructor keyword of each clip-geometry option (``--frames``, ``--stride``, ``--size``).
+GEOMETRY_KEYS = {"size": "image_size", "frames": "frames", "stride": "frame_stride"}
+
 
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``.

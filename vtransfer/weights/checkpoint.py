@@ -289,7 +289,7 @@ def _not_a_checkpoint_reason(path: Path) -> str:
 
 def _validate_metadata(path: Path, meta: dict[str, Any]) -> None:
     """Check the metadata document's shape; raise WeightsError naming the problem."""
-    from vtransfer.models.registry import backbone_names
+    from vtransfer.models.registry import backbone_names, is_backbone_name
 
     missing = [k for k in _REQUIRED_FIELDS if k not in meta]
     if missing:
@@ -303,7 +303,7 @@ def _validate_metadata(path: Path, meta: dict[str, Any]) -> None:
             f"checkpoint format version {version!r} is not supported by this vtransfer "
             f"(reads versions 1..{FORMAT_VERSION}); upgrade vtransfer",
         )
-    if meta["backbone"] not in backbone_names():
+    if not isinstance(meta["backbone"], str) or not is_backbone_name(meta["backbone"]):
         raise _fail(path, f"unknown backbone {meta['backbone']!r}; known backbones: {', '.join(backbone_names())}")
     if not isinstance(meta["config"], dict):
         raise _fail(path, "metadata 'config' must be an object of constructor arguments")

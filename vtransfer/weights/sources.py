@@ -22,12 +22,19 @@ sources:
 ``vivit:ucf101``     not available: the seed paper published no weights
 ===================  =========================================================
 
+Model families may declare more in their module's ``WEIGHT_SOURCES`` (the
+torchvision video models: ``r3d_18:kinetics400`` ... ``swin3d_b:kinetics400``,
+``swin3d_b:kinetics400-in22k``, see :mod:`vtransfer.models.tv_video`);
+:data:`BUILTIN_SOURCES` collects them on first use, importing only the
+family a looked-up name belongs to (listing every source imports them all).
+
 The user's own files (vtransfer checkpoints from ``vtransfer pretrain`` or a
 recognised foreign layout) are registered under a name with
 :func:`register_source`, which records them in ``<home>/sources.json``.
 
 Foreign state-dict layouts vtransfer can import are listed in
-:data:`FOREIGN_LAYOUTS` (see :func:`detect_layout`).
+:data:`FOREIGN_LAYOUTS`, plus those model families declare in their
+``FOREIGN_LAYOUTS`` (see :func:`foreign_layouts`, :func:`detect_layout`).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import importlib
 import json
 import re
 from dataclasses import dataclass, field
+from collections.abc import Iterator, MutableMapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -192,7 +200,7 @@ _NO_PUBLIC_WEIGHTS = (
     "pretrained on) and use that file with `--weights FILE`, or register it with `vtransfer weights add`."
 )
 
-BUILTIN_SOURCES: dict[str, WeightSource] = {
+_OWN_SOURCES: dict[str, WeightSource] = {
     s.name: s
     for s in (
         WeightSource(
@@ -291,6 +299,91 @@ BUILTIN_SOURCES: dict[str, WeightSource] = {
 }
 
 
+def _family_modules(backbones: list[str]) -> list[Any]:
+    """The distinct model-family modules of ``backbones``, in that order (importing them)."""
+    from vtransfer.models.registry import family_module
+
+    modules: dict[str, Any] = {}
+    for name in backbones:
+        module = family_module(name)
+        modules.setdefault(module.__name__, module)
+    return list(modules.values())
+
+
+class SourceTable(MutableMapping):
+    """Built-in sources by name: this module's own, then the ``WEIGHT_SOURCES`` of the model families.
+
+    A dict to its users (``in``, ``[name]``, ``.get``, iteration, item
+    assignment). Family modules are imported only when needed: looking up
+    ``backbone:dataset`` imports that backbone's family if the name is not one
+    of this module's; iterating (or ``len``) imports every family once, and
+    then lists this module's sources first and the families' in registry order.
+    """
+
+    def __init__(self, own: dict[str, WeightSource]):
+        self._data: dict[str, WeightSource] = dict(own)
+        self._declared: dict[str, list[str]] = {}  # family module -> names of the sources it declares
+        self._complete = False
+
+    def _collect(self, backbones: list[str]) -> list[str]:
+        """Add the sources of ``backbones``' families (once each); their names, family by family."""
+        names: list[str] = []
+        for module in _family_modules(backbones):
+            if module.__name__ not in self._declared:
+                declared = list(getattr(module, "WEIGHT_SOURCES", ()))
+                self._declared[module.__name__] = [source.name for source in declared]
+                for source in declared:
+                    self._data.setdefault(source.name, source)
+            names += self._declared[module.__name__]
+        return names
+
+    def _collect_for(self, name: str) -> None:
+        if name in self._data or self._complete:
+            return
+        from vtransfer.models.registry import backbone_names
+
+        backbone = name.partition(":")[0]
+        if backbone in backbone_names():
+            self._collect([backbone])
+
+    def _collect_all(self) -> None:
+        if self._complete:
+            return
+        from vtransfer.models.registry import backbone_names
+
+        family = [n for n in self._collect(backbone_names()) if n in self._data]
+        rest = [n for n in self._data if n not in set(family)]
+        self._data = {n: self._data[n] for n in rest + family}
+        self._complete = True
+
+    def __getitem__(self, name: str) -> WeightSource:
+        self._collect_for(name)
+        return self._data[name]
+
+    def __setitem__(self, name: str, source: WeightSource) -> None:
+        self._collect_for(name)  # so a later collection does not bring the family's own back
+        self._data[name] = source
+
+    def __delitem__(self, name: str) -> None:
+        self._collect_for(name)
+        del self._data[name]
+
+    def __iter__(self) -> Iterator[str]:
+        self._collect_all()
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        self._collect_all()
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"SourceTable({', '.join(self)})"
+
+
+#: Every built-in source by name (see :class:`SourceTable`).
+BUILTIN_SOURCES = SourceTable(_OWN_SOURCES)
+
+
 # -- foreign layouts -----------------------------------------------------------------
 
 
@@ -373,9 +466,17 @@ FOREIGN_LAYOUTS: tuple[ForeignLayout, ...] = (
 )
 
 
+def foreign_layouts() -> list[ForeignLayout]:
+    """:data:`FOREIGN_LAYOUTS`, then the ``FOREIGN_LAYOUTS`` every model family declares (importing the families)."""
+    from vtransfer.models.registry import backbone_names
+
+    family = [lay for module in _family_modules(backbone_names()) for lay in getattr(module, "FOREIGN_LAYOUTS", ())]
+    return [*FOREIGN_LAYOUTS, *family]
+
+
 def detect_layout(state_dict: dict[str, Any]) -> ForeignLayout | None:
     """The known layout ``state_dict`` is in, or ``None``."""
-    for layout in FOREIGN_LAYOUTS:
+    for layout in foreign_layouts():
         if layout.matches(state_dict):
             return layout
     return None
@@ -383,7 +484,7 @@ def detect_layout(state_dict: dict[str, Any]) -> ForeignLayout | None:
 
 def known_layouts_text() -> str:
     """One line listing the importable foreign layouts (for error messages)."""
-    return "; ".join(f"{lay.description} -> {lay.backbone}" for lay in FOREIGN_LAYOUTS)
+    return "; ".join(f"{lay.description} -> {lay.backbone}" for lay in foreign_layouts())
 
 
 # -- user-registered sources ---------------------------------------------------------
@@ -450,6 +551,14 @@ def summarize_weights_file(path: str | Path) -> dict[str, Any]:
     return summary
 
 
+def check_source_name(name: str) -> None:
+    """Raise :class:`WeightsError` unless ``name`` may be registered (well formed, not a built-in source)."""
+    if not _NAME_RE.match(name):
+        raise WeightsError(f"--name {name!r}: use letters, digits and . _ : + - (e.g. i3d:my-kinetics)")
+    if name in BUILTIN_SOURCES:
+        raise WeightsError(f"--name {name!r} is a built-in weight source; choose another name")
+
+
 def register_source(file: str | Path, name: str) -> dict[str, Any]:
     """Register a local weights file under ``name``; return the stored entry.
 
@@ -462,10 +571,7 @@ def register_source(file: str | Path, name: str) -> dict[str, Any]:
     """
     from vtransfer.atomic import atomic_write_json
 
-    if not _NAME_RE.match(name):
-        raise WeightsError(f"--name {name!r}: use letters, digits and . _ : + - (e.g. i3d:my-kinetics)")
-    if name in BUILTIN_SOURCES:
-        raise WeightsError(f"--name {name!r} is a built-in weight source; choose another name")
+    check_source_name(name)
     entry = summarize_weights_file(file)
     entry["added"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     registry = _read_registry()
