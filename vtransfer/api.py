@@ -464,6 +464,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     # -- bad input (issue 7): skipped files and undecodable videos are reported, never trained on --
     from vtransfer.train import screen_dataset
 
+    _stage(reporter, f"screening {len(index.records)} videos")
     index, skipped_files, unreadable = screen_dataset(index, float(o["max_bad_fraction"]), threads, reporter)
     train_records, val_records, test_records = index.split("train"), index.split("val"), index.split("test")
     if unreadable and main:
@@ -471,6 +472,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
     # -- end bad input --
 
     policy = o["policy"]
+    _stage(reporter, f"loading {o['backbone']}" + (f" with {o['weights']}" if o.get("weights") else ""))
     model, info = build_run_model(o, len(classes))
     model.to(device, memory_format=preferred_memory_format(o["backbone"], o["precision"], device))
     plan = resolve_policy(model, policy, o.get("train_groups"))
@@ -518,6 +520,7 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
 
     class_to_idx = index.class_to_idx
     train_labels = [class_to_idx[r.label] for r in train_records]
+    _stage(reporter, "decoding clips" + (" and caching the frozen layers' outputs" if plan.first_trainable_group else ""))
     source = build_prefix_source(
         model=model, plan=plan, train_records=train_records, class_to_idx=class_to_idx, labels=train_labels,
         opts=copts, config=config, device=device, reader=reader, balance_sampler=(config.balance == "sampler"),
@@ -578,6 +581,13 @@ def _finetune_run(run_dir: Path, o: dict, resume: bool) -> FinetuneResult:
                       extra=extra, history=state.history)
     return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, report, state.history, trainable_params, total_params,
                           train_time, state.best_score, plan.to_dict(), test=result)
+
+
+def _stage(reporter, text: str) -> None:
+    """Say what the run is doing before its first progress bar (reporters without a status line ignore it)."""
+    stage = getattr(reporter, "stage", None)
+    if stage is not None:
+        stage(text)
 
 
 def _provenance(o: dict, info: dict, index) -> dict:
