@@ -318,10 +318,7 @@ def finetune(
             runs.prepare_run_dir(run_dir, overwrite=overwrite)
         distributed.barrier()
     options.update(reporter=reporter, stop_after_epochs=stop_after_epochs, out=str(run_dir))
-    if options.get("epochs") is None:  # the policy's default (a run's config.json records the number)
-        from vtransfer.policies import default_epochs
-
-        options["epochs"] = default_epochs(str(options["policy"]))
+    options = _with_policy_epochs(options)  # a run's config.json records the number
     with _sigint_watch() as interrupted:
         try:
             return _finetune_run(run_dir, options, resume=resume is not None)
@@ -338,6 +335,15 @@ def finetune(
         except Exception:
             _discard_if_failed_early(run_dir, resume, existed, ctx)
             raise
+
+
+def _with_policy_epochs(options: dict) -> dict:
+    """``options`` with ``epochs`` filled from the policy's default when it is ``None``."""
+    if options.get("epochs") is not None:
+        return options
+    from vtransfer.policies import default_epochs
+
+    return {**options, "epochs": default_epochs(str(options["policy"]))}
 
 
 def _discard_if_failed_early(run_dir: Path, resume, existed: bool, ctx) -> None:
@@ -949,10 +955,8 @@ def shallow_prefixes_first(policies: list[str], depth: dict[str, int]) -> list[s
 def _finished_or_run(run_dir: Path, reporter, options: dict) -> FinetuneResult:
     """Reuse a finished run with identical options, else (re)run it."""
     from vtransfer import runs
-    from vtransfer.policies import default_epochs
 
-    if options.get("epochs") is None:  # compare as finetune will record it
-        options = {**options, "epochs": default_epochs(str(options["policy"]))}
+    options = _with_policy_epochs(options)  # compare as finetune will record it
     report_file = run_dir / "report" / "report.json"
     same_options = False
     if (run_dir / runs.CONFIG_FILE).exists():
