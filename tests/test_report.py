@@ -69,10 +69,10 @@ def test_write_eval_report_files_parse(tmp_path):
                               history=HISTORY)
     out = tmp_path / "rep"
     assert set(paths) == {"json", "per_class_csv", "confusion_csv", "markdown", "confusion_png",
-                          "per_class_png", "training_curves_png", "html"}
+                          "per_class_png", "reliability_png", "training_curves_png", "html"}
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["report.json", "per_class.csv", "confusion.csv", "report.md", "confusion.png",
-         "per_class.png", "training_curves.png", "report.html"])
+         "per_class.png", "reliability.png", "training_curves.png", "report.html"])
 
     doc = json.loads((out / "report.json").read_text())
     assert doc["title"] == "demo · top-layer"
@@ -97,15 +97,16 @@ def test_write_eval_report_files_parse(tmp_path):
     assert "| Video hit@1 | " + format_pct(result.video_hit1) + " |" in md
     assert "## Per category" in md and "![confusion.png](confusion.png)" in md
 
-    for name in ("confusion.png", "per_class.png", "training_curves.png"):
+    for name in ("confusion.png", "per_class.png", "reliability.png", "training_curves.png"):
         _assert_png(out / name)
 
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 3
+    assert len(images) == 4
     assert {base64.b64decode(i) for i in images} == {(out / n).read_bytes() for n in
-                                                     ("confusion.png", "per_class.png", "training_curves.png")}
+                                                     ("confusion.png", "per_class.png", "reliability.png",
+                                                      "training_curves.png")}
     assert "<table>" in page and "<td class=\"\">brush_hair</td>" in page
     assert "http://" not in page and "https://" not in page and "<link" not in page
     assert _no_temp_files(out) == []
@@ -116,7 +117,7 @@ def test_eval_report_without_history_or_categories(tmp_path):
     paths = write_eval_report(result, tmp_path, title="two classes")
     assert "training_curves_png" not in paths and not (tmp_path / "training_curves.png").exists()
     page = paths["html"].read_text()
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3
     assert "Per category" not in page
     assert json.loads(paths["json"].read_text())["top_k"] == 2
 

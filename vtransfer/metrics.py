@@ -5,7 +5,9 @@ taken from each video, each gets softmax probabilities, and a video's score is
 the mean of its clips' probabilities. From these we report hit@1/hit@k (k = 5,
 or the number of classes when there are fewer) at clip and video level, mean class accuracy, per-class precision/recall/F1
 (scikit-learn), per-category accuracy, the confusion matrix and the most
-confused class pairs.
+confused class pairs, and calibration: the expected calibration error of the
+video scores (and of the clip scores) with its reliability table
+(:mod:`vtransfer.calibration`), optionally after temperature scaling.
 
 Everything here is plain numpy (torch tensors are accepted and converted);
 nothing reads files or knows about models.
@@ -15,9 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from vtransfer.calibration import Calibration
 
 UNCATEGORISED = "uncategorised"
 """Category given to classes missing from a categories mapping."""
@@ -30,6 +35,14 @@ held hit@3 when there were 3 classes. Readers fall back to it (:func:`read_hit_k
 def hit_key(prefix: str, k: int | str) -> str:
     """The report key of hit@k: ``hit_key("video", 3)`` -> ``"video_hit3"`` (``"test_video"`` -> ``"test_video_hit3"``)."""
     return f"{prefix}_hit{k}"
+
+
+def views_text(views: dict[str, int] | None) -> str | None:
+    """``{"clips": 10, "crops": 3}`` -> ``"views = 10 clips × 3 crops"`` (``None`` when unknown)."""
+    if not views:
+        return None
+    clips, crops = int(views["clips"]), int(views["crops"])
+    return f"views = {clips} clip{'s' * (clips != 1)} × {crops} crop{'s' * (crops != 1)}"
 
 
 def read_hit_k(values: dict[str, Any], prefix: str, k: int) -> Any:
@@ -211,6 +224,13 @@ class EvalResult:
         most_confused: up to 10 largest off-diagonal cells, largest first.
         predictions: one :class:`VideoPrediction` per video.
         categories: the class -> category mapping used, or ``None``.
+        views: evaluation views per video, ``{"clips": N, "crops": M}`` (``None``: not recorded).
+        calibration: ECE and reliability table of the video scores
+            (:class:`~vtransfer.calibration.Calibration`); ``None`` for reports written before it.
+        clip_ece: ECE of the clip scores (same bins), or ``None``.
+        temperature: the temperature the clip probabilities were scaled by before
+            every number here was computed; ``None`` when none was applied.
+        unscaled_ece: video-level ECE without that temperature (only with ``temperature``).
     """
 
     classes: list[str]
@@ -228,6 +248,16 @@ class EvalResult:
     most_confused: list[ConfusedPair]
     predictions: list[VideoPrediction]
     categories: dict[str, str] | None = None
+    calibration: Calibration | None = None
+    clip_ece: float | None = None
+    temperature: float | None = None
+    unscaled_ece: float | None = None
+    views: dict[str, int] | None = None
+
+    @property
+    def ece(self) -> float | None:
+        """Video-level expected calibration error, or ``None`` when the report has no calibration."""
+        return None if self.calibration is None else self.calibration.ece
 
     def summary(self) -> dict[str, float | None]:
         """The headline numbers as ``{key: fraction}`` (``None`` where undefined).
@@ -287,15 +317,26 @@ class EvalResult:
             ],
             "categories": dict(self.categories) if self.categories is not None else None,
             "collapsed_to": self.collapsed_to(),
+            "views": dict(self.views) if self.views else None,
+            "calibration": None if self.calibration is None else {
+                **self.calibration.to_dict(),
+                "clip_ece": _nan_to_none(self.clip_ece),
+                "temperature": self.temperature,
+                "unscaled_ece": _nan_to_none(self.unscaled_ece),
+            },
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
         """Rebuild an :class:`EvalResult` from :meth:`to_dict` output (e.g. a ``report.json``).
 
-        Also reads reports written before the hit@k keys carried their k (``video_hit5`` for any k).
+        Also reads reports written before the hit@k keys carried their k (``video_hit5`` for any k)
+        and before calibration was reported (``calibration`` is then ``None``).
         """
+        from vtransfer.calibration import Calibration
+
         summary = data["summary"]
+        calibration = data.get("calibration")
         k = int(data["top_k"])
 
         def num(value: Any) -> float:
@@ -320,6 +361,11 @@ class EvalResult:
                 for p in data["predictions"]
             ],
             categories=data.get("categories"),
+            views=data.get("views"),
+            calibration=Calibration.from_dict(calibration) if calibration else None,
+            clip_ece=(calibration or {}).get("clip_ece"),
+            temperature=(calibration or {}).get("temperature"),
+            unscaled_ece=(calibration or {}).get("unscaled_ece"),
         )
 
 
@@ -376,6 +422,9 @@ def classification_report(
     *,
     video_names: Sequence[str] | None = None,
     top_k: int = 5,
+    views: dict[str, int] | None = None,
+    temperature: float | None = None,
+    calibration_bins: int = 15,
 ) -> EvalResult:
     """Compute clip- and video-level metrics from per-clip probabilities.
 
@@ -388,11 +437,18 @@ def classification_report(
             mention are put in the ``"uncategorised"`` category.
         video_names: optional name (e.g. path) per video, kept in the predictions.
         top_k: the k of hit@k (capped at ``C``) and of the per-video top list.
+        views: the views each video was scored with, ``{"clips": N, "crops": M}``, kept in the result.
+        temperature: scale the clip probabilities by this temperature
+            (:func:`vtransfer.calibration.apply_temperature`) before anything is
+            computed, video scores included; ``None`` leaves them as given.
+        calibration_bins: confidence bins of the expected calibration error.
 
     Returns:
         An :class:`EvalResult`.
     """
     from sklearn.metrics import precision_recall_fscore_support
+
+    from vtransfer.calibration import apply_temperature, expected_calibration_error
 
     classes = [str(c) for c in classes]
     probs = _check_probs(clip_probs, "clip_probs")
@@ -407,6 +463,11 @@ def classification_report(
     if video_names is not None and len(video_names) != num_videos:
         raise ValueError(f"{len(video_names)} video names given for {num_videos} videos")
     video = _check_labels(clip_video, probs.shape[0], num_videos, "clip_video")
+    unscaled_ece = None
+    if temperature is not None:
+        unscaled = aggregate_video_scores(probs, video, num_videos)
+        unscaled_ece = expected_calibration_error(unscaled, labels, calibration_bins).ece
+        probs = apply_temperature(probs, temperature)
     video_probs = aggregate_video_scores(probs, video, num_videos)
     clip_labels = labels[video]
     k = min(top_k, num_classes)
@@ -467,4 +528,9 @@ def classification_report(
         most_confused=_most_confused(confusion, classes),
         predictions=predictions,
         categories=dict(categories) if categories is not None else None,
+        views=dict(views) if views else None,
+        calibration=expected_calibration_error(video_probs, labels, calibration_bins, level="video"),
+        clip_ece=expected_calibration_error(probs, clip_labels, calibration_bins, level="clip").ece,
+        temperature=None if temperature is None else float(temperature),
+        unscaled_ece=unscaled_ece,
     )

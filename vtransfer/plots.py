@@ -1,4 +1,4 @@
-"""PNG plots for reports: training curves, confusion matrix, per-class and per-category bars.
+"""PNG plots for reports: training curves, confusion matrix, per-class and per-category bars, reliability diagram.
 
 Every ``*_png`` function returns the PNG file's bytes (the report module
 writes them atomically and embeds them in HTML). Figures are drawn on an
@@ -360,4 +360,64 @@ def category_bars_png(
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(title or "Accuracy per category", pad=6)
     fig.tight_layout()
+    return _to_png(fig)
+
+
+def reliability_png(
+    lower: Sequence[float],
+    upper: Sequence[float],
+    accuracy: Sequence[float | None],
+    confidence: Sequence[float | None],
+    counts: Sequence[int],
+    *,
+    ece: float | None = None,
+    level: str = "video",
+    title: str | None = None,
+) -> bytes:
+    """A reliability diagram: accuracy per confidence bin against the diagonal, bin counts below.
+
+    One entry per equal-width confidence bin ``(lower, upper]`` (fractions),
+    ``None`` accuracy/confidence for empty bins. The top panel draws each
+    bin's accuracy as a bar, its mean confidence as a black line and the gap
+    between them hatched red (above the bar: an overconfident bin, whose
+    confidence exceeds its accuracy); the dashed diagonal is perfect calibration. The bottom
+    panel counts the predictions in each bin. ``ece`` is printed in a corner.
+    """
+    lo, hi = np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+    n = len(lo)
+    if not (len(hi) == len(accuracy) == len(confidence) == len(counts) == n) or n == 0:
+        raise ValueError("reliability_png needs one lower/upper edge, accuracy, confidence and count per bin")
+    acc, conf = _pct(accuracy), _pct(confidence)
+    count = np.asarray(counts, dtype=np.int64)
+    left, width = 100 * lo, 100 * (hi - lo)
+
+    fig = _new_figure(5.5, 6.2)
+    ax, ax_n = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
+    filled = count > 0
+    ax.bar(left[filled], acc[filled], width=width[filled], align="edge", color="tab:blue", edgecolor="white",
+           lw=0.6, label="accuracy")
+    ax.bar(left[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled], align="edge",
+           fill=False, edgecolor="tab:red", hatch="///", lw=0.6, label="gap to mean confidence")
+    ax.hlines(conf[filled], left[filled], (left + width)[filled], color="black", lw=1.4, label="mean confidence")
+    ax.plot([0, 100], [0, 100], ls="--", color="#555555", lw=1.0, label="perfect calibration")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    if ece is not None and not math.isnan(ece):
+        ax.text(0.97, 0.04, f"ECE {ece:.3f}\n{n} bins, {level} level", transform=ax.transAxes, ha="right",
+                va="bottom", fontsize=9, bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "#cccccc"})
+    ax.set_title(title or f"Reliability diagram ({level} level)")
+
+    ax_n.bar(left, count, width=width, align="edge", color="tab:gray", edgecolor="white", lw=0.6)
+    ax_n.set_xlabel(f"confidence, top {level} probability (%)")
+    ax_n.set_ylabel("predictions")
+    ax_n.grid(axis="y", alpha=0.3)
+    top = max(int(count.max()), 1)
+    ax_n.set_ylim(0, top * 1.3)
+    if n <= 20:
+        for x, w, c in zip(left, width, count):
+            if c:
+                ax_n.text(x + w / 2, c + top * 0.03, str(int(c)), ha="center", va="bottom", fontsize=7)
     return _to_png(fig)

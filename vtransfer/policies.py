@@ -14,6 +14,12 @@ A policy is a rule over the backbone's ordered layer groups
 ``scratch``     everything, starting from random initialisation
 ==============  ==============================================================
 
+The parameter-efficient policies ``bitfit``, ``lora``, ``adapter`` and
+``attentive-probe`` (:data:`PEFT_POLICY_NAMES`) are described in
+:mod:`vtransfer.peft_policies`; the last three add modules to the model, so
+:func:`vtransfer.peft_policies.prepare_model_for_policy` runs before
+:func:`resolve_policy`, and the plan records the structure it added.
+
 A custom set (``--train spatial*,temporal*``) names groups or glob patterns
 over group names. The freshly initialised classifier always trains: a random
 head left frozen would make the run meaningless.
@@ -33,8 +39,22 @@ from torch import nn
 
 from vtransfer.errors import ConfigError
 from vtransfer.models.base import VideoBackbone
+from vtransfer.models.structured import structure_of
+from vtransfer.peft_policies import (
+    PEFT_POLICY_NAMES,
+    STRUCTURAL_POLICIES,
+    PolicyOptions,
+    bitfit_params,
+    prepare_model_for_policy,
+    structure_params,
+)
 
-POLICY_NAMES = ("scratch", "top-layer", "top-3", "temporal", "all")
+#: The freezing policies, which every part of the pipeline handles today.
+FREEZING_POLICY_NAMES = ("scratch", "top-layer", "top-3", "temporal", "all")
+POLICY_NAMES = FREEZING_POLICY_NAMES
+#: Every policy :func:`resolve_policy` knows (the parameter-efficient ones need
+#: :func:`vtransfer.peft_policies.prepare_model_for_policy` first).
+ALL_POLICY_NAMES = FREEZING_POLICY_NAMES + PEFT_POLICY_NAMES
 
 #: Epochs when the user gives none. ``top-layer`` trains only a fresh classifier, on cached
 #: features where an epoch costs next to nothing, and it needs more steps than 10 epochs of a
@@ -62,6 +82,8 @@ class PolicyPlan:
             are entirely frozen and can run without autograd (or be cached).
         reinit: ``True`` for ``scratch``: start from random weights.
         train_patterns: the ``--train`` patterns of a custom policy.
+        structure: what policy-time surgery added to the model (``None`` for a
+            plain model); checkpoints store it so loading can redo it.
     """
 
     policy: str
@@ -70,6 +92,7 @@ class PolicyPlan:
     first_trainable_group: int
     reinit: bool = False
     train_patterns: list[str] = field(default_factory=list)
+    structure: dict | None = None
 
     def trainable_count(self, model: nn.Module) -> int:
         """Number of scalar parameters that train."""
@@ -84,6 +107,7 @@ class PolicyPlan:
             "first_trainable_group": self.first_trainable_group,
             "reinit": self.reinit,
             "train_patterns": list(self.train_patterns),
+            "structure": dict(self.structure) if self.structure else None,
         }
 
 
@@ -104,7 +128,9 @@ def resolve_policy(model: VideoBackbone, policy: str, train_groups: list[str] | 
     precedence over ``policy``. Raises :class:`ConfigError` for an unknown
     policy, a pattern matching no group, or a policy that trains nothing but
     the classifier when it promises more (``temporal`` on a backbone with no
-    temporal parameters).
+    temporal parameters), and for ``lora``, ``adapter`` or ``attentive-probe``
+    on a model :func:`~vtransfer.peft_policies.prepare_model_for_policy` did
+    not prepare for it.
     """
     groups = model.layer_groups()
     names = [g.name for g in groups]
@@ -136,8 +162,14 @@ def resolve_policy(model: VideoBackbone, policy: str, train_groups: list[str] | 
             )
         trainable = temporal + list(head.params)
         policy_name = policy
+    elif policy == "bitfit":
+        trainable = bitfit_params(model) + list(head.params)
+        policy_name = policy
+    elif policy in STRUCTURAL_POLICIES:
+        trainable = structure_params(model, policy) + list(head.params)
+        policy_name = policy
     else:
-        raise ConfigError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)} (or --train GROUPS)")
+        raise ConfigError(f"unknown policy {policy!r}; choose one of: {', '.join(ALL_POLICY_NAMES)} (or --train GROUPS)")
 
     trainable_set = set(trainable)
     order = [n for n, _ in model.named_parameters()]
@@ -153,7 +185,26 @@ def resolve_policy(model: VideoBackbone, policy: str, train_groups: list[str] | 
         first_trainable_group=first,
         reinit=(policy_name == "scratch"),
         train_patterns=patterns,
+        structure=structure_of(model),
     )
+
+
+def plan_policy(
+    model: VideoBackbone,
+    policy: str,
+    options: PolicyOptions | None = None,
+    train_groups: list[str] | None = None,
+) -> tuple[VideoBackbone, PolicyPlan]:
+    """:func:`~vtransfer.peft_policies.prepare_model_for_policy` then :func:`resolve_policy`: the model and its plan.
+
+    The one call the run pipeline, ``compare-policies`` and ``inspect`` need
+    for every policy. A custom ``train_groups`` set adds nothing to the model.
+    Raises :class:`ConfigError` for bad options or a policy that does not fit
+    the backbone, before any data is read.
+    """
+    if not any(p.strip() for p in train_groups or []):
+        model = prepare_model_for_policy(model, policy, options)
+    return model, resolve_policy(model, policy, train_groups)
 
 
 def apply_policy(model: nn.Module, plan: PolicyPlan) -> None:

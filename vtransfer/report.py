@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from vtransfer.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from vtransfer.metrics import LEGACY_HIT_K, EvalResult, hit_key
+from vtransfer.metrics import LEGACY_HIT_K, EvalResult, hit_key, views_text
 
 # --------------------------------------------------------------------------- formatting
 
@@ -235,6 +235,7 @@ def eval_tables(result: EvalResult) -> dict[str, Table]:
     k = result.top_k
     trivial = k >= len(result.classes)  # hit@k over every class says nothing
     clips_per_video = result.num_clips / max(result.num_videos, 1)
+    views = views_text(result.views)  # "views = 10 clips × 3 crops", or None when not recorded
     summary = Table(
         "Summary",
         ["Metric", "Value"],
@@ -245,14 +246,21 @@ def eval_tables(result: EvalResult) -> dict[str, Table]:
             ["Clip hit@1", format_pct(result.clip_hit1)],
             *([] if trivial else [[f"Clip hit@{k}", format_pct(result.clip_hit_k)]]),
             ["Mean class accuracy", format_pct(result.mean_class_accuracy)],
+            *([["Calibration", calibration_text(result)]] if result.calibration is not None else []),
+            *([["Temperature", temperature_text(result)]] if result.temperature is not None else []),
             ["Videos", str(result.num_videos)],
             ["Clips", f"{result.num_clips} ({clips_per_video:.3g} per video)"],
+            *([["Views", views]] if views else []),
             ["Classes", str(len(result.classes))],
         ],
         right={1},
-        caption="Video score = mean of its clips' softmax probabilities. "
-        "Mean class accuracy = mean over classes with test videos."
-        + (f" Hit@{k} is left out: with {len(result.classes)} classes it is always 100%." if trivial else ""),
+        caption=("Video score = mean of its clips' softmax probabilities. " if not views else
+                 f"Video score = mean of its views' softmax probabilities ({views}). ")
+        + "Mean class accuracy = mean over classes with test videos."
+        + (f" Hit@{k} is left out: with {len(result.classes)} classes it is always 100%." if trivial else "")
+        + (" ECE = expected calibration error: |accuracy - confidence| over equal-width confidence bins, "
+           "weighted by their share of predictions (0 = the model is right as often as it is sure)."
+           if result.calibration is not None else ""),
     )
     tables = {"summary": summary}
     if result.per_category:
@@ -289,6 +297,23 @@ def eval_tables(result: EvalResult) -> dict[str, Table]:
         caption=None if result.most_confused else "No misclassified videos.",
     )
     return tables
+
+
+def calibration_text(result: EvalResult) -> str:
+    """The calibration of ``result`` in one line: ``"ECE 0.083 (15 bins, video level; clip level 0.120)"``."""
+    cal = result.calibration
+    if cal is None:
+        return "—"
+    clip = f"; clip level {result.clip_ece:.3f}" if result.clip_ece is not None else ""
+    return f"ECE {cal.ece:.3f} ({cal.num_bins} bins, {cal.level} level{clip})"
+
+
+def temperature_text(result: EvalResult) -> str:
+    """The temperature applied to ``result``'s clip scores: ``"1.42 on clip scores (video ECE 0.083 without)"``."""
+    if result.temperature is None:
+        return "—"
+    text = f"{result.temperature:.3g} on clip scores"
+    return text + (f" (video ECE {result.unscaled_ece:.3f} without)" if result.unscaled_ece is not None else "")
 
 
 def render_eval_table(result: EvalResult, console: Any, title: str = "Evaluation") -> None:
@@ -379,6 +404,8 @@ def write_eval_report(
     ``per_class_csv`` per_class.csv, ``confusion_csv`` confusion.csv (class names on both axes),
     ``markdown`` report.md, ``confusion_png`` confusion.png, ``per_class_png`` per_class.png,
     ``training_curves_png`` training_curves.png (only when ``history`` is non-empty),
+    ``reliability_png`` reliability.png (the video-level reliability diagram; only when
+    ``result.calibration`` is set, i.e. not for results read from reports older than it),
     ``html`` report.html (self-contained: tables plus the PNGs as data URIs).
 
     ``extra`` is free-form run information (backbone, policy, checkpoint, config…)
@@ -411,6 +438,12 @@ def write_eval_report(
             ),
         ),
     }
+    cal = result.calibration
+    if cal is not None:
+        pngs["reliability_png"] = ("reliability.png", plots.reliability_png(
+            [b.lower for b in cal.bins], [b.upper for b in cal.bins], [b.accuracy for b in cal.bins],
+            [b.confidence for b in cal.bins], [b.count for b in cal.bins], ece=cal.ece, level=cal.level,
+        ))
     if history:
         pngs["training_curves_png"] = ("training_curves.png", plots.training_curves_png(history, title=title))
     for key, (name, png) in pngs.items():

@@ -13,24 +13,36 @@ caller's ``on_bad_videos``) and announced by the reporter; only when more than
 ``max_bad_fraction`` of an epoch's clips fail does the run stop, with a
 message naming the files. Videos that cannot be read at all are removed before
 training by :func:`screen_videos`, under the same limit.
+
+Optional training features, all off by default (:class:`TrainConfig`):
+gradient accumulation (``micro_batch``: the batch of one optimiser step is
+still ``batch_size``), an EMA of the weights (:mod:`vtransfer.ema`), mixup and
+cutmix on clips (:mod:`vtransfer.mixing`), layer-wise learning-rate decay
+(:mod:`vtransfer.lr_decay`) and gradient checkpointing
+(:mod:`vtransfer.grad_checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from vtransfer.distributed import all_reduce_sums, gather_objects, wrap_trainable
+from vtransfer.ema import WeightEma, validate_ema_decay
 from vtransfer.errors import ConfigError, VtransferError
+from vtransfer.grad_checkpoint import forward_groups_checkpointed
+from vtransfer.lr_decay import scales_by_param, validate_layer_decay
 from vtransfer.metrics import NonFiniteScores
+from vtransfer.mixing import check_mixing_applies, mix_batch, mixing_rng, validate_mixing
 from vtransfer.models.base import VideoBackbone
 from vtransfer.policies import PolicyPlan, set_train_mode
 from vtransfer.runtime import autocast
@@ -63,6 +75,14 @@ class TrainConfig:
     max_bad_fraction: float = 0.2
     label_smoothing: float = 0.0
     head_lr_scale: float | None = None  # the new classifier's lr / lr (None: the backbone family's default)
+    # Clips per forward/backward pass; gradients of ceil(batch_size / micro_batch) passes are summed before one
+    # optimiser step, so batch_size stays the batch of a step and the lr schedule is unchanged (None: one pass).
+    micro_batch: int | None = None
+    ema_decay: float | None = None  # validate and save an EMA of the weights (decay warms up, vtransfer.ema; None: off)
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup on input clips (0: off)
+    cutmix: float = 0.0  # Beta(alpha, alpha) of video cutmix on input clips (0: off)
+    layer_decay: float | None = None  # lr of layer group i = lr * layer_decay ** (groups - 1 - i) (None: off)
+    grad_checkpointing: bool = False  # recompute each trainable layer group's activations in the backward pass
 
     def resolved(self, backbone: str) -> "TrainConfig":
         """Fill the backbone family's defaults (its ``TRAINING_DEFAULTS``: SGD+momentum for Karpathy's and I3D's CNNs, AdamW for ViViT and effnet3d)."""
@@ -74,6 +94,12 @@ class TrainConfig:
             raise ConfigError("--epochs must be at least 1")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ConfigError(f"--micro-batch must be at least 1 (or unset: the whole --batch-size at once), "
+                              f"got {self.micro_batch}")
+        validate_ema_decay(self.ema_decay)
+        validate_mixing(self.mixup, self.cutmix)
+        validate_layer_decay(self.layer_decay)
         from vtransfer.models.registry import training_defaults
 
         family = training_defaults(backbone)
@@ -230,22 +256,30 @@ class QuietReporter:
 
 
 def build_optimizer(params: list[nn.Parameter], config: TrainConfig, fused: bool | None = None,
-                    head: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+                    head: list[nn.Parameter] | None = None,
+                    lr_scales: Mapping[int, float] | None = None) -> torch.optim.Optimizer:
     """SGD with momentum or AdamW over the trainable parameters (no decay on biases and norms).
 
     ``head`` (a subset of ``params``: the new classifier) gets the learning
-    rate ``config.lr * config.head_lr_scale``. ``fused`` (default: whenever
+    rate ``config.lr * config.head_lr_scale``. ``lr_scales`` (``id(param) ->
+    factor``, e.g. :func:`vtransfer.lr_decay.scales_by_param`; missing = 1)
+    multiplies that further, one parameter group per distinct factor, in the
+    order the factors first appear in ``params``. ``fused`` (default: whenever
     every parameter is on the CPU or a CUDA GPU) uses PyTorch's single-kernel
     update: the same arithmetic as the default per-tensor-list update up to
     float rounding, about 3x faster on the CPU for a model of many small tensors.
     """
     head_ids = {id(p) for p in head or []}
     scale = config.head_lr_scale or 1.0
+    layer = {id(p): float((lr_scales or {}).get(id(p), 1.0)) for p in params}
+    factors = list(dict.fromkeys(layer.values()))
     groups = []
     for in_head, lr in ((False, config.lr), (True, config.lr * scale)):
-        mine = [p for p in params if (id(p) in head_ids) == in_head]
-        groups.append({"params": [p for p in mine if p.ndim > 1], "weight_decay": config.weight_decay, "lr": lr})
-        groups.append({"params": [p for p in mine if p.ndim <= 1], "weight_decay": 0.0, "lr": lr})
+        for factor in factors:
+            mine = [p for p in params if (id(p) in head_ids) == in_head and layer[id(p)] == factor]
+            groups.append({"params": [p for p in mine if p.ndim > 1], "weight_decay": config.weight_decay,
+                           "lr": lr * factor})
+            groups.append({"params": [p for p in mine if p.ndim <= 1], "weight_decay": 0.0, "lr": lr * factor})
     groups = [g for g in groups if g["params"]]
     if fused is None:
         fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
@@ -294,18 +328,36 @@ class TrainablePart(nn.Module):
 
     Wrapping this (rather than the whole backbone) in DistributedDataParallel
     keeps the frozen prefix out of DDP and lets the step start from cached
-    prefix activations.
+    prefix activations. With ``grad_checkpointing`` each group but the head
+    recomputes its activations in the backward pass
+    (:func:`vtransfer.grad_checkpoint.forward_groups_checkpointed`).
     """
 
-    def __init__(self, model: VideoBackbone, start: int):
+    def __init__(self, model: VideoBackbone, start: int, grad_checkpointing: bool = False):
         super().__init__()
         self.model = model
         self.start = start
         self.stop = len(model.layer_groups())
+        self.grad_checkpointing = grad_checkpointing
 
     def forward(self, state: Any) -> torch.Tensor:
         """Logits from the state after the frozen prefix."""
+        if self.grad_checkpointing:
+            return forward_groups_checkpointed(self.model, state, self.start, self.stop)
         return self.model.forward_groups(state, self.start, self.stop)
+
+
+def micro_batches(batch: int, micro_batch: int | None) -> list[slice]:
+    """Row ranges of the passes one step of ``batch`` rows takes: ``ceil(batch / micro_batch)`` slices."""
+    size = batch if micro_batch is None else max(1, micro_batch)
+    return [slice(i, min(batch, i + size)) for i in range(0, max(batch, 1), max(size, 1))]
+
+
+def take_rows(state: Any, rows: slice) -> Any:
+    """Rows ``rows`` of a prefix state (a tensor or a tuple of tensors, batch first)."""
+    if isinstance(state, tuple):
+        return tuple(take_rows(s, rows) for s in state)
+    return state[rows]
 
 
 class Trainer:
@@ -351,20 +403,29 @@ class Trainer:
         self.train_size = train_size
         self.on_bad_videos = on_bad_videos
         self.num_groups = len(model.layer_groups())
-        self.step_module = wrap_trainable(TrainablePart(model, plan.first_trainable_group), device)
+        check_mixing_applies(config.mixup, config.cutmix, plan.first_trainable_group, plan.policy)
+        self.mixing = config.mixup > 0 or config.cutmix > 0
+        self._mix_rng = mixing_rng(config.seed, 0)  # replaced at the start of every epoch
+        part = TrainablePart(model, plan.first_trainable_group, grad_checkpointing=config.grad_checkpointing)
+        self.step_module = wrap_trainable(part, device)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("nothing to train: the policy left every parameter frozen")
         named = dict(model.named_parameters())
         # a new head on pretrained layers learns faster than they may move; from scratch nothing is ahead
         head = [] if plan.reinit else [named[n] for n in model.layer_groups()[-1].params if named[n].requires_grad]
-        self.optimizer = build_optimizer(params, config, head=head)
+        scales = scales_by_param(model, config.layer_decay) if config.layer_decay is not None else None
+        self.optimizer = build_optimizer(params, config, head=head, lr_scales=scales)
+        self.ema = WeightEma(model, config.ema_decay) if config.ema_decay is not None else None
         steps_per_epoch = max(1, source.num_batches())
         total = steps_per_epoch * config.epochs
         warmup = int(round(config.warmup_epochs * steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total, min(warmup, total - 1)))
         weight = loss_weights.to(device) if loss_weights is not None else None
+        self.loss_weights = weight
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+        # micro-batches: summed losses over the whole batch's denominator give exactly the batch's mean loss
+        self.criterion_sum = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing, reduction="sum")
         self.state = FitState()
 
     # -- resume --------------------------------------------------------------------
@@ -382,6 +443,7 @@ class Trainer:
             "stopped_early": self.state.stopped_early,
             "bad_videos": self.state.bad_videos,
             "rng": torch.get_rng_state(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -399,21 +461,73 @@ class Trainer:
             bad_videos=list(state.get("bad_videos", [])),
         )
         torch.set_rng_state(state["rng"])
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:  # a run saved without EMA: the shadow starts from the resumed weights
+                self.ema = WeightEma(self.model, self.config.ema_decay)
         if self.state.bad_videos and self.on_bad_videos is not None:
             self.on_bad_videos(list(self.state.bad_videos))  # the run folder's list survives a resume
 
     # -- the loop ------------------------------------------------------------------
     def train_step(self, prefix_out: Any, labels: torch.Tensor) -> tuple[float, int]:
-        """One optimisation step on a batch; returns (loss, number correct)."""
-        with autocast(self.device, self.config.precision):
-            logits = self.step_module(prefix_out)
-            loss = self.criterion(logits.float(), labels)
+        """One optimisation step on a batch; returns (the batch's mean loss, number correct).
+
+        With ``config.micro_batch`` the batch runs forward and backward in
+        slices of that many rows; each slice's loss is its summed loss over the
+        whole batch's denominator (the row count, or the sum of the class
+        weights of the labels), so the accumulated gradient is the whole
+        batch's, uneven last slice included. The optimiser and the schedule
+        step once. With mixup/cutmix the batch is mixed first (whole batch,
+        then sliced); "correct" then counts the larger of each row's two labels.
+        """
+        targets: torch.Tensor = labels
+        if self.mixing:
+            mixed = mix_batch(prefix_out, labels, self.model.num_classes, mixup=self.config.mixup,
+                              cutmix=self.config.cutmix, rng=self._mix_rng)
+            prefix_out, targets = mixed.clips, mixed.targets
+        chunks = micro_batches(labels.shape[0], self.config.micro_batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if len(chunks) == 1:
+            with autocast(self.device, self.config.precision):
+                logits = self.step_module(prefix_out)
+                loss = self.criterion(logits.float(), targets)
+            loss.backward()
+            total, correct = loss.detach(), self._correct(logits, targets)
+        else:
+            denominator = self._loss_denominator(targets)
+            total, correct = torch.zeros((), device=self.device), 0
+            for k, rows in enumerate(chunks):
+                last = k == len(chunks) - 1
+                no_sync = getattr(self.step_module, "no_sync", None)  # DDP: all-reduce only the last slice
+                with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                    with autocast(self.device, self.config.precision):
+                        logits = self.step_module(take_rows(prefix_out, rows))
+                        loss = self.criterion_sum(logits.float(), targets[rows]) / denominator
+                    loss.backward()
+                total = total + loss.detach()
+                correct += self._correct(logits, targets[rows])
         self.optimizer.step()
         self.scheduler.step()
-        correct = int((logits.detach().argmax(1) == labels).sum())
-        return float(loss.detach()), correct
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return float(total), correct
+
+    @staticmethod
+    def _correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
+        """Rows whose top logit is the label (soft targets: the label of largest weight)."""
+        truth = targets.argmax(1) if targets.ndim == 2 else targets
+        return int((logits.detach().argmax(1) == truth).sum())
+
+    def _loss_denominator(self, targets: torch.Tensor) -> torch.Tensor | float:
+        """What ``CrossEntropyLoss(reduction="mean")`` divides the summed loss by for this whole batch."""
+        if targets.ndim == 1 and self.loss_weights is not None:
+            return self.loss_weights[targets].sum()
+        return float(targets.shape[0])
+
+    def _eval_weights(self):
+        """Context in which the model holds the weights to validate and save: the EMA's when on."""
+        return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
     def fit(self, stop_after: int | None = None) -> FitState:
         """Train until ``config.epochs``, early stopping, or ``stop_after`` epochs this call.
@@ -450,6 +564,12 @@ class Trainer:
             f"stopped rather than report a broken model. Try a lower learning rate, e.g. --lr {lr / 10:g}"
         )
 
+    def _reported_lr(self) -> float:
+        """The lr of the epoch's record: the first parameter group's; with layer decay, ``lr`` x the schedule."""
+        if self.config.layer_decay is None:
+            return self.optimizer.param_groups[0]["lr"]
+        return self.config.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+
     def _fit(self, stop_after: int | None) -> FitState:
         cfg = self.config
         done_this_call = 0
@@ -458,6 +578,7 @@ class Trainer:
                 break
             epoch = self.state.epoch + 1
             t0 = time.perf_counter()
+            self._mix_rng = mixing_rng(cfg.seed, epoch)
             set_train_mode(self.model, True)
             self.reporter.epoch_start(epoch, cfg.epochs, self.source.num_batches())
             loss_sum, correct, seen, bad = 0.0, 0, 0, 0
@@ -496,29 +617,30 @@ class Trainer:
                                  if t.is_floating_point())  # parameters and BatchNorm statistics
             if not finite_weights or not math.isfinite(epoch_loss) or epoch_loss > DIVERGENCE_FACTOR * first:
                 raise self._diverged(epoch, epoch_loss if finite_weights else float("nan"), first)
-            try:
-                val_video, val_clip = self.validate(self.model)
-            except NonFiniteScores:
-                raise self._diverged(epoch, float("nan")) from None
-            record = EpochRecord(
-                epoch=epoch,
-                train_loss=loss_sum / seen,
-                train_acc=correct / seen,
-                val_video_acc=val_video,
-                val_clip_acc=val_clip,
-                lr=self.optimizer.param_groups[0]["lr"],
-                time_s=time.perf_counter() - t0,
-                bad_clips=bad,
-            )
-            # Ties go to the later, better-trained epoch, then to the better clip accuracy: on a validation
-            # split of a few videos the video accuracy alone jumps in steps of 1/N and an early lucky epoch
-            # would otherwise win (measured on real_actions' 9 validation videos).
-            improved = (val_video, val_clip) >= (self.state.best_score, self.state.best_clip)
-            if improved:
-                self.state.best_score = val_video
-                self.state.best_clip = val_clip
-                self.state.best_epoch = epoch
-                self.save_best(self.model, record)
+            with self._eval_weights():  # with EMA on, the shadow weights are validated and saved
+                try:
+                    val_video, val_clip = self.validate(self.model)
+                except NonFiniteScores:
+                    raise self._diverged(epoch, float("nan")) from None
+                record = EpochRecord(
+                    epoch=epoch,
+                    train_loss=loss_sum / seen,
+                    train_acc=correct / seen,
+                    val_video_acc=val_video,
+                    val_clip_acc=val_clip,
+                    lr=self._reported_lr(),
+                    time_s=time.perf_counter() - t0,
+                    bad_clips=bad,
+                )
+                # Ties go to the later, better-trained epoch, then to the better clip accuracy: on a validation
+                # split of a few videos the video accuracy alone jumps in steps of 1/N and an early lucky epoch
+                # would otherwise win (measured on real_actions' 9 validation videos).
+                improved = (val_video, val_clip) >= (self.state.best_score, self.state.best_clip)
+                if improved:
+                    self.state.best_score = val_video
+                    self.state.best_clip = val_clip
+                    self.state.best_epoch = epoch
+                    self.save_best(self.model, record)
             self.state.epoch = epoch
             self.state.history.append(record.to_dict())
             if cfg.patience > 0 and epoch - self.state.best_epoch >= cfg.patience:

@@ -10,7 +10,9 @@ Three sampling modes:
   once (seeded by ``(seed, video, view)``, independent of the epoch): the
   deterministic input that lets a frozen prefix's features be cached.
 * ``eval`` - ``clips_per_video`` clips spread uniformly over each video,
-  centre-cropped.
+  centre-cropped; with ``crops=3`` each clip gives three spatial views (both
+  ends and the centre of the frame's long side,
+  :mod:`vtransfer.data.spatial_crops`): ``clips_per_video x crops`` views.
 
 A video that fails to decode yields an error item (never an exception), and
 :func:`collate_clips` moves it to the batch's ``errors`` list.
@@ -30,6 +32,7 @@ from torch.utils.data import Dataset
 from vtransfer.data.decode import ClipReader, DirectReader
 from vtransfer.data.records import VideoRecord
 from vtransfer.data.sampling import random_clip_start, uniform_clip_starts
+from vtransfer.data.spatial_crops import SpatialCropsTransform, validate_test_crops
 from vtransfer.data.transforms import DEFAULT_CROP_SCALE, eval_clip_transform, train_clip_transform
 from vtransfer.errors import ConfigError, VideoDecodeError
 from vtransfer.models.base import Preprocessing
@@ -56,12 +59,13 @@ class ClipDataset(Dataset):
         seed: base seed of all randomness.
         reader: where frames come from (default: decode each clip with PyAV).
         crop_scale: train mode: range of the crop's share of the frame area (random resized crop).
+        crops: eval mode only: spatial crops per clip, 1 (centre) or 3 (``--test-crops``).
 
     Items are ``dict(clip, label, video, view)``, or ``dict(error, path,
     video)`` for a video that cannot be decoded. Clips have channels-last
     strides (see :mod:`vtransfer.data.decode`). ``video`` is the index into
-    ``records``; ``view`` is the clip number within the video (0 in plain
-    train mode).
+    ``records``; ``view`` is the view number within the video (0 in plain
+    train mode; in eval mode ``clip * crops + crop``).
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class ClipDataset(Dataset):
         seed: int = 0,
         reader: ClipReader | None = None,
         crop_scale: tuple[float, float] | None = None,
+        crops: int = 1,
     ):
         if mode not in MODES:
             raise ConfigError(f"dataset mode must be one of {MODES}, got {mode!r}")
@@ -84,6 +89,9 @@ class ClipDataset(Dataset):
             raise ConfigError(f"--cached-views must be >= 1, got {fixed_views}")
         if fixed_views is not None and mode != "train":
             raise ConfigError("fixed_views applies to train mode only (eval clips are already deterministic)")
+        validate_test_crops(crops)
+        if crops != 1 and mode != "eval":
+            raise ConfigError("--test-crops applies to evaluation only (training takes one random crop per clip)")
         unknown = sorted({r.label for r in records} - set(class_to_idx))
         if unknown:
             raise ConfigError(f"records have classes missing from class_to_idx: {unknown}")
@@ -93,12 +101,15 @@ class ClipDataset(Dataset):
         self.mode = mode
         self.clips_per_video = clips_per_video
         self.fixed_views = fixed_views
+        self.crops = crops
         self.seed = seed
         self.reader: ClipReader = reader if reader is not None else DirectReader()
         if mode == "train":
             self.transform = train_clip_transform(preprocessing.crop_size, tuple(crop_scale or DEFAULT_CROP_SCALE))
-        else:
+        elif crops == 1:
             self.transform = eval_clip_transform(preprocessing.crop_size)
+        else:
+            self.transform = SpatialCropsTransform(preprocessing.crop_size, crops)
         # Shared memory, so set_epoch in the main process reaches persistent workers too.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._num_frames: dict[Path, int] = {}
@@ -107,9 +118,9 @@ class ClipDataset(Dataset):
     # -- indexing -------------------------------------------------------------------
     @property
     def views_per_video(self) -> int:
-        """Items per video: 1 (train), ``fixed_views`` or ``clips_per_video`` (eval)."""
+        """Items per video: 1 (train), ``fixed_views`` or ``clips_per_video x crops`` (eval)."""
         if self.mode == "eval":
-            return self.clips_per_video
+            return self.clips_per_video * self.crops
         return self.fixed_views or 1
 
     def __len__(self) -> int:
@@ -157,6 +168,12 @@ class ClipDataset(Dataset):
                     self._num_frames[path] = n
         self._probed = True
 
+    def views(self) -> dict[str, int]:
+        """Eval views per video as ``{"clips": N, "crops": M}`` (train mode: ``{"clips": 1, "crops": 1}``)."""
+        if self.mode != "eval":
+            return {"clips": 1, "crops": 1}
+        return {"clips": self.clips_per_video, "crops": self.crops}
+
     def labels(self) -> list[int]:
         """Label index of every video, in record order."""
         return [self.class_to_idx[r.label] for r in self.records]
@@ -177,7 +194,7 @@ class ClipDataset(Dataset):
         p = self.preprocessing
         n = self.num_frames(video)
         if self.mode == "eval":
-            return video, uniform_clip_starts(n, p.frames, p.stride, self.clips_per_video)[view], None
+            return video, uniform_clip_starts(n, p.frames, p.stride, self.clips_per_video)[view // self.crops], None
         if self.fixed_views is not None:
             generator = torch.Generator().manual_seed(derive_seed("view", self.seed, video, view))
         else:
@@ -196,7 +213,10 @@ class ClipDataset(Dataset):
             return {"error": e.reason, "path": str(record.path), "video": video}
         except Exception as e:  # noqa: BLE001 - a bad file must never stop an epoch
             return {"error": f"{type(e).__name__}: {e}", "path": str(record.path), "video": video}
-        clip = self.transform(clip, generator)
+        if self.crops > 1:
+            clip = self.transform(clip, view % self.crops)
+        else:
+            clip = self.transform(clip, generator)
         return {"clip": clip, "label": self.class_to_idx[record.label], "video": video, "view": view}
 
 

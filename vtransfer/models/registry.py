@@ -41,6 +41,7 @@ _MODULES = {
     "i3d": "vtransfer.models.i3d",
     "vivit": "vtransfer.models.vivit",
     "effnet3d": "vtransfer.models.effnet3d",
+    "c3d": "vtransfer.models.c3d",
     **dict.fromkeys(("r3d_18", "mc3_18", "r2plus1d_18"), "vtransfer.models.tv_resnet3d"),
     "s3d": "vtransfer.models.tv_s3d",
     **dict.fromkeys(("mvit_v1_b", "mvit_v2_s"), "vtransfer.models.tv_mvit"),

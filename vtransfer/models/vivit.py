@@ -1,6 +1,7 @@
-"""Factorised-encoder ViViT (Arnab et al. 2021, "model 2").
+"""ViViT (Arnab et al. 2021): the factorised encoder ("model 2", the default) and joint attention ("model 1").
 
-A clip ``B x 3 x T x H x W`` is cut into non-overlapping tubelets of
+**Model 2, ``variant="factorised"``** (every preset without ``-joint``). A
+clip ``B x 3 x T x H x W`` is cut into non-overlapping tubelets of
 ``frame_patch_size x ph x pw`` voxels and each tubelet is embedded as one
 token. For every time index ``t' = 0 .. T/frame_patch_size - 1`` a *spatial*
 transformer attends over that time index's tokens plus a spatial CLS token;
@@ -37,11 +38,31 @@ combine the ``frame_patch_size`` frames of one tubelet, but like the ViViT
 paper and the seed paper's "temporal transformer + FC" policy we count the
 embedding as spatial: nothing in it relates one tubelet to another in time.
 
+**Model 1, ``variant="joint"``** (presets ``b16x2-joint``, ``tiny-joint``): the
+"spatio-temporal attention" model, laid out exactly like transformers'
+``VivitForVideoClassification`` (the Hugging Face port of Scenic's
+ViViT-B/16x2, ``vivit:kinetics400-joint``, see :mod:`vtransfer.weights.hf_vivit`):
+Conv3d tubelet embedding, the tokens flattened time-major (``t' * N + row * W' + col``),
+a [CLS] token in front, one learned ``(1 + T' * N) x D`` position table added
+to all of them (CLS row first), ``depth`` pre-norm blocks attending over all
+``1 + T' * N`` tokens at once, a final LayerNorm, the CLS token into the head.
+Scenic (and so the port) uses the tanh approximation of GELU (Flax's
+``nn.gelu`` default; transformers' ``gelu_fast``): ``gelu="tanh"``; LayerNorm eps 1e-6.
+Layer groups: ``embed`` (tubelet projection, CLS, position table; ``spatial``:
+it relates no tubelet to another), ``block.0`` .. ``block.{depth-1}`` (the
+last one also applies the final norm and pools to ``B x D``) and ``head``.
+Each block attends across frames, so the blocks are tagged ``temporal``, but
+the same weights mix space and time: no parameter acts on time alone, the
+blocks have no ``temporal_params`` and the ``temporal`` policy is refused
+with :attr:`ViViT.no_temporal_reason`.
+
 Parameter counts (``vtransfer inspect`` shows them per group):
 ``vivit-seed`` with 99 classes has 125,691,747 parameters, exactly the
 current ``vit-pytorch`` model with the same arguments; ``vivit-b`` with 400
 classes has 115,062,928 (torchvision ViT-B/16 minus its head, plus a
-second tubelet frame, 4 temporal layers, temporal CLS/positions and head).
+second tubelet frame, 4 temporal layers, temporal CLS/positions and head);
+``b16x2-joint`` has 88,954,000, exactly transformers' ``VivitForVideoClassification``
+with ``VivitConfig()``'s defaults and 400 labels (the hub checkpoint's geometry).
 """
 
 from __future__ import annotations
@@ -56,12 +77,30 @@ from torch import nn
 from vtransfer.errors import ConfigError
 from vtransfer.models.base import LayerGroup, Preprocessing, State, VideoBackbone, as_pair, module_param_names
 
+VARIANTS = ("factorised", "joint")
 PATCH_EMBEDS = ("conv", "ln_linear_ln")
 POS_EMBEDS = ("factorised", "joint")
 POOLS = ("cls", "mean")
+#: ``exact`` is ``erf`` GELU (torchvision, vit-pytorch); ``tanh`` its tanh approximation (Flax / Scenic).
+GELUS = ("exact", "tanh")
+
+NO_TEMPORAL_REASON = (
+    "ViViT model 1 (variant 'joint') attends over the tokens of all frames at once: every block's attention "
+    "mixes space and time with the same weights, so no parameter acts on time alone"
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Scenic's ``zero_centering`` ([0, 1] -> [-1, 1]) as vtransfer's ``(x - mean) / std``.
+ZERO_CENTERED_MEAN = (0.5, 0.5, 0.5)
+ZERO_CENTERED_STD = (0.5, 0.5, 0.5)
+#: What google/vivit-b-16x2-kinetics400's ``preprocessor_config.json`` declares (ViViTImageProcessor,
+#: rescale_factor 1/127.5 with its default ``offset`` -1, then image_mean = image_std = 0.5) rewritten as
+#: vtransfer's ``(x01 - mean) / std``: ``((x01 * 2 - 1) - 0.5) / 0.5 = (x01 - 0.75) / 0.25``, a [-3, 1]
+#: range. It is what transformers feeds that checkpoint (and what ``hf:`` derives from the same file);
+#: Scenic itself trained on [-1, 1] (``zero_centering``).
+HF_VIVIT_MEAN = ((1.0 + 0.5) / 2.0,) * 3
+HF_VIVIT_STD = (0.5 / 2.0,) * 3
 
 # Layout shared by the presets that follow torchvision's ViT-B/16.
 _TORCHVISION_LAYOUT: dict[str, Any] = {
@@ -69,6 +108,16 @@ _TORCHVISION_LAYOUT: dict[str, Any] = {
     "pos_embed": "factorised",
     "qkv_bias": True,
     "norm_eps": 1e-6,
+    "pool": "cls",
+}
+# Layout of transformers' VivitForVideoClassification (Scenic's ViViT model 1).
+_HF_JOINT_LAYOUT: dict[str, Any] = {
+    "variant": "joint",
+    "patch_embed": "conv",
+    "pos_embed": "joint",
+    "qkv_bias": True,
+    "norm_eps": 1e-6,
+    "gelu": "tanh",
     "pool": "cls",
 }
 # Layout of vit-pytorch's ViViT (factorized_encoder variant).
@@ -146,6 +195,68 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
     },
+    # Scenic's ViViT-B/16x2 factorised encoder (`vivit:kinetics400`): vivit-b's geometry and layout with
+    # Flax's tanh GELU and Scenic's Kinetics-400 input (configs/kinetics400/vivit_base_factorised_encoder.py:
+    # 32 frames at stride 2, min_resize 256, crop 224, zero_centering -> [-1, 1]).
+    "b16x2-fe": {
+        **_TORCHVISION_LAYOUT,
+        "gelu": "tanh",
+        "image_size": [224, 224],
+        "image_patch_size": [16, 16],
+        "frames": 32,
+        "frame_patch_size": 2,
+        "dim": 768,
+        "spatial_depth": 12,
+        "temporal_depth": 4,
+        "heads": 12,
+        "dim_head": 64,
+        "mlp_dim": 3072,
+        "num_classes": 400,
+        "frame_stride": 2,
+        "resize_short": 256,
+        "mean": list(ZERO_CENTERED_MEAN),
+        "std": list(ZERO_CENTERED_STD),
+    },
+    # ViViT-B/16x2 model 1 as google/vivit-b-16x2-kinetics400 has it (`vivit:kinetics400-joint`; its
+    # config.json = VivitConfig's defaults): 32 frames of 224x224, tubelets 2x16x16, 12 layers of width
+    # 768, 12 heads, MLP 3072, 400 classes. Preprocessing = the checkpoint's preprocessor_config.json
+    # (shortest edge 224, centre crop 224, HF_VIVIT_MEAN/STD); frame stride 2 from Scenic's
+    # configs/kinetics400/vivit_base_k400.py ("32 frames, sampled at a stride of 2").
+    "b16x2-joint": {
+        **_HF_JOINT_LAYOUT,
+        "image_size": [224, 224],
+        "image_patch_size": [16, 16],
+        "frames": 32,
+        "frame_patch_size": 2,
+        "dim": 768,
+        "depth": 12,
+        "heads": 12,
+        "dim_head": 64,
+        "mlp_dim": 3072,
+        "num_classes": 400,
+        "frame_stride": 2,
+        "resize_short": 224,
+        "mean": list(HF_VIVIT_MEAN),
+        "std": list(HF_VIVIT_STD),
+    },
+    # Same topology as b16x2-joint at toy widths, for tests and CPU smoke runs.
+    "tiny-joint": {
+        **_HF_JOINT_LAYOUT,
+        "image_size": [64, 64],
+        "image_patch_size": [16, 16],
+        "frames": 8,
+        "frame_patch_size": 2,
+        "dim": 64,
+        "depth": 2,
+        "heads": 4,
+        "dim_head": 16,
+        "mlp_dim": 128,
+        "num_classes": 10,
+        "frame_stride": 2,
+        "resize_short": 64,
+        "mean": list(HF_VIVIT_MEAN),
+        "std": list(HF_VIVIT_STD),
+    },
 }
 DEFAULT_PRESET = "vivit-b"
 
@@ -161,7 +272,8 @@ class TransformerBlock(nn.Module):
 
     ``qkv`` is one linear layer whose output is ``[q | k | v]``, each laid out
     ``(head, dim_head)`` - the layout of both ``nn.MultiheadAttention.in_proj``
-    and vit-pytorch's ``to_qkv``.
+    and vit-pytorch's ``to_qkv``. ``gelu="tanh"`` is the tanh approximation
+    of the MLP's GELU (Flax's default, transformers' ``gelu_fast``).
     """
 
     def __init__(
@@ -174,11 +286,13 @@ class TransformerBlock(nn.Module):
         norm_eps: float,
         dropout: float,
         attn_dropout: float,
+        gelu: str = "exact",
     ) -> None:
         super().__init__()
         self.heads = heads
         self.dim_head = dim_head
         self.attn_dropout = attn_dropout
+        self.gelu_approximate = "tanh" if gelu == "tanh" else "none"
         inner = heads * dim_head
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
@@ -199,7 +313,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``N x S x D`` -> ``N x S x D``."""
         x = x + self.drop(self.proj(self.attention(self.norm1(x))))
-        y = self.fc2(self.drop(F.gelu(self.fc1(self.norm2(x)))))
+        y = self.fc2(self.drop(F.gelu(self.fc1(self.norm2(x)), approximate=self.gelu_approximate)))
         return x + self.drop(y)
 
 
@@ -240,27 +354,33 @@ class LinearTubeletEmbed(nn.Module):
 
 
 class ViViT(VideoBackbone):
-    """Factorised-encoder ViViT; see the module docstring for layouts and groups.
+    """ViViT model 2 (factorised encoder) or model 1 (joint); see the module docstring for layouts and groups.
 
     Args:
+        variant: ``"factorised"`` (model 2, the default) or ``"joint"`` (model 1).
         image_size: input ``(height, width)`` (or one int for square frames).
         frames: clip length ``T`` the model is built for; shorter clips (a
             multiple of ``frame_patch_size``) use the first rows of the
-            temporal position table.
+            temporal (model 1: the joint) position table.
         image_patch_size: spatial tubelet size ``(ph, pw)`` (or one int).
         frame_patch_size: temporal tubelet size ``t``.
         dim: token width ``D``.
-        spatial_depth, temporal_depth: number of blocks in each transformer (>= 1).
+        spatial_depth, temporal_depth: blocks in each transformer of model 2
+            (>= 1; default 12 and 4). Not accepted by model 1.
+        depth: blocks of model 1's single transformer (>= 1; default 12). Not accepted by model 2.
         heads: attention heads; ``dim_head`` is each head's width (default ``dim // heads``).
         mlp_dim: hidden width of the MLPs.
         num_classes: classifier outputs.
         pool: ``"cls"`` (CLS tokens) or ``"mean"`` (no CLS tokens, average the tokens).
         patch_embed: ``"conv"`` or ``"ln_linear_ln"``.
-        pos_embed: ``"factorised"`` (spatial ``(1+N) x D`` shared over time plus
-            temporal ``(1+T') x D``; without the CLS row when ``pool="mean"``) or
-            ``"joint"`` (one ``T' x N x D`` table on the patch tokens only).
+        pos_embed: model 2: ``"factorised"`` (spatial ``(1+N) x D`` shared over
+            time plus temporal ``(1+T') x D``; without the CLS row when
+            ``pool="mean"``) or ``"joint"`` (one ``T' x N x D`` table on the
+            patch tokens only). Model 1 takes only ``"joint"``: one ``(1+T'N) x D``
+            table over all tokens, CLS row first (``T'N x D`` with ``pool="mean"``).
         qkv_bias: bias on the query/key/value projection.
         norm_eps: epsilon of every LayerNorm.
+        gelu: ``"exact"`` or ``"tanh"`` (the tanh approximation Flax/Scenic use).
         dropout: dropout after attention output, inside and after the MLP.
         attn_dropout: dropout on attention weights.
         emb_dropout: dropout on the embedded tokens (and on the temporal
@@ -278,8 +398,8 @@ class ViViT(VideoBackbone):
         image_patch_size: int | Sequence[int] = 16,
         frame_patch_size: int = 2,
         dim: int = 768,
-        spatial_depth: int = 12,
-        temporal_depth: int = 4,
+        spatial_depth: int | None = None,
+        temporal_depth: int | None = None,
         heads: int = 12,
         dim_head: int | None = None,
         mlp_dim: int = 3072,
@@ -296,28 +416,32 @@ class ViViT(VideoBackbone):
         resize_short: int | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        variant: str = "factorised",
+        depth: int | None = None,
+        gelu: str = "exact",
     ) -> None:
         super().__init__()
         h, w = as_pair(image_size)
         ph, pw = as_pair(image_patch_size)
         dim_head = dim // heads if dim_head is None else int(dim_head)
+        _check_choice("variant", variant, VARIANTS)
         _check_choice("patch_embed", patch_embed, PATCH_EMBEDS)
         _check_choice("pos_embed", pos_embed, POS_EMBEDS)
         _check_choice("pool", pool, POOLS)
+        _check_choice("gelu", gelu, GELUS)
         if h % ph or w % pw:
             raise ConfigError(f"vivit: image_size {h}x{w} is not divisible by image_patch_size {ph}x{pw}")
         if frames % frame_patch_size:
             raise ConfigError(f"vivit: frames {frames} is not divisible by frame_patch_size {frame_patch_size}")
-        if spatial_depth < 1 or temporal_depth < 1:
-            raise ConfigError(f"vivit: spatial_depth and temporal_depth must be >= 1, got {spatial_depth}/{temporal_depth}")
+        depths = _resolve_depths(variant, spatial_depth, temporal_depth, depth, pos_embed)
         self.config = {
+            "variant": variant,
             "image_size": [h, w],
             "frames": int(frames),
             "image_patch_size": [ph, pw],
             "frame_patch_size": int(frame_patch_size),
             "dim": int(dim),
-            "spatial_depth": int(spatial_depth),
-            "temporal_depth": int(temporal_depth),
+            **depths,
             "heads": int(heads),
             "dim_head": dim_head,
             "mlp_dim": int(mlp_dim),
@@ -327,6 +451,7 @@ class ViViT(VideoBackbone):
             "pos_embed": pos_embed,
             "qkv_bias": bool(qkv_bias),
             "norm_eps": float(norm_eps),
+            "gelu": gelu,
             "dropout": float(dropout),
             "attn_dropout": float(attn_dropout),
             "emb_dropout": float(emb_dropout),
@@ -353,33 +478,40 @@ class ViViT(VideoBackbone):
             self.patch_embed: nn.Module = ConvTubeletEmbed(dim, self.tubelet)
         else:
             self.patch_embed = LinearTubeletEmbed(dim, self.tubelet, norm_eps)
-        if pos_embed == "joint":
-            self.pos_embed = nn.Parameter(torch.zeros(self.time_tokens, num_patches, dim))
-        else:
-            self.spatial_pos = nn.Parameter(torch.zeros(num_patches + use_cls, dim))
-            self.temporal_pos = nn.Parameter(torch.zeros(self.time_tokens + use_cls, dim))
-        self.spatial_cls = nn.Parameter(torch.zeros(1, 1, dim)) if use_cls else None
-        self.temporal_cls = nn.Parameter(torch.zeros(1, 1, dim)) if use_cls else None
-        self.emb_drop = nn.Dropout(emb_dropout)
-        self.temporal_emb_drop = nn.Dropout(emb_dropout)  # its own module: it belongs to group temporal.0
 
-        def blocks(depth: int) -> nn.ModuleList:
+        def blocks(n: int) -> nn.ModuleList:
             return nn.ModuleList(
-                TransformerBlock(dim, heads, dim_head, mlp_dim, qkv_bias, norm_eps, dropout, attn_dropout)
-                for _ in range(depth)
+                TransformerBlock(dim, heads, dim_head, mlp_dim, qkv_bias, norm_eps, dropout, attn_dropout, gelu)
+                for _ in range(n)
             )
 
-        self.spatial_blocks = blocks(spatial_depth)
-        self.spatial_norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.temporal_blocks = blocks(temporal_depth)
-        self.temporal_norm = nn.LayerNorm(dim, eps=norm_eps)
+        if variant == "joint":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if use_cls else None
+            self.pos_embed = nn.Parameter(torch.zeros(use_cls + self.time_tokens * num_patches, dim))
+            self.emb_drop = nn.Dropout(emb_dropout)
+            self.blocks = blocks(depths["depth"])
+            self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        else:
+            if pos_embed == "joint":
+                self.pos_embed = nn.Parameter(torch.zeros(self.time_tokens, num_patches, dim))
+            else:
+                self.spatial_pos = nn.Parameter(torch.zeros(num_patches + use_cls, dim))
+                self.temporal_pos = nn.Parameter(torch.zeros(self.time_tokens + use_cls, dim))
+            self.spatial_cls = nn.Parameter(torch.zeros(1, 1, dim)) if use_cls else None
+            self.temporal_cls = nn.Parameter(torch.zeros(1, 1, dim)) if use_cls else None
+            self.emb_drop = nn.Dropout(emb_dropout)
+            self.temporal_emb_drop = nn.Dropout(emb_dropout)  # its own module: it belongs to group temporal.0
+            self.spatial_blocks = blocks(depths["spatial_depth"])
+            self.spatial_norm = nn.LayerNorm(dim, eps=norm_eps)
+            self.temporal_blocks = blocks(depths["temporal_depth"])
+            self.temporal_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head = nn.Linear(dim, num_classes)
         self._init_weights()
 
     # -- initialisation -----------------------------------------------------------
     def _init_weights(self) -> None:
         for name, p in self.named_parameters():
-            if name.endswith(("_pos", "pos_embed", "_cls")):
+            if name.endswith(("_pos", "pos_embed", "_cls", "cls_token")):
                 nn.init.trunc_normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -400,6 +532,16 @@ class ViViT(VideoBackbone):
 
     # -- VideoBackbone contract ---------------------------------------------------
     @property
+    def is_joint(self) -> bool:
+        """True for model 1 (one transformer over all space-time tokens)."""
+        return self.config["variant"] == "joint"
+
+    @property
+    def no_temporal_reason(self) -> str:
+        """Why the ``temporal`` policy does not apply (model 1), or ``""`` (model 2 has a temporal transformer)."""
+        return NO_TEMPORAL_REASON if self.is_joint else ""
+
+    @property
     def num_classes(self) -> int:
         """Number of output classes of the current classifier."""
         return self.head.out_features
@@ -412,7 +554,9 @@ class ViViT(VideoBackbone):
         self.config["num_classes"] = int(num_classes)
 
     def layer_groups(self) -> list[LayerGroup]:
-        """``embed``, ``spatial.i``, ``temporal.i``, ``head`` (see the module docstring)."""
+        """Model 2: ``embed``, ``spatial.i``, ``temporal.i``, ``head``; model 1: ``embed``, ``block.i``, ``head``."""
+        if self.is_joint:
+            return self._joint_groups()
         embed = module_param_names("patch_embed", self.patch_embed)
         for name in ("pos_embed", "spatial_pos", "spatial_cls"):
             if getattr(self, name, None) is not None:
@@ -437,22 +581,39 @@ class ViViT(VideoBackbone):
         groups.append(LayerGroup("head", "head", module_param_names("head", self.head)))
         return groups
 
+    def _joint_groups(self) -> list[LayerGroup]:
+        embed = module_param_names("patch_embed", self.patch_embed)
+        embed += [n for n in ("cls_token", "pos_embed") if getattr(self, n, None) is not None]
+        groups = [LayerGroup("embed", "spatial", embed, modules=["emb_drop"])]
+        for i, block in enumerate(self.blocks):
+            params = module_param_names(f"blocks.{i}", block)
+            if i == len(self.blocks) - 1:
+                params += module_param_names("norm", self.norm)
+            # every block attends across frames (tag), but nothing in it acts on time alone (no temporal_params)
+            groups.append(LayerGroup(f"block.{i}", "temporal", params))
+        groups.append(LayerGroup("head", "head", module_param_names("head", self.head)))
+        return groups
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``B x classes`` for a normalised clip ``B x 3 x T x H x W``."""
         return self.forward_groups(x, 0, self._num_groups())
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``B x D`` pooled temporal embedding (the head's input)."""
+        """The ``B x D`` pooled embedding (the head's input)."""
         return self.forward_groups(x, 0, self._num_groups() - 1)
 
     def run_group(self, index: int, state: State) -> State:
         """Apply group ``index``.
 
-        States: clip ``B x 3 x T x H x W`` -> (embed) tokens ``B x T' x S x D``
-        -> (spatial.*) same, and per-time CLS ``B x T' x D`` after the last
-        spatial group -> (temporal.*) ``B x (1+T') x D`` (``B x T' x D`` with
-        mean pooling), ``B x D`` after the last -> (head) logits.
+        Model 2 states: clip ``B x 3 x T x H x W`` -> (embed) tokens
+        ``B x T' x S x D`` -> (spatial.*) same, and per-time CLS ``B x T' x D``
+        after the last spatial group -> (temporal.*) ``B x (1+T') x D``
+        (``B x T' x D`` with mean pooling), ``B x D`` after the last -> (head)
+        logits. Model 1: clip -> (embed) ``B x (1+T'N) x D`` -> (block.*) same,
+        ``B x D`` after the last -> (head) logits.
         """
+        if self.is_joint:
+            return self._run_joint(index, state)
         n_sp, n_tm = len(self.spatial_blocks), len(self.temporal_blocks)
         if index == 0:
             return self._embed(state)
@@ -466,6 +627,8 @@ class ViViT(VideoBackbone):
 
     # -- the stages ---------------------------------------------------------------
     def _num_groups(self) -> int:
+        if self.is_joint:
+            return len(self.blocks) + 2
         return len(self.spatial_blocks) + len(self.temporal_blocks) + 2
 
     def _check_clip(self, x: torch.Tensor) -> None:
@@ -514,6 +677,50 @@ class ViViT(VideoBackbone):
         x = self.temporal_norm(x)
         return x[:, 0] if self.temporal_cls is not None else x.mean(dim=1)
 
+    def _run_joint(self, index: int, state: State) -> State:
+        depth = len(self.blocks)
+        if index == 0:
+            return self._embed_joint(state)
+        if 1 <= index <= depth:
+            x = self.blocks[index - 1](state)
+            if index < depth:
+                return x
+            x = self.norm(x)
+            return x[:, 0] if self.cls_token is not None else x.mean(dim=1)
+        if index == depth + 1:
+            return self.head(state)
+        raise IndexError(f"vivit has {depth + 2} groups; no group {index}")
+
+    def _embed_joint(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_clip(x)
+        tok = self.patch_embed(x).flatten(1, 2)  # B x T'N x D, time-major like transformers' flatten(2)
+        if self.cls_token is not None:
+            tok = torch.cat([self.cls_token.expand(tok.shape[0], 1, -1), tok], dim=1)
+        return self.emb_drop(tok + self.pos_embed[: tok.shape[1]])
+
+
+def _resolve_depths(
+    variant: str, spatial_depth: int | None, temporal_depth: int | None, depth: int | None, pos_embed: str
+) -> dict[str, int]:
+    """The depth keys of ``variant``'s config, after refusing the other variant's."""
+    if variant == "joint":
+        if spatial_depth is not None or temporal_depth is not None:
+            raise ConfigError("vivit: variant 'joint' (model 1) has one transformer: give depth, not "
+                              "spatial_depth/temporal_depth")
+        if pos_embed != "joint":
+            raise ConfigError(f"vivit: variant 'joint' (model 1) has one position table over all tokens: "
+                              f"pos_embed must be 'joint', got {pos_embed!r}")
+        resolved = {"depth": 12 if depth is None else int(depth)}
+    else:
+        if depth is not None:
+            raise ConfigError("vivit: variant 'factorised' (model 2) has two transformers: give spatial_depth and "
+                              "temporal_depth, not depth")
+        resolved = {"spatial_depth": 12 if spatial_depth is None else int(spatial_depth),
+                    "temporal_depth": 4 if temporal_depth is None else int(temporal_depth)}
+    if min(resolved.values()) < 1:
+        raise ConfigError(f"vivit: every depth must be >= 1, got {resolved}")
+    return resolved
+
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -521,3 +728,75 @@ def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 MODEL_CLASS = ViViT
+
+HF_JOINT_REPO = "google/vivit-b-16x2-kinetics400"
+SCENIC_FE_URL = "https://storage.googleapis.com/scenic-bucket/vivit/kinetics_400/vivit_base_16x2_fe/checkpoint"
+
+
+def _weight_sources() -> list[Any]:
+    """``vivit:kinetics400`` (Scenic's ViViT-B/16x2 FE) and ``vivit:kinetics400-joint`` (the HF port of model 1)."""
+    from vtransfer.weights.scenic_vivit import FlaxMsgpackSource
+    from vtransfer.weights.sources import WeightSource
+
+    kinetics = {"name": "Kinetics-400", "num_classes": 400, "size": "about 240k training clips (10 s each)"}
+    return [
+        FlaxMsgpackSource(
+            name="vivit:kinetics400",
+            backbone="vivit",
+            preset="b16x2-fe",
+            url=SCENIC_FE_URL,
+            filename="scenic_vivit_base_16x2_fe_kinetics400.msgpack",
+            converter="vtransfer.weights.scenic_vivit:load_scenic_vivit_fe",
+            num_classes=400,
+            dataset={**kinetics, "init": "ImageNet-21k ViT-B/16",
+                     "published_accuracy": {"acc@1": 78.4, "views": "4x3"},
+                     "config": "google-research/scenic scenic/projects/vivit/configs/kinetics400/"
+                               "vivit_base_factorised_encoder.py"},
+            classes="vtransfer.weights.sources:kinetics400_classes",
+            note=(
+                "Scenic's own ViViT-B/16x2 factorised encoder trained on Kinetics-400 (78.4% top-1 with 4x3 views, "
+                "scenic/projects/vivit/README.md), a Flax msgpack train state read without JAX; input [-1, 1]. "
+                "No hash is published: the first file seen is recorded and enforced after."
+            ),
+        ),
+        WeightSource(
+            name="vivit:kinetics400-joint",
+            backbone="vivit",
+            preset="b16x2-joint",
+            url=f"https://huggingface.co/{HF_JOINT_REPO}/resolve/main/pytorch_model.bin",
+            filename="google_vivit-b-16x2-kinetics400_pytorch_model.bin",
+            # the hub's Git LFS sha256 of pytorch_model.bin ("Fix model head weights", the file on main)
+            sha256="160c79526e796d6101c4d9d0fe4000e26a6098a4d8e97f4cb8935fa6deb060d0",
+            converter="vtransfer.weights.hf_vivit:load_hf_vivit",
+            num_classes=400,
+            dataset={**kinetics, "init": "ImageNet-21k ViT-B/16", "repo": HF_JOINT_REPO,
+                     "published_accuracy": {"acc@1": 79.9, "views": "4x3", "of": "Scenic's ViViT-B/16x2 checkpoint"}},
+            classes="vtransfer.weights.sources:kinetics400_classes",
+            note=(
+                f"ViViT-B/16x2 model 1 (joint space-time attention) trained on Kinetics-400, as Hugging Face hosts "
+                f"it ({HF_JOINT_REPO}, converted from Scenic, whose README gives 79.9% top-1 with 4x3 views); "
+                "read with torch.load(weights_only=True). Input as its preprocessor_config.json declares."
+            ),
+        ),
+    ]
+
+
+def _foreign_layouts() -> list[Any]:
+    from vtransfer.weights.sources import ForeignLayout
+
+    return [
+        ForeignLayout(
+            name="hf-vivit",
+            backbone="vivit",
+            converter="vtransfer.weights.hf_vivit:load_hf_vivit",
+            required_keys=("vivit.embeddings.patch_embeddings.projection.weight",
+                           "vivit.embeddings.position_embeddings"),
+            head_key="classifier.weight",
+            description="transformers' VivitForVideoClassification (ViViT model 1)",
+            default_preset="b16x2-joint",
+        )
+    ]
+
+
+WEIGHT_SOURCES = _weight_sources()
+FOREIGN_LAYOUTS = _foreign_layouts()

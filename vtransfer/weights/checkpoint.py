@@ -10,6 +10,12 @@ file. Its header's ``__metadata__`` (a string -> string map) holds one key,
      "source": {"name": "i3d:kinetics400", "dataset": {"name": "Kinetics-400", ...}},
      "training": {...summary...}, "extra": {...}, "created": "...", "vtransfer_version": "..."}
 
+and, for a model calibrated on its validation split, ``"temperature": 1.42``
+(:mod:`vtransfer.calibration`; files without it read as uncalibrated), and,
+for a model a parameter-efficient policy added modules to, ``"structure":
+{"kind": "lora", ...}`` (:mod:`vtransfer.peft_policies`): loading rebuilds the
+family model from ``config``, then redoes that surgery before the tensors load.
+
 Loading never unpickles anything: safetensors holds raw tensors only. Foreign
 PyTorch files (``.pt``/``.pth``/``.bin``) are read by
 :func:`read_foreign_state_dict` with ``torch.load(weights_only=True)``, which
@@ -21,6 +27,7 @@ fsync, then ``os.replace``, so a crash never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import json
+import numbers
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -59,6 +66,8 @@ class Checkpoint:
         preprocessing: how clips must be prepared for this model.
         source: weight source / what the backbone was pretrained on (may be empty).
         training: training summary (may be empty).
+        temperature: the temperature fitted on validation to scale clip probabilities
+            (:func:`vtransfer.calibration.scaled`); ``None`` for an uncalibrated model.
     """
 
     path: Path
@@ -70,6 +79,7 @@ class Checkpoint:
     preprocessing: Preprocessing
     source: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    temperature: float | None = None
 
 
 # -- saving --------------------------------------------------------------------------
@@ -108,8 +118,9 @@ def build_metadata(
     source: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
-    """The metadata document :func:`save_checkpoint` writes for ``model``."""
+    """The metadata document :func:`save_checkpoint` writes for ``model`` (``temperature`` only when given)."""
     from vtransfer import __version__
 
     desc = model.describe()
@@ -126,6 +137,8 @@ def build_metadata(
         "source": dict(source or {}),
         "training": dict(training or {}),
         "extra": dict(extra or {}),
+        **({"structure": desc["structure"]} if desc.get("structure") else {}),  # policy-time modules: vtransfer.peft_policies
+        **({} if temperature is None else {"temperature": float(temperature)}),
     }
 
 
@@ -137,6 +150,7 @@ def save_checkpoint(
     source: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    temperature: float | None = None,
 ) -> Path:
     """Save ``model`` with its metadata to ``path`` (safetensors), atomically.
 
@@ -148,12 +162,14 @@ def save_checkpoint(
             ``{"name": "i3d:kinetics400", "dataset": {"name": "Kinetics-400", "num_classes": 400, "size": ...}}``.
         training: training summary (policy, epochs, metrics, ...).
         extra: anything else JSON-serialisable.
+        temperature: the calibration temperature fitted on validation (``None``: uncalibrated).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ConfigError: the class list does not match the model's head, or the model has no registry name.
+        ConfigError: the class list does not match the model's head, the model has no registry name,
+            or ``temperature`` is not a finite number > 0.
     """
     from safetensors.torch import save
 
@@ -167,13 +183,44 @@ def save_checkpoint(
         )
     if len(set(classes)) != len(classes):
         raise ConfigError(f"{path}: class names must be unique")
-    meta = build_metadata(model, classes=classes, source=source, training=training, extra=extra)
+    if temperature is not None and _temperature_problem(temperature):
+        raise ConfigError(f"{path}: {_temperature_problem(temperature)}")
+    meta = build_metadata(model, classes=classes, source=source, training=training, extra=extra, temperature=temperature)
     try:
         meta_json = json.dumps(meta, default=_json_default)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: checkpoint metadata is not JSON-serialisable: {e}") from e
     tensors = _tensors_for_saving(model)
     return atomic_write_bytes(path, save(tensors, metadata={METADATA_KEY: meta_json}))
+
+
+def _temperature_problem(value: Any) -> str | None:
+    """Why ``value`` is not a usable temperature (``None`` when it is one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < float(value) < float("inf")):
+        return f"temperature must be a finite number > 0, got {value!r}"
+    return None
+
+
+def set_checkpoint_temperature(path: str | Path, temperature: float | None) -> Path:
+    """Store ``temperature`` in an existing checkpoint's metadata (``None`` removes it), atomically.
+
+    For a run that fits the temperature after its best checkpoint was saved;
+    the tensors and every other metadata field are kept as they are. The file
+    must be a vtransfer checkpoint with valid metadata.
+
+    Raises:
+        WeightsError: ``path`` is not a valid vtransfer checkpoint.
+        ConfigError: ``temperature`` is not a finite number > 0.
+    """
+    from safetensors.torch import save
+
+    path, meta, state = _read_checkpoint(path)
+    if temperature is not None and _temperature_problem(temperature):
+        raise ConfigError(f"{path}: {_temperature_problem(temperature)}")
+    meta = {k: v for k, v in meta.items() if k != "temperature"}
+    if temperature is not None:
+        meta["temperature"] = float(temperature)
+    return atomic_write_bytes(path, save(state, metadata={METADATA_KEY: json.dumps(meta, default=_json_default)}))
 
 
 def trained_on(metadata: dict[str, Any]) -> dict[str, Any] | None:
@@ -316,9 +363,11 @@ def _validate_metadata(path: Path, meta: dict[str, Any]) -> None:
         raise _fail(path, "metadata 'classes' must be a list of class names")
     if "num_classes" in meta and meta["num_classes"] != len(classes):
         raise _fail(path, f"metadata lists {len(classes)} classes but says num_classes={meta['num_classes']}")
-    for key in ("source", "training", "extra"):
+    for key in ("source", "training", "extra", "structure"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise _fail(path, f"metadata {key!r} must be an object")
+    if meta.get("temperature") is not None and _temperature_problem(meta["temperature"]):
+        raise _fail(path, f"metadata {_temperature_problem(meta['temperature'])}")
 
 
 def describe_state_mismatch(
@@ -383,23 +432,44 @@ def _checkpoint_against_model(
         preprocessing=preprocessing,
         source=dict(meta.get("source") or {}),
         training=dict(meta.get("training") or {}),
+        temperature=None if meta.get("temperature") is None else float(meta["temperature"]),
     )
 
 
-def _build(path: Path, backbone: str, config: dict[str, Any], *, meta_device: bool) -> VideoBackbone:
-    """Rebuild the stored architecture; on the meta device only shapes are made (no memory, no init)."""
+def _build(path: Path, backbone: str, config: dict[str, Any], *, meta_device: bool,
+           structure: dict[str, Any] | None = None) -> VideoBackbone:
+    """Rebuild the stored architecture (and its policy ``structure``); on the meta device only shapes are made."""
     from vtransfer.models.registry import build_from_config
 
     if meta_device:
         try:
             with torch.device("meta"):
-                return build_from_config(backbone, config)
+                return _with_structure(path, build_from_config(backbone, config), structure)
+        except WeightsError:
+            raise
         except Exception:  # noqa: BLE001 - retry on the CPU: a constructor may compute on tensors
             pass
     try:
-        return build_from_config(backbone, config)
+        model = build_from_config(backbone, config)
     except Exception as e:  # noqa: BLE001 - any constructor failure means the stored config is bad
         raise _fail(path, f"metadata config does not build a {backbone}: {type(e).__name__}: {e}") from e
+    return _with_structure(path, model, structure)
+
+
+def _with_structure(path: Path, model: VideoBackbone, structure: dict[str, Any] | None) -> VideoBackbone:
+    """Redo the policy-time surgery (LoRA layers, ST-Adapters, a probe) the metadata records."""
+    if not structure:
+        return model
+    from vtransfer.peft_policies import restore_structure
+
+    try:
+        return restore_structure(model, structure)
+    except ImportError as e:
+        raise _fail(path, f"holds {structure.get('kind')!r} layers that need a package not installed ({e}); "
+                          "pip install peft, or save the model with its LoRA merged") from e
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise _fail(path, f"metadata structure {structure.get('kind')!r} does not apply to the stored "
+                          f"{model.backbone_name}: {e}") from e
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -414,7 +484,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         WeightsError: naming the file and the problem.
     """
     path, meta, state = _read_checkpoint(path)
-    shape_model = _build(path, meta["backbone"], meta["config"], meta_device=True)
+    shape_model = _build(path, meta["backbone"], meta["config"], meta_device=True, structure=meta.get("structure"))
     return _checkpoint_against_model(path, meta, state, shape_model)
 
 
@@ -443,7 +513,7 @@ def model_from_checkpoint(
     """
     path, meta, state = _read_checkpoint(path)
     config = {**meta["config"], **{k: v for k, v in (config_overrides or {}).items() if v is not None}}
-    model = _build(path, meta["backbone"], config, meta_device=False)
+    model = _build(path, meta["backbone"], config, meta_device=False, structure=meta.get("structure"))
     ckpt = _checkpoint_against_model(path, meta, state, model)
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)

@@ -1,0 +1,351 @@
+"""Scenic's Flax ViViT checkpoints (msgpack, read without JAX) -> vtransfer's factorised encoder.
+
+This is the ``vivit:kinetics400`` source's reader and converter.
+
+**The file.** Scenic saves its train state with ``flax.training.checkpoints``,
+i.e. ``flax.serialization.to_bytes(train_state)``: a msgpack map of the state
+dict in which every array is a msgpack *extension* of type 1 whose payload is
+itself msgpack of ``(shape, dtype name, C-order bytes)`` (type 3: a numpy
+scalar, same payload; type 2: a complex number), and arrays over 2**30 bytes
+are split into ``{"__msgpack_chunked_array__": True, "shape": {...},
+"chunks": {...}}`` (google/flax ``flax/serialization.py``: ``_ndarray_to_bytes``,
+``_msgpack_ext_pack``, ``_chunk``). :func:`read_flax_msgpack` decodes that with
+``msgpack`` alone (``bfloat16`` widened to float32). Decoding builds numbers,
+strings and arrays only: it runs no code from the file. The parameters are
+``train_state["params"]``, or ``train_state["optimizer"]["target"]`` in
+checkpoints from Scenic's flax.optim days (google-research/scenic
+``scenic/projects/baselines/vit.py``, ``load_augreg_params``).
+
+**The parameters** of ``SpaceTimeViViT`` (Scenic's factorised encoder;
+google-research/scenic ``scenic/projects/vivit/model.py``: ``temporal_encode``
+/ ``embed_3d_patch``, ``SpaceTimeViViT``, ``Encoder``, ``EncoderBlock``;
+``scenic/model_lib/layers/attention_layers.py``: ``MlpBlock``;
+``scenic/projects/baselines/vit.py``: ``AddPositionEmbs``) with
+``classifier='token'`` and ``representation_size=None``, as in
+``scenic/projects/vivit/configs/kinetics400/vivit_base_factorised_encoder.py``
+(hidden 768, 12 spatial + 4 temporal layers, 12 heads, MLP 3072, patches
+16x16x2, 32 frames)::
+
+    embedding/kernel            (t, ph, pw, 3, D)   nn.Conv over N x T x H x W x C
+    embedding/bias              (D,)
+    cls_SpatialTransformer      (1, 1, D)
+    SpatialTransformer/posembed_input/pos_embedding   (1, 1 + N, D)   CLS row first, shared over time
+    SpatialTransformer/encoderblock_i/LayerNorm_0/{scale, bias}         (D,)
+        .../MultiHeadDotProductAttention_0/{query,key,value}/kernel     (D, heads, head_dim)
+        .../MultiHeadDotProductAttention_0/{query,key,value}/bias       (heads, head_dim)
+        .../MultiHeadDotProductAttention_0/out/kernel                   (heads, head_dim, D)
+        .../MultiHeadDotProductAttention_0/out/bias                     (D,)
+        .../LayerNorm_1/{scale, bias}                                   (D,)
+        .../MlpBlock_0/Dense_0/{kernel (D, mlp), bias (mlp,)}, Dense_1/{kernel (mlp, D), bias (D,)}
+    SpatialTransformer/encoder_norm/{scale, bias}
+    cls_TemporalTransformer     (1, 1, D)
+    TemporalTransformer/...     the same, with posembed_input/pos_embedding (1, 1 + T', D)
+    output_projection/{kernel (D, classes), bias (classes,)}
+
+That is vtransfer's ``ViViT`` in the torchvision layout (``patch_embed="conv"``,
+``pos_embed="factorised"``, ``pool="cls"``, ``qkv_bias=True``) with Flax's
+defaults: LayerNorm eps 1e-6 and the tanh GELU of ``nn.gelu`` (preset
+``b16x2-fe``). The conversion: Conv kernel ``THWIO -> OIDHW``; Dense kernels
+``(in, out)`` transposed; query/key/value kernels flattened to
+``(D, heads * head_dim)``, transposed and stacked into ``qkv``; the ``out``
+kernel flattened to ``(heads * head_dim, D)`` and transposed; LayerNorm
+``scale -> weight``; position tables lose their leading 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from vtransfer.errors import WeightsError
+from vtransfer.weights.sources import WeightSource, _resolve
+
+#: msgpack extension codes of flax.serialization.
+EXT_NDARRAY, EXT_COMPLEX, EXT_NPSCALAR = 1, 2, 3
+CHUNKED_KEY = "__msgpack_chunked_array__"
+#: The target model must be in Scenic's layout (preset b16x2-fe).
+REQUIRED_LAYOUT = {"variant": "factorised", "patch_embed": "conv", "pos_embed": "factorised", "pool": "cls",
+                   "qkv_bias": True, "norm_eps": 1e-6, "gelu": "tanh"}
+INSTALL_HINT = "pip install msgpack"
+
+
+# -- reading the msgpack file ----------------------------------------------------------------
+
+
+def _ndarray_from_payload(payload: bytes) -> np.ndarray:
+    """An array from flax's ``(shape, dtype name, bytes)`` extension payload (a writable copy)."""
+    import msgpack
+
+    shape, dtype_name, buffer = msgpack.unpackb(payload, raw=True)
+    name = dtype_name.decode() if isinstance(dtype_name, bytes) else str(dtype_name)
+    if name == "bfloat16":  # no numpy dtype: the upper half of a float32
+        halves = np.frombuffer(buffer, dtype="<u2").astype(np.uint32) << 16
+        flat = halves.view(np.float32)
+    else:
+        flat = np.frombuffer(buffer, dtype=np.dtype(name)).copy()
+    return flat.reshape(tuple(shape))
+
+
+def _ext_hook(code: int, payload: bytes) -> Any:
+    import msgpack
+
+    if code == EXT_NDARRAY:
+        return _ndarray_from_payload(payload)
+    if code == EXT_NPSCALAR:
+        return _ndarray_from_payload(payload)[()]
+    if code == EXT_COMPLEX:
+        real, imag = msgpack.unpackb(payload)
+        return complex(real, imag)
+    return msgpack.ExtType(code, payload)
+
+
+def _unchunk(tree: Any) -> Any:
+    """Join flax's chunked arrays back (in place for maps; returns the joined leaf)."""
+    if not isinstance(tree, dict):
+        return tree
+    if tree.get(CHUNKED_KEY):
+        shape = tuple(int(tree["shape"][str(i)]) for i in range(len(tree["shape"])))
+        chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
+        return np.concatenate(chunks).reshape(shape)
+    for key, value in tree.items():
+        tree[key] = _unchunk(value)
+    return tree
+
+
+def decode_flax_msgpack(data: bytes) -> dict[str, Any]:
+    """The state dict that ``flax.serialization.to_bytes`` encoded as ``data`` (arrays as numpy)."""
+    import msgpack
+
+    tree = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    return _unchunk(tree)
+
+
+def read_flax_msgpack(path: str | Path) -> dict[str, Any]:
+    """Read a Flax msgpack checkpoint file (``flax.serialization.to_bytes``) without JAX.
+
+    Raises:
+        WeightsError: the file is missing, not msgpack, or not a map (each message names the file);
+            ``msgpack`` not installed (the message says ``pip install msgpack``).
+    """
+    try:
+        import msgpack
+    except ImportError as e:
+        raise WeightsError(f"reading Scenic/Flax checkpoints needs the msgpack package: {INSTALL_HINT}") from e
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such Flax checkpoint file")
+    try:
+        tree = decode_flax_msgpack(path.read_bytes())
+    except (msgpack.UnpackException, ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: not a Flax msgpack checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(tree, dict):
+        raise WeightsError(f"{path}: a Flax checkpoint holds a map; this file holds a {type(tree).__name__}")
+    return tree
+
+
+def find_params(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The parameter tree inside a Scenic train state (``params``, ``optimizer/target``) or ``tree`` itself.
+
+    Raises:
+        WeightsError: naming the top-level keys when no candidate holds ``embedding`` and ``output_projection``.
+    """
+    candidates = [tree, tree.get("params"), (tree.get("optimizer") or {}).get("target")]
+    candidates += [c.get("params") for c in list(candidates) if isinstance(c, Mapping)]
+    for candidate in candidates:
+        if isinstance(candidate, Mapping) and "embedding" in candidate and "output_projection" in candidate:
+            return candidate
+    raise WeightsError(
+        "no ViViT parameters in this Flax checkpoint (looked for embedding and output_projection at the top, "
+        f"under params and under optimizer/target); its top-level keys: {', '.join(map(str, tree)) or 'none'}"
+    )
+
+
+# -- what the model expects, in Flax layout ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlaxParam:
+    """One Flax parameter: its path, its shape in the file, and how it becomes a vtransfer tensor."""
+
+    path: str
+    shape: tuple[int, ...]
+    target: str
+    to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _transpose(a: np.ndarray) -> np.ndarray:
+    return a.T
+
+
+def _drop_batch(a: np.ndarray) -> np.ndarray:
+    return a[0]
+
+
+def _conv_kernel(a: np.ndarray) -> np.ndarray:
+    return a.transpose(4, 3, 0, 1, 2)  # (t, h, w, in, out) -> (out, in, t, h, w)
+
+
+def _heads_in(a: np.ndarray) -> np.ndarray:
+    return a.reshape(a.shape[0], -1).T  # (D, heads, dh) -> (heads*dh, D)
+
+
+def _heads_out(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1, a.shape[-1]).T  # (heads, dh, D) -> (D, heads*dh)
+
+
+def _block_params(prefix: str, target: str, d: int, heads: int, dh: int, mlp: int) -> Iterator[FlaxParam]:
+    for norm, ours in (("LayerNorm_0", "norm1"), ("LayerNorm_1", "norm2")):
+        yield FlaxParam(f"{prefix}/{norm}/scale", (d,), f"{target}.{ours}.weight", _same)
+        yield FlaxParam(f"{prefix}/{norm}/bias", (d,), f"{target}.{ours}.bias", _same)
+    attn = f"{prefix}/MultiHeadDotProductAttention_0"
+    for part in ("query", "key", "value"):  # stacked into qkv by scenic_fe_tensors
+        yield FlaxParam(f"{attn}/{part}/kernel", (d, heads, dh), f"{target}.qkv.weight", _heads_in)
+        yield FlaxParam(f"{attn}/{part}/bias", (heads, dh), f"{target}.qkv.bias", lambda a: a.reshape(-1))
+    yield FlaxParam(f"{attn}/out/kernel", (heads, dh, d), f"{target}.proj.weight", _heads_out)
+    yield FlaxParam(f"{attn}/out/bias", (d,), f"{target}.proj.bias", _same)
+    for dense, ours, shape in (("Dense_0", "fc1", (d, mlp)), ("Dense_1", "fc2", (mlp, d))):
+        yield FlaxParam(f"{prefix}/MlpBlock_0/{dense}/kernel", shape, f"{target}.{ours}.weight", _transpose)
+        yield FlaxParam(f"{prefix}/MlpBlock_0/{dense}/bias", (shape[1],), f"{target}.{ours}.bias", _same)
+
+
+def scenic_fe_params(config: Mapping[str, Any], file_time_tokens: int | None = None) -> list[FlaxParam]:
+    """Every Flax parameter of Scenic's ``SpaceTimeViViT`` that fits a vtransfer ViViT of ``config``, in model order.
+
+    ``file_time_tokens``: the length ``T'`` of the file's temporal position
+    table when it is longer than the model's (it is then cut to the model's).
+    """
+    d, heads, dh, mlp = config["dim"], config["heads"], config["dim_head"], config["mlp_dim"]
+    t, (ph, pw) = config["frame_patch_size"], config["image_patch_size"]
+    (h, w), frames = config["image_size"], config["frames"]
+    patches, time_tokens = (h // ph) * (w // pw), file_time_tokens or frames // t
+    out = [
+        FlaxParam("embedding/kernel", (t, ph, pw, 3, d), "patch_embed.proj.weight", _conv_kernel),
+        FlaxParam("embedding/bias", (d,), "patch_embed.proj.bias", _same),
+        FlaxParam("cls_SpatialTransformer", (1, 1, d), "spatial_cls", _same),
+        FlaxParam("SpatialTransformer/posembed_input/pos_embedding", (1, 1 + patches, d), "spatial_pos", _drop_batch),
+    ]
+    for i in range(config["spatial_depth"]):
+        out += _block_params(f"SpatialTransformer/encoderblock_{i}", f"spatial_blocks.{i}", d, heads, dh, mlp)
+    out += [
+        FlaxParam("SpatialTransformer/encoder_norm/scale", (d,), "spatial_norm.weight", _same),
+        FlaxParam("SpatialTransformer/encoder_norm/bias", (d,), "spatial_norm.bias", _same),
+        FlaxParam("cls_TemporalTransformer", (1, 1, d), "temporal_cls", _same),
+        FlaxParam("TemporalTransformer/posembed_input/pos_embedding", (1, 1 + time_tokens, d), "temporal_pos",
+                  lambda a: a[0, : 1 + frames // t]),
+    ]
+    for i in range(config["temporal_depth"]):
+        out += _block_params(f"TemporalTransformer/encoderblock_{i}", f"temporal_blocks.{i}", d, heads, dh, mlp)
+    out += [
+        FlaxParam("TemporalTransformer/encoder_norm/scale", (d,), "temporal_norm.weight", _same),
+        FlaxParam("TemporalTransformer/encoder_norm/bias", (d,), "temporal_norm.bias", _same),
+        FlaxParam("output_projection/kernel", (d, config["num_classes"]), "head.weight", _transpose),
+        FlaxParam("output_projection/bias", (config["num_classes"],), "head.bias", _same),
+    ]
+    return out
+
+
+def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": x}} -> {"a/b": x}`` (Flax's path spelling)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_tree(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+# -- the conversion ------------------------------------------------------------------------------
+
+
+def _file_time_tokens(flat: Mapping[str, Any], model_time_tokens: int) -> int | None:
+    """The file's ``T'`` when its temporal position table is longer than the model's (else ``None``)."""
+    table = flat.get("TemporalTransformer/posembed_input/pos_embedding")
+    shape = getattr(table, "shape", ())
+    if len(shape) == 3 and shape[1] - 1 > model_time_tokens:
+        return int(shape[1] - 1)
+    return None
+
+
+def scenic_fe_tensors(params: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """vtransfer parameter name -> tensor for a Scenic FE parameter tree, after checking every path and shape.
+
+    Raises:
+        WeightsError: the first missing or mis-shaped parameter (with both
+            shapes) and how many more problems there are, or the unexpected paths.
+    """
+    flat = flatten_tree(params)
+    expected = scenic_fe_params(model.config, _file_time_tokens(flat, model.time_tokens))
+    problems: list[str] = []
+    for p in expected:
+        if p.path not in flat:
+            problems.append(f"{p.path} is missing")
+        elif tuple(np.shape(flat[p.path])) != p.shape:
+            problems.append(f"{p.path} has shape {tuple(np.shape(flat[p.path]))}, this model needs {p.shape}")
+    known = {p.path for p in expected}
+    unexpected = sorted(path for path in flat if path not in known)
+    if problems or unexpected:
+        first = problems[0] if problems else f"unexpected parameter {unexpected[0]}"
+        rest = len(problems) + len(unexpected) - 1
+        raise WeightsError(
+            "Scenic ViViT checkpoint does not fit this vivit model: first mismatch: "
+            f"{first}{f' (and {rest} more)' if rest else ''}"
+        )
+    grouped: dict[str, list[np.ndarray]] = {}
+    for p in expected:
+        grouped.setdefault(p.target, []).append(p.to_torch(np.asarray(flat[p.path], dtype=np.float32)))
+    # query, key, value arrive in that order for each qkv target: stacking them gives [q | k | v]
+    return {target: torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, axis=0)))
+            for target, parts in grouped.items()}
+
+
+def load_scenic_vivit_fe(tree: Mapping[str, Any], model: nn.Module) -> None:
+    """Load a Scenic factorised-encoder ViViT (a train state or its parameter tree) into ``model``, in place.
+
+    ``model`` must be a vtransfer ViViT in Scenic's layout (:data:`REQUIRED_LAYOUT`,
+    preset ``b16x2-fe``). A file whose temporal position table is longer
+    than the model's (a 32-frame checkpoint into a 16-frame model) keeps its
+    first rows, the ones a shorter clip uses. Nothing is copied unless every
+    parameter fits.
+
+    Raises:
+        WeightsError: wrong model layout, no parameters found, or the first mismatch (see :func:`scenic_fe_tensors`).
+    """
+    cfg = getattr(model, "config", {})
+    wrong = {k: cfg.get(k) for k, v in REQUIRED_LAYOUT.items() if cfg.get(k) != v}
+    if wrong:
+        raise WeightsError(f"Scenic ViViT import: the target model has {wrong}, but Scenic's factorised encoder needs "
+                           f"{REQUIRED_LAYOUT}; use preset b16x2-fe")
+    tensors = scenic_fe_tensors(find_params(tree), model)
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value.to(own[name].dtype))
+
+
+@dataclass(frozen=True)
+class FlaxMsgpackSource(WeightSource):
+    """A :class:`WeightSource` whose file is a Flax msgpack checkpoint: read with msgpack, never unpickled."""
+
+    def load_into(self, model: Any, path: Path | None = None) -> Path:
+        """Read the msgpack train state and convert it into ``model``; return the file's path."""
+        path = path or self.fetch()
+        if not self.converter:
+            raise WeightsError(f"weight source {self.name} has no converter")
+        try:
+            _resolve(self.converter)(read_flax_msgpack(path), model)
+        except WeightsError as e:
+            raise WeightsError(f"{path} (weight source {self.name}): {e}") from e
+        if self.preprocessing:
+            model.preprocessing = model.preprocessing.replace(**self.preprocessing)
+        return path
