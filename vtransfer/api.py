@@ -21,6 +21,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from vtransfer.auto_policy import AUTO
 from vtransfer.clips import adapt_preprocessing, make_clip_dataset, shared_reader
 from vtransfer.compare import CompareResult, comparison_setup, plan_comparison, shallow_prefixes_first
 from vtransfer.data.run_data import load_categories_for, open_dataset
@@ -89,9 +90,12 @@ def finetune(
         if ctx.is_main:
             runs.prepare_run_dir(run_dir, overwrite=overwrite)
         distributed.barrier()
-    cfg = cfg.replace(out=str(run_dir)).with_policy_epochs()  # a run's config.json records the number
+    cfg = cfg.replace(out=str(run_dir))
     with catch_sigint() as sigint:
         try:
+            if cfg.policy.policy == AUTO and resume is None:
+                cfg = _choose_policy(run_dir, cfg, reporter)
+            cfg = cfg.with_policy_epochs()  # a run's config.json records the number
             return run_finetune(run_dir, cfg, resume is not None, reporter=reporter, stop_after=stop_after_epochs)
         except (KeyboardInterrupt, RuntimeError) as e:
             # Ctrl-C anywhere (cache filling, an epoch, the final test) leaves the saved epochs resumable.
@@ -100,12 +104,27 @@ def finetune(
                 _discard_if_failed_early(run_dir, resume, existed, ctx)
                 raise
             done = len(runs.read_metrics(run_dir))
-            raise runs.RunInterrupted(run_dir, done, int(cfg.training.epochs)) from None
+            raise runs.RunInterrupted(run_dir, done, int(cfg.with_policy_epochs().training.epochs)) from None
         except runs.RunInterrupted:
             raise  # stopped on purpose: the folder stays resumable
         except Exception:
             _discard_if_failed_early(run_dir, resume, existed, ctx)
             raise
+
+
+def _choose_policy(run_dir: Path, cfg: RunConfig, reporter) -> RunConfig:
+    """``--policy auto``: run the trials (:mod:`vtransfer.auto_policy`), say what won and why; the winner's configuration."""
+    import time
+
+    from vtransfer.auto_policy import choose_policy, describe, write_choice
+
+    t0 = time.perf_counter()
+    winner, trials, why = choose_policy(run_dir, cfg, reporter)
+    write_choice(run_dir, winner, trials, why, time.perf_counter() - t0)
+    if reporter is not None:
+        for line in ["auto: tried", *describe(trials), f"auto: {why}; training {winner} in full"]:
+            reporter.message(line)
+    return cfg.replace(policy=winner)
 
 
 def _with_generated_signature(fn, exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None):
@@ -256,17 +275,21 @@ def compare_policies(
     overwrite: bool = False,
     reporter=None,
     on_policy=None,
+    shots: str | list | None = None,
     **options: Any,
 ) -> CompareResult:
     """Run each policy on the same split with the same seeds and epoch budget; one table.
 
     ``options`` are :func:`finetune`'s run options (``seed=N`` means
-    ``seeds=(N,)``); see :func:`vtransfer.compare.compare_policies`.
+    ``seeds=(N,)``); ``shots="1,2,5,all"`` adds a few-shot learning curve.
+    See :func:`vtransfer.compare.compare_policies`.
     """
     from vtransfer.compare import compare_policies as _compare
+    from vtransfer.shots import parse_shots
 
     return _compare(data, policies=policies, seeds=seeds, out=out, overwrite=overwrite, reporter=reporter,
-                    on_policy=on_policy, finetune=finetune, **options)
+                    on_policy=on_policy, shots=parse_shots(shots) if shots is not None else None, finetune=finetune,
+                    **options)
 
 
 _with_generated_signature(compare_policies, exclude=("data", "policy", "out", "pretrain_source"), defaults={"seed": None})

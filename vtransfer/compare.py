@@ -24,6 +24,7 @@ class CompareResult:
     skipped: dict[str, str]
     runs: dict[str, list[Path]]
     setup: dict[str, str] = field(default_factory=dict)  # backbone, architecture, input, parameters (see comparison_setup)
+    curve: dict | None = None  # policy -> [vtransfer.shots.CurvePoint] with --shots
 
 
 def resolve_seeds(seeds: Any, seed: int | None) -> list[int]:
@@ -45,6 +46,7 @@ def compare_policies(
     overwrite: bool = False,
     reporter=None,
     on_policy: Callable[[str, int], None] | None = None,
+    shots: list[int | None] | None = None,
     finetune: Callable[..., FinetuneResult],
     **options: Any,
 ) -> CompareResult:
@@ -56,7 +58,10 @@ def compare_policies(
     written as ``compare.json``/``.csv``/``.md``/``.html`` plus a per-category
     bar chart. A policy that does not apply to the backbone (``temporal``
     without temporal layers) is skipped and reported. Re-running with the same
-    options reuses finished runs.
+    options reuses finished runs. ``shots`` (``[1, 2, 5, None]``, ``None`` =
+    all) adds a learning curve: every policy again with that many training
+    videos per class (:mod:`vtransfer.shots`), written as ``shots.*`` and
+    shown in ``compare.html``.
     """
     from vtransfer import runs
     from vtransfer.data.run_data import open_dataset
@@ -75,7 +80,7 @@ def compare_policies(
         write_manifest(out_dir / runs.SPLIT_FILE, open_dataset(DataConfig(data=Path(data), **split_options)))
     split_manifest = out_dir / runs.SPLIT_FILE
 
-    rows, run_dirs = [], {}
+    rows, run_dirs, accuracy = [], {}, {}
     for policy in order:
         per_seed = []
         for seed in seeds:
@@ -91,17 +96,46 @@ def compare_policies(
                 skipped[policy] = str(e)
                 break
             run_dirs.setdefault(policy, []).append(sub)
+            accuracy.setdefault(policy, []).append(res.test.video_hit1)
             per_seed.append(PolicyRow.from_eval(
                 policy, seed, trainable_params=res.trainable_params, total_params=res.total_params,
                 train_time_s=res.train_time_s, val_video_acc=res.best_val_video_acc, test=res.test, run_dir=sub))
         if per_seed and policy not in skipped:
             rows.append(aggregate_seed_rows(per_seed))
     rows.sort(key=lambda r: list(policies).index(r.policy))  # the table keeps the order asked for
+    for policy in skipped:
+        accuracy.pop(policy, None)
     setup = comparison_setup(run_dirs)
+    figures, curve = [], None
+    if shots and accuracy:
+        curve = _learning_curve(shots, [p for p in policies if p in accuracy], seeds, out_dir, accuracy, data, options,
+                                reporter, on_policy, finetune)
+        figures.append(("Test accuracy by labelled training videos per class", "shots.png",
+                        (out_dir / "shots.png").read_bytes()))
     if rows:
-        write_policy_table(rows, out_dir, extra=setup)
+        write_policy_table(rows, out_dir, extra=setup, figures=figures)
     runs.write_json(out_dir / "skipped.json", skipped)
-    return CompareResult(out_dir, rows, skipped, run_dirs, setup)
+    return CompareResult(out_dir, rows, skipped, run_dirs, setup, curve)
+
+
+def _learning_curve(shots, policies, seeds, out_dir: Path, accuracy: dict[str, list[float]], data, options: dict,
+                    reporter, on_policy, finetune) -> dict:
+    """The few-shot points of every policy (see :mod:`vtransfer.shots`), written as ``OUT/shots.*``."""
+    from vtransfer import runs
+    from vtransfer.data.splits import read_manifest
+    from vtransfer.shots import run_curve, write_curve
+
+    base = read_manifest(out_dir / runs.SPLIT_FILE, check_files=False)
+
+    def run_point(manifest: Path, sub: Path, policy: str, seed: int) -> float:
+        if on_policy:
+            on_policy(f"{policy} {sub.parent.parent.name}", seed)
+        res = _finished_or_run(sub, reporter, finetune, dict(options, data=data, policy=policy, seed=seed, manifest=manifest))
+        return res.test.video_hit1
+
+    curve = run_curve(shots, policies, seeds, out_dir, accuracy, len(base.split("train")), run_point)
+    write_curve(curve, out_dir, chance=1 / len(base.classes))
+    return curve
 
 
 def _short(value: Any) -> str:

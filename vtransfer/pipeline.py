@@ -294,8 +294,14 @@ def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, res
                           train_time, state.best_score, plan.to_dict(), test=result)
 
 
-def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, stop_after: int | None = None) -> FinetuneResult:
-    """The whole run: every step above, in order. A run stopped on purpose (``stop_after``) returns without a report."""
+def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, stop_after: int | None = None,
+                 test: bool = True) -> FinetuneResult:
+    """The whole run: every step above, in order.
+
+    A run stopped on purpose (``stop_after``) returns without a report, and so
+    does one with ``test=False`` (a ``--policy auto`` trial, chosen on the
+    validation split alone: the test videos stay unseen until the winner's run).
+    """
     from vtransfer import distributed, runs
 
     run = start_run(run_dir, cfg, resume, reporter)
@@ -306,7 +312,7 @@ def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, sto
     state = fit(run, data, model, plan, info, training, stop_after)
     distributed.barrier()
     epochs = training.config.epochs
-    if state.epoch < epochs and not state.stopped_early or not run.main:
+    if state.epoch < epochs and not state.stopped_early or not run.main or not test:
         # stopped on purpose (stop_after_epochs): resumable, no report yet; other ranks leave the test to rank 0
         return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, {}, state.history, plan.trainable_count(model),
                               sum(p.numel() for p in model.parameters()), sum(h["time_s"] for h in state.history),

@@ -724,13 +724,16 @@ def write_policy_table(
     *,
     title: str = "Freezing policies compared",
     extra: Mapping[str, Any] | None = None,
+    figures: Sequence[tuple[str, str, bytes]] = (),
 ) -> dict[str, Path]:
     """Write the compare-policies table into ``out_dir``, each file atomically.
 
     Files and their keys: ``json`` compare.json (``title``, ``categories``,
     ``rows`` as :meth:`PolicyRow.to_dict`, ``extra``), ``csv`` compare.csv,
     ``markdown`` compare.md, ``categories_png`` compare_categories.png,
-    ``html`` compare.html (self-contained).
+    ``html`` compare.html (self-contained). ``figures`` are more
+    ``(heading, file name, PNG bytes)`` sections (the few-shot curve), whose
+    files the caller has written beside the table.
     """
     rows = list(rows)
     if not rows:
@@ -756,6 +759,7 @@ def write_policy_table(
     if extra:
         md.append(_md_table(_extra_table(extra)))
     md += [_md_table(results_table), "## Accuracy per category\n", "![compare_categories](compare_categories.png)\n"]
+    md += [f"## {heading}\n\n![{name}]({name})\n" for heading, name, _ in figures]
     paths["markdown"] = atomic_write_text(out / "compare.md", "\n".join(md))
 
     body = ([_html_table(_extra_table(extra))] if extra else []) + [
@@ -763,5 +767,7 @@ def write_policy_table(
         "<h2>Accuracy per category</h2>",
         _html_image(png, "accuracy per category and policy"),
     ]
+    for heading, _, figure in figures:
+        body += [f"<h2>{html.escape(heading)}</h2>", _html_image(figure, heading)]
     paths["html"] = atomic_write_text(out / "compare.html", _html_page(title, body))
     return paths

@@ -160,12 +160,18 @@ class ModelConfig:
 class PolicyConfig:
     """What trains."""
 
-    policy: str = option(DEFAULT_POLICY, "Freezing policy: scratch, top-layer, top-3, temporal, all.", PANEL_MODEL,
-                         flags=("-p",))
+    policy: str = option(
+        DEFAULT_POLICY, "Freezing policy: scratch, top-layer, top-3, temporal, all, or auto (cached-feature policies in "
+                        "full, then the --auto-trials cheapest others for --auto-epochs epochs each; the best on the "
+                        "validation split is trained in full; RUN/auto.json says what was tried and why it won).",
+        PANEL_MODEL, flags=("-p",))
     train_groups: Optional[list[str]] = option(
         None, "Custom set of layer groups to train, comma-separated names or globs (e.g. 'spatial*,temporal*'); "
               "overrides --policy. The new classifier always trains.", PANEL_MODEL, metavar="GROUP[,GROUP...]",
         cli_name="train", cli_type=Optional[str], parse=split_list)
+    auto_trials: int = option(3, "--policy auto: how many policies besides the cached-feature ones get a short trial.",
+                              PANEL_MODEL)
+    auto_epochs: int = option(3, "--policy auto: epochs of each short trial.", PANEL_MODEL)
 
 
 @dataclass

@@ -120,6 +120,7 @@ def compare_policies(
     data: O.Data,
     policies: Annotated[str, typer.Option("--policies", metavar="POLICY[,POLICY...]", help="Comma-separated policies to compare.")] = "scratch,top-layer,top-3,temporal,all",
     seeds: Annotated[Optional[str], typer.Option("--seeds", metavar="SEED[,SEED...]", help="Comma-separated seeds; each policy runs once per seed, the table shows mean ± std (default 0; --seed N is the same as --seeds N).", show_default=False)] = None,
+    shots: Annotated[Optional[str], typer.Option("--shots", metavar="K[,K...]", help="Also draw a learning curve: every policy again with K labelled training videos per class (e.g. 1,2,5,10,all; 'all' is the table itself), on the same validation and test videos; written as shots.png/csv/json and shown in compare.html.", show_default=False)] = None,
     out: O.Out = None,
     overwrite: O.Overwrite = False,
     json_out: O.Json = False,
@@ -132,8 +133,8 @@ def compare_policies(
     from vtransfer.progress import RichReporter
     from vtransfer.report import render_policy_table
 
-    p = _with_recipe(ctx, "compare-policies", dict(data=data, policies=policies, seeds=seeds, out=out, overwrite=overwrite,
-                                                   json_out=json_out, recipe=recipe, **run))
+    p = _with_recipe(ctx, "compare-policies", dict(data=data, policies=policies, seeds=seeds, shots=shots, out=out,
+                                                   overwrite=overwrite, json_out=json_out, recipe=recipe, **run))
     values = run_values(p)
     seeds_list = [int(s) for s in O.split_list(p["seeds"])] if p["seeds"] is not None else None
     reporter = None if p["json_out"] else RichReporter(console)
@@ -146,7 +147,7 @@ def compare_policies(
     if values.get("seed") is None:
         values.pop("seed", None)
     res = api.compare_policies(p["data"], policies=O.split_list(p["policies"]), seeds=seeds_list, out=p["out"],
-                               overwrite=p["overwrite"], reporter=reporter, on_policy=on_policy, **values)
+                               overwrite=p["overwrite"], reporter=reporter, on_policy=on_policy, shots=p["shots"], **values)
     if p["json_out"]:
         console.print_json(json.dumps({"out": str(res.out_dir), "rows": [r.to_dict() for r in res.rows], "skipped": res.skipped}))
         return
@@ -154,6 +155,11 @@ def compare_policies(
     for key, value in res.setup.items():
         style = "bold red" if key == "architecture mismatch" else "bold"
         console.print(f"[{style}]{key}:[/] {value}", highlight=False)
+    if res.curve:
+        from vtransfer.report import _rich_table
+        from vtransfer.shots import curve_table
+
+        console.print(_rich_table(curve_table(res.curve)))
     for policy, why in res.skipped.items():
         console.print(f"[yellow]skipped {policy}:[/] {why}")
     console.print(f"[bold]results:[/] {res.out_dir}")
