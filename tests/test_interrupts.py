@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from vtransfer.batches import _sigint_deferred, make_loader
+from vtransfer.batches import make_loader
+from vtransfer.interrupts import catch_sigint
 
 WORKER_DELAY_S = 0.6
 
@@ -48,7 +49,7 @@ def recording_handler():
 
 
 def test_a_sigint_inside_the_block_reaches_the_handler_once_when_it_ends(recording_handler):
-    with _sigint_deferred():
+    with catch_sigint(hold=True):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert recording_handler == []
@@ -57,7 +58,7 @@ def test_a_sigint_inside_the_block_reaches_the_handler_once_when_it_ends(recordi
 
 
 def test_a_second_sigint_is_not_held(recording_handler):
-    with _sigint_deferred():
+    with catch_sigint(hold=True):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
@@ -68,12 +69,12 @@ def test_a_second_sigint_is_not_held(recording_handler):
 
 def test_a_held_sigint_wins_over_the_end_of_an_epoch():
     with pytest.raises(KeyboardInterrupt):
-        with _sigint_deferred():
+        with catch_sigint(hold=True):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
             raise StopIteration  # what next() raises after an epoch's last batch
     with pytest.raises(KeyboardInterrupt):  # no handler of ours installed: the default raises
-        with _sigint_deferred():
+        with catch_sigint(hold=True):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

@@ -7,8 +7,6 @@ cached, so a cached run and a live run see exactly the same clips.
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import threading
 from typing import Any, Iterator
 
@@ -18,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from vtransfer import distributed
 from vtransfer.data.dataset import collate_clips
 from vtransfer.inference import batch_inputs
+from vtransfer.interrupts import catch_sigint, ignore_sigint
 from vtransfer.models.base import VideoBackbone
 from vtransfer.runtime import autocast
 
@@ -57,16 +56,11 @@ def epoch_indices(
     return [v * views + chosen[i] for i, v in enumerate(videos)]
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Workers leave Ctrl-C to the main process, which stops cleanly and shuts them down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class ClipLoader(DataLoader):
     """A DataLoader whose worker processes never die of Ctrl-C.
 
     A terminal sends SIGINT to the whole process group. Workers ignore it; the
-    main process acts on it only between batches (see ``_sigint_deferred``),
+    main process acts on it only between batches (see ``vtransfer.interrupts.catch_sigint``),
     then shuts the workers down and stops cleanly.
     """
 
@@ -75,7 +69,7 @@ class ClipLoader(DataLoader):
             return super().__iter__()
         try:
             # workers forked inside this block inherit the recording handler, then ignore SIGINT for good
-            with _sigint_deferred():
+            with catch_sigint(hold=True):
                 iterator = super().__iter__()
         except KeyboardInterrupt:
             iterator = None  # shuts the workers down before the interrupt goes on
@@ -102,40 +96,8 @@ class _InterruptibleBetweenBatches:
         return len(self._iterator)
 
     def __next__(self):
-        with _sigint_deferred():
+        with catch_sigint(hold=True):
             return next(self._iterator)
-
-
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Hold a first SIGINT until the block ends, then hand it to the previous handler.
-
-    A second SIGINT inside the block is not held: it goes to the previous
-    handler at once, so a stuck worker can never make Ctrl-C useless.
-    """
-    caught: list[int] = []
-    previous = signal.getsignal(signal.SIGINT)
-
-    def record(signum, frame):
-        if caught:
-            _deliver_sigint(previous, frame)
-        caught.append(signum)
-
-    signal.signal(signal.SIGINT, record)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:  # also when the block raised (the epoch's last batch ends in StopIteration)
-            _deliver_sigint(previous, None)
-
-
-def _deliver_sigint(handler, frame) -> None:
-    """Act on SIGINT as ``handler`` (a Python handler, SIG_DFL or SIG_IGN) would."""
-    if callable(handler):
-        handler(signal.SIGINT, frame)
-    elif handler != signal.SIG_IGN:
-        raise KeyboardInterrupt
 
 
 def make_loader(
@@ -158,7 +120,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate_clips,
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_ignore_sigint if workers > 0 else None,
+        worker_init_fn=ignore_sigint if workers > 0 else None,
         persistent_workers=False,
         prefetch_factor=2 if workers > 0 else None,
     )

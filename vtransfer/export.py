@@ -381,7 +381,7 @@ def export(
     ``result.check.warning``). Options and the output paths are checked
     before the model is loaded.
     """
-    from vtransfer.api import resolve_model_path
+    from vtransfer.evaluation import resolve_model_path
     from vtransfer.weights.checkpoint import model_from_checkpoint
 
     path, json_path = output_paths(out, fmt)

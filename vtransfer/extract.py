@@ -158,7 +158,8 @@ def load_feature_model(
     is refused: random features describe nothing (``hf:REPO`` names bring
     their own weights and need none).
     """
-    from vtransfer.api import adapt_preprocessing, resolve_model_path
+    from vtransfer.clips import adapt_preprocessing
+    from vtransfer.evaluation import resolve_model_path
     from vtransfer.models.registry import backbone_names, is_backbone_name
 
     spec = str(model_or_backbone)
@@ -229,7 +230,8 @@ def select_videos(
     stratified split (``split_files``, ``ratios``, ``split_seed``, ``group_pattern``).
     """
     from vtransfer import runs
-    from vtransfer.api import DataOptions, open_dataset
+    from vtransfer.data.run_data import open_dataset
+    from vtransfer.run_config import DataConfig
     from vtransfer.data.splits import read_manifest
 
     data = Path(data)
@@ -245,7 +247,7 @@ def select_videos(
             warning = f"{run_split} lists another dataset than {data}; splitting {data} with the default rules"
     if manifest is not None:
         where = f"{manifest}"
-    index = open_dataset(DataOptions(data, Path(manifest) if manifest else None,
+    index = open_dataset(DataConfig(data, Path(manifest) if manifest else None,
                                      Path(split_files) if split_files else None, split_seed, tuple(ratios), group_pattern))
     records = index.records if split == "all" else index.split(split)
     if not records:
@@ -438,7 +440,7 @@ def extract_features(
         DatasetError: no videos, or none that decodes.
     """
     from vtransfer import __version__
-    from vtransfer.api import shared_reader
+    from vtransfer.clips import shared_reader
     from vtransfer.runtime import configure_threads, default_workers, resolve_device
 
     tensors_path, index_path = output_paths(out, fmt)

@@ -248,7 +248,7 @@ def resolve_views(cached_views: int | None, epochs: int, prefix_groups: int) -> 
 
 def build_prefix_source(*, model, plan, train_records, class_to_idx, labels, opts, config, device, reader, balance_sampler: bool):
     """Choose how training batches are produced: cached prefix features or live decoding."""
-    from vtransfer.api import make_clip_dataset
+    from vtransfer.clips import make_clip_dataset
 
     k = plan.first_trainable_group
     views = resolve_views(opts.cached_views, config.epochs, k)

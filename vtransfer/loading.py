@@ -255,9 +255,11 @@ def backbone_summary(name: str) -> dict[str, Any]:
 
     Keys: ``name``, ``presets``, ``default_preset``, ``params`` (default preset,
     its own head), ``num_classes``, ``input`` (``{"frames", "stride", "size"}``),
-    ``preprocessing``, ``sources`` (from :func:`~vtransfer.weights.sources.list_sources`).
+    ``preprocessing``, ``sources`` (from :func:`~vtransfer.weights.sources.list_sources`),
+    ``training`` (the family's default optimiser, learning rate, weight decay)
+    and ``description`` (the family module's ``DESCRIPTION``, or ``None``).
     """
-    from vtransfer.models.registry import default_preset, presets
+    from vtransfer.models.registry import backbone_module, default_preset, family_module, presets, training_defaults
     from vtransfer.weights.sources import list_sources
 
     preset = default_preset(name)
@@ -272,6 +274,8 @@ def backbone_summary(name: str) -> dict[str, Any]:
         "input": {"frames": pre.frames, "stride": pre.stride, "size": list(pre.crop_size)},
         "preprocessing": pre.to_dict(),
         "sources": list_sources(name),
+        "training": training_defaults(name),
+        "description": getattr(backbone_module(name), "DESCRIPTION", None) or getattr(family_module(name), "DESCRIPTION", None),
     }
 
 

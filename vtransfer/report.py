@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from vtransfer.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from vtransfer.jsonable import to_jsonable
 from vtransfer.metrics import LEGACY_HIT_K, EvalResult, hit_key, views_text
 
 # --------------------------------------------------------------------------- formatting
@@ -69,34 +70,12 @@ def format_duration(seconds: float | None, std: float | None = None) -> str:
     return one(seconds) if std is None or math.isnan(std) else f"{one(seconds)} ± {one(std)}"
 
 
-def _jsonable(obj: Any) -> Any:
-    """Convert ``obj`` to strict-JSON types (NaN/inf -> ``None``; paths, numpy, dataclasses handled)."""
-    if obj is None or isinstance(obj, (bool, str, int)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = sorted(obj, key=str) if isinstance(obj, (set, frozenset)) else obj
-        return [_jsonable(v) for v in items]
-    return str(obj)
-
-
 def _scalar_text(value: Any) -> str:
     """A value of ``extra`` as one line of text (nested values as compact JSON)."""
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (dict, list, tuple)):
-        return json.dumps(_jsonable(value), ensure_ascii=False)
+        return json.dumps(to_jsonable(value), ensure_ascii=False)
     return str(value)
 
 
@@ -420,8 +399,8 @@ def write_eval_report(
     history = list(history or [])
     paths: dict[str, Path] = {}
 
-    doc = {"title": title, **result.to_dict(), "extra": _jsonable(extra), "history": _jsonable(history)}
-    paths["json"] = atomic_write_json(out / "report.json", _jsonable(doc))
+    doc = {"title": title, **result.to_dict(), "extra": to_jsonable(extra), "history": to_jsonable(history)}
+    paths["json"] = atomic_write_json(out / "report.json", to_jsonable(doc))
     paths["per_class_csv"] = atomic_write_text(out / "per_class.csv", _per_class_csv(result))
     paths["confusion_csv"] = atomic_write_text(out / "confusion.csv", _confusion_csv(result))
 
@@ -577,7 +556,7 @@ class PolicyRow:
         data[key] = data.pop(_HIT_K_FIELD)
         if _HIT_K_FIELD in data["std"]:
             data["std"][key] = data["std"].pop(_HIT_K_FIELD)
-        return _jsonable(data)
+        return to_jsonable(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PolicyRow":
@@ -778,13 +757,16 @@ def write_policy_table(
     *,
     title: str = "Freezing policies compared",
     extra: Mapping[str, Any] | None = None,
+    figures: Sequence[tuple[str, str, bytes]] = (),
 ) -> dict[str, Path]:
     """Write the compare-policies table into ``out_dir``, each file atomically.
 
     Files and their keys: ``json`` compare.json (``title``, ``categories``,
     ``rows`` as :meth:`PolicyRow.to_dict`, ``extra``), ``csv`` compare.csv,
     ``markdown`` compare.md, ``categories_png`` compare_categories.png,
-    ``html`` compare.html (self-contained).
+    ``html`` compare.html (self-contained). ``figures`` are more
+    ``(heading, file name, PNG bytes)`` sections (the few-shot curve), whose
+    files the caller has written beside the table.
     """
     rows = list(rows)
     if not rows:
@@ -798,7 +780,7 @@ def write_policy_table(
         "title": title,
         "categories": _row_categories(rows),
         "rows": [r.to_dict() for r in rows],
-        "extra": _jsonable(extra),
+        "extra": to_jsonable(extra),
     }
     paths["json"] = atomic_write_json(out / "compare.json", doc)
     paths["csv"] = atomic_write_text(out / "compare.csv", _policy_csv(rows))
@@ -810,6 +792,7 @@ def write_policy_table(
     if extra:
         md.append(_md_table(_extra_table(extra)))
     md += [_md_table(results_table), "## Accuracy per category\n", "![compare_categories](compare_categories.png)\n"]
+    md += [f"## {heading}\n\n![{name}]({name})\n" for heading, name, _ in figures]
     paths["markdown"] = atomic_write_text(out / "compare.md", "\n".join(md))
 
     body = ([_html_table(_extra_table(extra))] if extra else []) + [
@@ -817,5 +800,7 @@ def write_policy_table(
         "<h2>Accuracy per category</h2>",
         _html_image(png, "accuracy per category and policy"),
     ]
+    for heading, _, figure in figures:
+        body += [f"<h2>{html.escape(heading)}</h2>", _html_image(figure, heading)]
     paths["html"] = atomic_write_text(out / "compare.html", _html_page(title, body))
     return paths

@@ -167,3 +167,12 @@ def load_resume_state(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not found; nothing to resume") from e
     except Exception as e:  # noqa: BLE001 - anything unloadable is reported the same way
         raise WeightsError(f"{path}: cannot load resume state safely ({e})") from e
+
+
+def default_run_dir(prefix: str) -> Path:
+    """``runs/<prefix>-<time>``: a new run's folder when ``--out`` is not given (``hf:ORG/REPO`` names one folder, not a tree)."""
+    import re
+    from datetime import datetime
+
+    prefix = re.sub(r"[^A-Za-z0-9_.+-]+", "_", prefix)
+    return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -7,13 +7,14 @@ Thin skins over :func:`vtransfer.loading.backbone_summary` and
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from vtransfer.cli.app import app, console
+from vtransfer.cli import options as O
 from vtransfer.cli.options import HelpCommand
 
 
@@ -49,6 +50,7 @@ def backbones_command(
     table.add_column("presets")
     table.add_column("params", justify="right")
     table.add_column("input T×H×W")
+    table.add_column("optimiser, lr")
     table.add_column("weight sources", no_wrap=True)
     for r in rows:
         presets = ", ".join(f"[bold]{p}[/]" if p == r["default_preset"] else p for p in r["presets"])
@@ -56,8 +58,12 @@ def backbones_command(
         size = "×".join(str(s) for s in inp["size"])
         input_cell = f"{inp['frames']}×{size}" + (f" (stride {inp['stride']})" if inp["stride"] != 1 else "")
         sources = "\n".join(_source_cell(s) for s in r["sources"]) or "-"
-        table.add_row(r["name"], presets, _millions(r["params"]), input_cell, sources)
+        training = r["training"]
+        table.add_row(r["name"], presets, _millions(r["params"]), input_cell, f"{training['optimizer']} {training['lr']:g}", sources)
     console.print(table)
+    for r in rows:
+        if r["description"]:
+            console.print(f"[bold]{r['name']}[/]: {r['description']}", highlight=False)
     console.print(
         "Default preset in bold; params of the default preset with its own head. Sources: ✓ present locally, "
         "· downloads on first use, ✗ no public weights (make them with `vtransfer pretrain`, or pass --weights FILE). "
@@ -68,17 +74,17 @@ def backbones_command(
 
 @app.command("inspect", cls=HelpCommand)
 def inspect_command(
-    backbone: str = typer.Option(..., "--backbone", "-b", help="Backbone: slowfusion, i3d, vivit or effnet3d (see `vtransfer backbones`)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Architecture preset (default: the backbone's default)."),
-    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Show what this freezing policy trains: scratch, top-layer, top-3, temporal, all."),
-    train: Optional[str] = typer.Option(None, "--train", metavar="GROUP[,GROUP...]", help="Custom comma-separated layer groups (names or globs) to train; overrides --policy."),
+    backbone: O.Backbone,
+    preset: O.Preset = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", "-p", help="Show what this freezing policy trains (default: only the layer groups).")] = None,
+    train: O.TrainGroups = None,
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="Classifier size to count (default: the preset's)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
     """Show a backbone's layer groups (tags, parameter counts, temporal parameters) and what a policy would train."""
     from vtransfer.loading import inspect_backbone
 
-    groups = [g.strip() for g in train.split(",") if g.strip()] if train else None
+    groups = O.split_list(train)
     info = inspect_backbone(backbone, preset, policy, groups, num_classes)
     if as_json:
         typer.echo(json.dumps(info, indent=2))

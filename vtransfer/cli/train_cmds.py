@@ -10,25 +10,7 @@ import typer
 
 from vtransfer.cli import options as O
 from vtransfer.cli.app import app, console, require_data
-
-# Options every training command shares: (CLI parameter name) -> api keyword.
-_TRAINING_KEYS = (
-    "backbone", "preset", "weights", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "head_lr_scale", "warmup_epochs",
-    "patience", "dropout", "frames", "stride", "size", "clips_per_video", "val_clips", "precision", "device",
-    "categories", "balance", "manifest", "split_files", "split_seed", "group_pattern", "workers", "threads",
-    "cache", "cache_dir", "cached_views", "max_bad_fraction", "deterministic", "tensorboard",
-)
-_DATA_KEYS = ("manifest", "split_files", "split_seed", "group_pattern", "categories")
-
-
-def _training_kwargs(p: dict[str, Any], keys=_TRAINING_KEYS) -> dict[str, Any]:
-    kw = {k: p[k] for k in keys if k in p}
-    if "crop_scale" in p:
-        kw["crop_scale"] = O.parse_pair(p["crop_scale"], "--crop-scale")
-    if "ratios" in p:
-        kw["ratios"] = O.parse_ratios(p["ratios"])
-    return kw
-
+from vtransfer.cli.run_options import run_values, with_run_options
 
 def _with_recipe(ctx: typer.Context, command: str, params: dict[str, Any]) -> dict[str, Any]:
     """Apply ``--recipe`` values to options not given on the command line."""
@@ -64,60 +46,24 @@ def _print_result_summary(res) -> None:
 
 
 @app.command(rich_help_panel="Train and evaluate", cls=O.HelpCommand)
+@with_run_options()
 def finetune(
     ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Argument(
         help="Dataset folder (DATA/<class>/<video> or DATA/{train,val,test}/<class>/<video>) or a split manifest CSV; "
              "not needed with --resume.", show_default=False)] = None,
-    backbone: O.Backbone = "i3d",
-    preset: O.Preset = None,
-    weights: O.Weights = None,
-    policy: O.Policy = "top-3",
-    train: O.TrainGroups = None,
-    epochs: O.Epochs = None,
-    batch_size: O.BatchSize = 8,
-    lr: O.Lr = None,
-    optimizer: O.Optimizer = "auto",
-    weight_decay: O.WeightDecay = None,
-    head_lr_scale: O.HeadLrScale = None,
-    warmup_epochs: O.Warmup = 1.0,
-    patience: O.Patience = 5,
-    dropout: O.Dropout = None,
-    frames: O.Frames = None,
-    stride: O.Stride = None,
-    size: O.Size = None,
-    clips_per_video: O.ClipsPerVideo = 10,
-    val_clips: O.ValClips = 3,
-    precision: O.Precision = "fp32",
-    seed: O.Seed = 0,
-    device: O.Device = "auto",
     out: O.Out = None,
-    categories: O.Categories = None,
-    balance: O.Balance = "none",
-    manifest: O.Manifest = None,
-    split_files: O.SplitFiles = None,
-    split_seed: O.SplitSeed = 0,
-    ratios: O.Ratios = "0.7,0.15,0.15",
-    group_pattern: O.GroupPattern = None,
-    workers: O.Workers = None,
-    threads: O.Threads = None,
-    cache: O.Cache = "auto",
-    cache_dir: O.CacheDir = None,
-    cached_views: O.CachedViews = None,
-    crop_scale: O.CropScale = None,
-    tensorboard: O.TensorBoard = False,
-    max_bad_fraction: O.MaxBad = 0.2,
-    deterministic: O.Deterministic = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a stopped run in this folder with its saved options.")] = None,
     overwrite: O.Overwrite = False,
     recipe: O.Recipe = None,
+    **run: Any,
 ) -> None:
     """Fine-tune a backbone on DATA under a freezing policy; saves the model, metrics and a test report."""
     require_data(data)
     import vtransfer.api as api
     from vtransfer.progress import RichReporter
 
-    p = _with_recipe(ctx, "finetune", dict(locals()))
+    p = _with_recipe(ctx, "finetune", dict(data=data, out=out, resume=resume, overwrite=overwrite, recipe=recipe, **run))
     reporter = RichReporter(console)
     if p["resume"] is not None:
         res = api.finetune(p["data"], resume=p["resume"], reporter=reporter)
@@ -125,8 +71,7 @@ def finetune(
         raise typer.BadParameter("give the dataset folder DATA (or --resume RUN to continue a stopped run)",
                                  param_hint="DATA")
     else:
-        res = api.finetune(p["data"], policy=p["policy"], train_groups=O.split_list(p["train"]), out=p["out"],
-                           overwrite=p["overwrite"], seed=p["seed"], reporter=reporter, **_training_kwargs(p))
+        res = api.finetune(p["data"], out=p["out"], overwrite=p["overwrite"], reporter=reporter, **run_values(p))
     _show_finetune(res)
 
 
@@ -142,109 +87,45 @@ def _show_finetune(res) -> None:
 
 
 @app.command(rich_help_panel="Train and evaluate", cls=O.HelpCommand)
+@with_run_options(exclude=("policy", "train_groups"), defaults={"epochs": 20})
 def pretrain(
     ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Source dataset folder (e.g. your Sports-1M, UCF-101 or Kinetics copy).")],
-    backbone: O.Backbone = "i3d",
-    preset: O.Preset = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name to register the weights under (default: <backbone>:<folder name>).")] = None,
-    weights: O.Weights = None,
-    epochs: O.Epochs = 20,
-    batch_size: O.BatchSize = 8,
-    lr: O.Lr = None,
-    optimizer: O.Optimizer = "auto",
-    weight_decay: O.WeightDecay = None,
-    head_lr_scale: O.HeadLrScale = None,
-    warmup_epochs: O.Warmup = 1.0,
-    patience: O.Patience = 5,
-    dropout: O.Dropout = None,
-    frames: O.Frames = None,
-    stride: O.Stride = None,
-    size: O.Size = None,
-    clips_per_video: O.ClipsPerVideo = 10,
-    val_clips: O.ValClips = 3,
-    precision: O.Precision = "fp32",
-    seed: O.Seed = 0,
-    device: O.Device = "auto",
     out: O.Out = None,
-    categories: O.Categories = None,
-    balance: O.Balance = "none",
-    manifest: O.Manifest = None,
-    split_files: O.SplitFiles = None,
-    split_seed: O.SplitSeed = 0,
-    ratios: O.Ratios = "0.7,0.15,0.15",
-    group_pattern: O.GroupPattern = None,
-    workers: O.Workers = None,
-    threads: O.Threads = None,
-    cache: O.Cache = "auto",
-    cache_dir: O.CacheDir = None,
-    cached_views: O.CachedViews = None,
-    crop_scale: O.CropScale = None,
-    tensorboard: O.TensorBoard = False,
-    max_bad_fraction: O.MaxBad = 0.2,
-    deterministic: O.Deterministic = False,
     register: Annotated[bool, typer.Option("--register/--no-register", help="Register the result as a named weight source.")] = True,
     overwrite: O.Overwrite = False,
     recipe: O.Recipe = None,
+    **run: Any,
 ) -> None:
     """Train a backbone on a source dataset and save it as a weight source for later fine-tuning."""
     require_data(data)
     import vtransfer.api as api
     from vtransfer.progress import RichReporter
 
-    p = _with_recipe(ctx, "pretrain", dict(locals()))
-    policy = "all" if p["weights"] else "scratch"
+    p = _with_recipe(ctx, "pretrain", dict(data=data, name=name, out=out, register=register, overwrite=overwrite,
+                                           recipe=recipe, **run))
+    values = run_values(p)
+    policy = "all" if values["weights"] else "scratch"
     res = api.pretrain(p["data"], name=p["name"], register=p["register"], policy=policy, out=p["out"],
-                       overwrite=p["overwrite"], seed=p["seed"], reporter=RichReporter(console), **_training_kwargs(p))
+                       overwrite=p["overwrite"], reporter=RichReporter(console), **values)
     _show_finetune(res)
-    console.print(f"use it with: vtransfer finetune DATA --backbone {p['backbone']} --weights {res.model_path}")
+    console.print(f"use it with: vtransfer finetune DATA --backbone {values['backbone']} --weights {res.model_path}")
 
 
 @app.command("compare-policies", rich_help_panel="Train and evaluate", cls=O.HelpCommand)
+@with_run_options(exclude=("policy", "train_groups"), defaults={"seed": None})
 def compare_policies(
     ctx: typer.Context,
     data: O.Data,
-    backbone: O.Backbone = "i3d",
-    preset: O.Preset = None,
-    weights: O.Weights = None,
     policies: Annotated[str, typer.Option("--policies", metavar="POLICY[,POLICY...]", help="Comma-separated policies to compare.")] = "scratch,top-layer,top-3,temporal,all",
-    seeds: Annotated[str, typer.Option("--seeds", metavar="SEED[,SEED...]", help="Comma-separated seeds; each policy runs once per seed, the table shows mean ± std.")] = "0",
-    epochs: O.Epochs = None,
-    batch_size: O.BatchSize = 8,
-    lr: O.Lr = None,
-    optimizer: O.Optimizer = "auto",
-    weight_decay: O.WeightDecay = None,
-    head_lr_scale: O.HeadLrScale = None,
-    warmup_epochs: O.Warmup = 1.0,
-    patience: O.Patience = 5,
-    dropout: O.Dropout = None,
-    frames: O.Frames = None,
-    stride: O.Stride = None,
-    size: O.Size = None,
-    clips_per_video: O.ClipsPerVideo = 10,
-    val_clips: O.ValClips = 3,
-    precision: O.Precision = "fp32",
-    device: O.Device = "auto",
+    seeds: Annotated[Optional[str], typer.Option("--seeds", metavar="SEED[,SEED...]", help="Comma-separated seeds; each policy runs once per seed, the table shows mean ± std (default 0; --seed N is the same as --seeds N).", show_default=False)] = None,
+    shots: Annotated[Optional[str], typer.Option("--shots", metavar="K[,K...]", help="Also draw a learning curve: every policy again with K labelled training videos per class (e.g. 1,2,5,10,all; 'all' is the table itself), on the same validation and test videos; written as shots.png/csv/json and shown in compare.html.", show_default=False)] = None,
     out: O.Out = None,
-    categories: O.Categories = None,
-    balance: O.Balance = "none",
-    manifest: O.Manifest = None,
-    split_files: O.SplitFiles = None,
-    split_seed: O.SplitSeed = 0,
-    ratios: O.Ratios = "0.7,0.15,0.15",
-    group_pattern: O.GroupPattern = None,
-    workers: O.Workers = None,
-    threads: O.Threads = None,
-    cache: O.Cache = "auto",
-    cache_dir: O.CacheDir = None,
-    cached_views: O.CachedViews = None,
-    crop_scale: O.CropScale = None,
-    tensorboard: O.TensorBoard = False,
-    max_bad_fraction: O.MaxBad = 0.2,
-    deterministic: O.Deterministic = False,
     overwrite: O.Overwrite = False,
     json_out: O.Json = False,
     recipe: O.Recipe = None,
+    **run: Any,
 ) -> None:
     """Run several freezing policies on the same split and seeds; print one table in the papers' form."""
     require_data(data)
@@ -252,10 +133,10 @@ def compare_policies(
     from vtransfer.progress import RichReporter
     from vtransfer.report import render_policy_table
 
-    p = _with_recipe(ctx, "compare-policies", dict(locals()))
-    kw = _training_kwargs(p)
-    data_kw = {k: kw.pop(k) for k in (*_DATA_KEYS, "ratios") if k in kw}
-    seeds_list = [int(s) for s in O.split_list(p["seeds"]) or ["0"]]
+    p = _with_recipe(ctx, "compare-policies", dict(data=data, policies=policies, seeds=seeds, shots=shots, out=out,
+                                                   overwrite=overwrite, json_out=json_out, recipe=recipe, **run))
+    values = run_values(p)
+    seeds_list = [int(s) for s in O.split_list(p["seeds"])] if p["seeds"] is not None else None
     reporter = None if p["json_out"] else RichReporter(console)
 
     def on_policy(policy: str, seed: int) -> None:
@@ -263,15 +144,22 @@ def compare_policies(
             reporter.label = f"[{policy} s{seed}] "
             console.rule(f"{policy} (seed {seed})")
 
+    if values.get("seed") is None:
+        values.pop("seed", None)
     res = api.compare_policies(p["data"], policies=O.split_list(p["policies"]), seeds=seeds_list, out=p["out"],
-                               overwrite=p["overwrite"], reporter=reporter, on_policy=on_policy, **data_kw, **kw)
+                               overwrite=p["overwrite"], reporter=reporter, on_policy=on_policy, shots=p["shots"], **values)
     if p["json_out"]:
         console.print_json(json.dumps({"out": str(res.out_dir), "rows": [r.to_dict() for r in res.rows], "skipped": res.skipped}))
         return
-    render_policy_table(res.rows, console, title=f"{p['backbone']}: policies on {Path(p['data']).name}")
+    render_policy_table(res.rows, console, title=f"{values['backbone']}: policies on {Path(p['data']).name}")
     for key, value in res.setup.items():
         style = "bold red" if key == "architecture mismatch" else "bold"
         console.print(f"[{style}]{key}:[/] {value}", highlight=False)
+    if res.curve:
+        from vtransfer.report import _rich_table
+        from vtransfer.shots import curve_table
+
+        console.print(_rich_table(curve_table(res.curve)))
     for policy, why in res.skipped.items():
         console.print(f"[yellow]skipped {policy}:[/] {why}")
     console.print(f"[bold]results:[/] {res.out_dir}")

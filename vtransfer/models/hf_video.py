@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from vtransfer.errors import ConfigError, WeightsError
+from vtransfer.jsonable import to_jsonable
 from vtransfer.models.base import LayerGroup, Preprocessing, State, VideoBackbone, as_pair, module_buffer_names, module_param_names
 
 PREFIX = "hf:"
@@ -284,7 +285,7 @@ def read_processor_config(ref: str) -> dict[str, Any] | None:
                                                    _raise_exceptions_for_connection_errors=False, **_hub_kwargs())
         if found:
             raw = json.loads(Path(found).read_text())
-            return _jsonable({k: raw[k] for k in PROCESSOR_KEYS if k in raw})
+            return to_jsonable({k: raw[k] for k in PROCESSOR_KEYS if k in raw})
     return None
 
 
@@ -296,11 +297,7 @@ def default_processor_config(model_type: str) -> tuple[dict[str, Any], str]:
     entry = VIDEO_PROCESSOR_MAPPING_NAMES[model_type]
     name = entry if isinstance(entry, str) else next(v for v in entry.values() if v)
     raw = getattr(transformers, name)().to_dict()
-    return _jsonable({k: raw[k] for k in PROCESSOR_KEYS if k in raw}), name
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(d, default=list))
+    return to_jsonable({k: raw[k] for k in PROCESSOR_KEYS if k in raw}), name
 
 
 # -- processor settings -> Preprocessing -----------------------------------------------------------
@@ -400,7 +397,7 @@ class HFVideoBackbone(VideoBackbone):
             self.hf = self._load_weights(model, config, transformers)
         if hasattr(self.hf, "vjepa2"):
             self.hf.vjepa2.predictor = None  # V-JEPA 2's pretraining predictor: unused by classification
-        hf_config = _jsonable(self.hf.config.to_dict()) if hf_config is None else hf_config
+        hf_config = to_jsonable(self.hf.config.to_dict()) if hf_config is None else hf_config
         frames = int(getattr(self.hf.config, self.family.frames_key))
         self.crop = as_pair(getattr(self.hf.config, self.family.size_key))
         if processor is None:  # from the folder / repo when loading it; a config-only build never looks there

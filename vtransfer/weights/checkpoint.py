@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from vtransfer.atomic import atomic_write_bytes
 from vtransfer.errors import ConfigError, WeightsError
+from vtransfer.jsonable import to_jsonable
 from vtransfer.models.base import Preprocessing, VideoBackbone
 from vtransfer.weights.keymatch import key_problems
 
@@ -48,7 +48,6 @@ CHECKPOINT_SUFFIX = ".safetensors"
 
 _REQUIRED_FIELDS = ("format", "format_version", "backbone", "config", "preprocessing", "classes")
 _PREPROCESSING_FIELDS = ("frames", "stride", "crop_size", "resize_short", "mean", "std")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MAX_LISTED = 8
 
 
@@ -98,17 +97,6 @@ def _tensors_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         seen_storages.add(t.untyped_storage().data_ptr())
         out[name] = t
     return out
-
-
-def _json_default(value: Any) -> Any:
-    """Let metadata hold tuples, paths, numpy/torch scalars and the like."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if hasattr(value, "tolist"):  # numpy/torch scalars and arrays
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def build_metadata(
@@ -187,7 +175,7 @@ def save_checkpoint(
         raise ConfigError(f"{path}: {_temperature_problem(temperature)}")
     meta = build_metadata(model, classes=classes, source=source, training=training, extra=extra, temperature=temperature)
     try:
-        meta_json = json.dumps(meta, default=_json_default)
+        meta_json = json.dumps(to_jsonable(meta))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: checkpoint metadata is not JSON-serialisable: {e}") from e
     tensors = _tensors_for_saving(model)
@@ -220,7 +208,7 @@ def set_checkpoint_temperature(path: str | Path, temperature: float | None) -> P
     meta = {k: v for k, v in meta.items() if k != "temperature"}
     if temperature is not None:
         meta["temperature"] = float(temperature)
-    return atomic_write_bytes(path, save(state, metadata={METADATA_KEY: json.dumps(meta, default=_json_default)}))
+    return atomic_write_bytes(path, save(state, metadata={METADATA_KEY: json.dumps(to_jsonable(meta))}))
 
 
 def trained_on(metadata: dict[str, Any]) -> dict[str, Any] | None:
@@ -273,33 +261,28 @@ def _file_kind(path: Path) -> str:
     return "unknown"
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, Any] | None:
-    """The JSON header of a safetensors file, or ``None`` if ``path`` is not one.
+def safetensors_metadata(path: str | Path, strict: bool = False) -> dict[str, str] | None:
+    """The string metadata of a safetensors file (``{}`` when it has none), or ``None`` if ``path`` is not one.
 
-    Only the header is read (no tensor data), so this is cheap on big files.
+    Only the header is read (``safetensors.safe_open``), so this is cheap on big
+    files. With ``strict``, a file that starts like safetensors but cannot be
+    opened (truncated, say) raises :class:`WeightsError` with safetensors' reason.
     """
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                return None
-            (n,) = struct.unpack("<Q", raw)
-            if n < 2 or n > min(_MAX_HEADER_BYTES, size - 8):
-                return None
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if strict and path.is_file() and _file_kind(path) == "safetensors":
+            raise _fail(path, f"corrupt safetensors data: {e}") from e
         return None
-    return header if isinstance(header, dict) else None
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any] | None:
     """The vtransfer metadata of ``path`` (header only), or ``None`` if it is not a vtransfer checkpoint."""
-    header = read_safetensors_header(path)
-    if header is None:
-        return None
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    raw = (safetensors_metadata(path) or {}).get(METADATA_KEY)
     if raw is None:
         return None
     try:
@@ -311,8 +294,7 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any] | None:
 
 def is_vtransfer_checkpoint(path: str | Path) -> bool:
     """True if ``path`` is a safetensors file carrying vtransfer metadata (not yet validated)."""
-    header = read_safetensors_header(path)
-    return header is not None and METADATA_KEY in (header.get("__metadata__") or {})
+    return METADATA_KEY in (safetensors_metadata(path) or {})
 
 
 # -- loading and validation ----------------------------------------------------------
@@ -388,8 +370,7 @@ def _read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, 
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such checkpoint file")
-    header = read_safetensors_header(path)
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY) if header is not None else None
+    raw = (safetensors_metadata(path, strict=True) or {}).get(METADATA_KEY)
     if raw is None:
         raise _fail(path, _not_a_checkpoint_reason(path))
     try:
@@ -564,7 +545,7 @@ def read_foreign_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such weights file")
-    if read_safetensors_header(path) is not None:
+    if safetensors_metadata(path) is not None:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

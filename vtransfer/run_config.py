@@ -1,0 +1,347 @@
+"""The typed configuration of one training run, declared once.
+
+A run's options fall into six sections, one dataclass each:
+:class:`DataConfig` (where the videos are and how they are split),
+:class:`ClipConfig` (how clips are cut and fed), :class:`ModelConfig`
+(backbone, preset, weights), :class:`PolicyConfig` (what trains),
+:class:`TrainingConfig` (the optimisation) and :class:`RuntimeConfig`
+(device, threads, logging). :class:`RunConfig` holds them.
+
+Each field is declared here with its type, default, ``--help`` text and help
+panel (:func:`option`), and nowhere else: the Python API's keyword arguments
+(:func:`run_parameters`) and the CLI options of ``finetune``, ``pretrain`` and
+``compare-policies`` (``vtransfer.cli.run_options``) are generated from these
+declarations, so the commands cannot drift apart and one name means one thing
+everywhere. Field names are unique across sections, which is what lets a run's
+``config.json`` store them as one flat ``options`` table (:meth:`RunConfig.to_json`;
+files written before the sections existed read back the same way).
+
+This module imports neither torch nor typer: ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from vtransfer.errors import ConfigError
+
+DEFAULT_POLICY = "top-3"
+
+# Help panels of ``--help``.
+PANEL_DATA = "Data"
+PANEL_MODEL = "Model"
+PANEL_TRAINING = "Training"
+PANEL_SPEED = "Speed and resources"
+PANEL_OUTPUT = "Output"
+
+
+def parse_ratios(text: Any) -> tuple[float, float, float]:
+    """``"0.7,0.15,0.15"`` (or a list) -> (0.7, 0.15, 0.15); must be three non-negative numbers summing to 1."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        parts = tuple(float(x) for x in items)
+    except ValueError as e:
+        raise ConfigError(f"--ratios {text!r}: expected three numbers like 0.7,0.15,0.15") from e
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
+        raise ConfigError(f"--ratios {text!r}: expected three non-negative fractions summing to 1")
+    return parts  # type: ignore[return-value]
+
+
+def parse_pair(text: Any, option: str = "--crop-scale") -> tuple[float, float] | None:
+    """``"0.5,1.0"`` (or a two-number list from a recipe) -> (0.5, 1.0); ``None`` stays ``None``."""
+    if text is None:
+        return None
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        lo, hi = (float(x) for x in items)
+    except ValueError as e:
+        raise ConfigError(f"{option} {text!r}: expected two numbers like 0.5,1.0") from e
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"{option} {text!r}: expected 0 < MIN <= MAX <= 1")
+    return lo, hi
+
+
+def split_list(text: Any) -> list[str] | None:
+    """Comma-separated text (or a list from a recipe) -> list of stripped names; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    return [str(t).strip() for t in items if str(t).strip()]
+
+
+def option(default: Any, help: str, panel: str, *, flags: tuple[str, ...] = (), metavar: str | None = None,
+           cli_name: str | None = None, cli_type: Any = None, parse: Callable[[Any], Any] | None = None,
+           cli_default: Any = None, on_cli: bool = True) -> Any:
+    """A configuration field with everything its CLI option needs.
+
+    ``flags`` are extra short flags (``-b``); ``cli_name`` a parameter name
+    that differs from the field's (``--train`` sets ``train_groups``);
+    ``cli_type`` the type the command line parses when it is not the field's
+    (``--ratios`` is text, the field a tuple) with ``parse`` turning the text
+    into the field's value, and ``cli_default`` the default as the command
+    line spells it. ``on_cli=False`` keeps a field off the generated options
+    (the dataset is each command's positional argument).
+    """
+    meta = {"help": help, "panel": panel, "flags": flags, "metavar": metavar, "cli_name": cli_name,
+            "cli_type": cli_type, "parse": parse, "cli_default": cli_default, "on_cli": on_cli}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where the videos are and how they are split."""
+
+    data: Optional[Path] = option(None, "Dataset folder or split manifest CSV.", PANEL_DATA, on_cli=False)
+    manifest: Optional[Path] = option(None, "Reuse the split in this manifest CSV (path,class,split,group).", PANEL_DATA)
+    split_files: Optional[Path] = option(None, "UCF-101-style trainlist/testlist file or folder.", PANEL_DATA)
+    split_seed: int = option(0, "Seed of the stratified train/val/test split.", PANEL_DATA)
+    ratios: tuple[float, float, float] = option(
+        (0.7, 0.15, 0.15), "train,val,test fractions of the automatic split.", PANEL_DATA, metavar="TRAIN,VAL,TEST",
+        cli_type=str, parse=parse_ratios, cli_default="0.7,0.15,0.15")
+    group_pattern: Optional[str] = option(
+        None, "Regex whose capture keeps related clips in one split (UCF-101: '_(g\\d+)_', KTH: '(person\\d+)').", PANEL_DATA)
+    categories: Optional[Path] = option(None, "CSV class,category for per-category accuracy.", PANEL_DATA)
+
+
+@dataclass
+class ClipConfig:
+    """How clips are cut and fed (``None`` = the backbone's declared preprocessing)."""
+
+    frames: Optional[int] = option(None, "Frames per clip (default: the backbone's).", PANEL_DATA)
+    stride: Optional[int] = option(None, "Take every N-th frame (default: the backbone's).", PANEL_DATA)
+    size: Optional[int] = option(None, "Square crop size in pixels (default: the backbone's).", PANEL_DATA)
+    clips_per_video: int = option(
+        10, "Clips spread uniformly over each video at test time; predictions are averaged per video (Karpathy used 20).",
+        PANEL_DATA)
+    val_clips: int = option(3, "Clips per video for the per-epoch validation.", PANEL_DATA)
+    batch_size: int = option(8, "Clips per batch.", PANEL_TRAINING)
+    cache: str = option("auto", "Decoded-frame cache: auto (by dataset size vs free memory), memory, disk or none.", PANEL_SPEED)
+    cache_dir: Optional[Path] = option(None, "Folder of the disk frame cache (default: inside the run folder).", PANEL_SPEED)
+    cached_views: Optional[int] = option(
+        None, "Fixed augmented views per training video whose frozen-prefix features are computed once "
+              "(default: auto = min(epochs, 5) when a frozen prefix exists; 0 = off).", PANEL_SPEED)
+    crop_scale: Optional[tuple[float, float]] = option(
+        None, "Training crop's share of the frame area as MIN,MAX (random resized crop; default 0.35,1.0). "
+              "The papers cropped without zoom: about 0.7,0.8.", PANEL_DATA, metavar="MIN,MAX",
+        cli_type=Optional[str], parse=parse_pair)
+    workers: Optional[int] = option(
+        None, "DataLoader worker processes (default: picked per run for the device and the frame cache; often 0, "
+              "decoding in the main process, when the frames are already decoded in memory).", PANEL_SPEED)
+
+
+@dataclass
+class ModelConfig:
+    """Which network, with which weights."""
+
+    backbone: str = option(
+        "i3d", "Backbone name (`vtransfer backbones` lists every family with its presets, input, parameters and "
+               "weight sources), or hf:REPO_OR_DIR for a Hugging Face video classifier (VideoMAE, TimeSformer, ViViT, "
+               "V-JEPA 2; a hub repo or a save_pretrained folder; needs pip install \"vtransfer\\[hf]\"), which brings its "
+               "own weights (its classifier is replaced when your class count differs); --weights then only takes a "
+               "vtransfer checkpoint of the same hf: model.",
+        PANEL_MODEL, flags=("-b",))
+    preset: Optional[str] = option(
+        None, "Architecture preset (see `vtransfer backbones`); default: the backbone's default.", PANEL_MODEL)
+    weights: Optional[str] = option(
+        None, "Pretrained weights: a source name (i3d:kinetics400, ...), a registered name, or a file. "
+              "Default: random init.", PANEL_MODEL, flags=("-w",))
+    dropout: Optional[float] = option(
+        None, "Dropout rate of the backbone's classifier-side dropout (default: the preset's).", PANEL_MODEL)
+
+
+@dataclass
+class PolicyConfig:
+    """What trains."""
+
+    policy: str = option(
+        DEFAULT_POLICY, "Freezing policy: scratch, top-layer, top-3, temporal, all, or auto (cached-feature policies in "
+                        "full, then the --auto-trials cheapest others for --auto-epochs epochs each; the best on the "
+                        "validation split is trained in full; RUN/auto.json says what was tried and why it won).",
+        PANEL_MODEL, flags=("-p",))
+    train_groups: Optional[list[str]] = option(
+        None, "Custom set of layer groups to train, comma-separated names or globs (e.g. 'spatial*,temporal*'); "
+              "overrides --policy. The new classifier always trains.", PANEL_MODEL, metavar="GROUP[,GROUP...]",
+        cli_name="train", cli_type=Optional[str], parse=split_list)
+    auto_trials: int = option(3, "--policy auto: how many policies besides the cached-feature ones get a short trial.",
+                              PANEL_MODEL)
+    auto_epochs: int = option(3, "--policy auto: epochs of each short trial.", PANEL_MODEL)
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation (``None`` = the backbone family's default, see ``vtransfer backbones``)."""
+
+    epochs: Optional[int] = option(
+        None, "Maximum number of epochs (default: 30 for top-layer, whose epochs on cached features cost almost "
+              "nothing; 10 for the other policies).", PANEL_TRAINING, flags=("-e",))
+    lr: Optional[float] = option(None, "Peak learning rate (default: the backbone's; `vtransfer backbones` lists them).",
+                                 PANEL_TRAINING)
+    optimizer: str = option(
+        "auto", "auto (the backbone family's, as `vtransfer backbones` lists: SGD+momentum for the CNNs trained that way, "
+                "AdamW for transformers and EfficientNets), sgd or adamw.",
+        PANEL_TRAINING)
+    weight_decay: Optional[float] = option(
+        None, "Weight decay (default: the backbone's; 5e-4 with SGD, 0.05 with AdamW).", PANEL_TRAINING)
+    head_lr_scale: Optional[float] = option(
+        None, "Learning rate of the new classifier over pretrained layers, as a multiple of --lr (default: the "
+              "backbone family's, see `vtransfer backbones`; scratch always uses 1).", PANEL_TRAINING)
+    warmup_epochs: float = option(1.0, "Linear LR warm-up length in epochs, then cosine decay.", PANEL_TRAINING)
+    patience: int = option(5, "Stop after this many epochs without a better validation video accuracy (0: never).",
+                           PANEL_TRAINING)
+    precision: str = option("fp32", "fp32 or bf16 (autocast; faster matmuls on recent CPUs and GPUs).", PANEL_SPEED)
+    seed: int = option(0, "Random seed for initialisation, sampling and augmentation.", PANEL_TRAINING)
+    balance: str = option(
+        "none", "Class imbalance handling: none, weights (inverse-frequency loss weights) or sampler "
+                "(class-balanced sampling).", PANEL_TRAINING)
+    max_bad_fraction: float = option(
+        0.2, "Stop the run when more than this fraction of an epoch's clips fail to decode.", PANEL_TRAINING)
+    deterministic: bool = option(False, "Deterministic kernels (bit-reproducible CPU runs).", PANEL_TRAINING)
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the run executes, and what it logs besides its run folder."""
+
+    threads: Optional[int] = option(
+        None, "torch intra-op threads (default: picked for this machine from the CPUs this process may use).", PANEL_SPEED)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", PANEL_SPEED)
+    tensorboard: bool = option(False, "Also log each epoch to RUN/tensorboard (needs the tensorboard package).",
+                               PANEL_OUTPUT)
+
+
+SECTIONS: dict[str, type] = {  # in the order --help shows them
+    "model": ModelConfig, "policy": PolicyConfig, "training": TrainingConfig, "data": DataConfig,
+    "clips": ClipConfig, "runtime": RuntimeConfig,
+}
+#: Options of a run that belong to no section: where it is written and what it was pretrained from.
+RUN_KEYS = ("out", "pretrain_source")
+
+
+def _fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every option name -> (its section, its field)."""
+    out: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in out:  # pragma: no cover - a declaration error caught by the tests
+                raise AssertionError(f"option {f.name!r} is declared in two sections")
+            out[f.name] = (section, f)
+    return out
+
+
+FIELDS = _fields()
+OPTION_NAMES = tuple(FIELDS)
+
+
+def _field_type(section: str, name: str) -> Any:
+    return typing.get_type_hints(SECTIONS[section], globalns=globals())[name]
+
+
+@dataclass
+class RunConfig:
+    """Every option of one run, by section; see the module docstring."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    clips: ClipConfig = field(default_factory=ClipConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    out: Optional[Path] = None
+    pretrain_source: Optional[dict] = None
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None = None, *, strict: bool = True, **more: Any) -> "RunConfig":
+        """A configuration from flat option values (API keywords, a ``config.json`` ``options`` table).
+
+        Missing options take their defaults. An unknown name raises
+        :class:`TypeError` naming the valid ones when ``strict``, and is
+        ignored otherwise (old ``config.json`` files may hold retired keys).
+        """
+        values = {**(options or {}), **more}
+        unknown = [k for k in values if k not in FIELDS and k not in RUN_KEYS]
+        if unknown and strict:
+            raise TypeError(f"unknown run option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(OPTION_NAMES)}")
+        parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for key, value in values.items():
+            if key in FIELDS:
+                section, _ = FIELDS[key]
+                parts[section][key] = _normalised(key, value)
+        return cls(**{s: SECTIONS[s](**kw) for s, kw in parts.items()},
+                   out=values.get("out"), pretrain_source=values.get("pretrain_source"))
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "RunConfig":
+        """Read back :meth:`to_json` (or a whole ``config.json``: its ``options`` table), old files included."""
+        options = doc.get("options", doc) if isinstance(doc.get("options"), dict) else doc
+        return cls.from_options(options, strict=False)
+
+    def options(self) -> dict[str, Any]:
+        """Every option as one flat ``name -> value`` dict (the API's keywords)."""
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, section)))
+        out.update(out=self.out, pretrain_source=self.pretrain_source)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat options as JSON types (paths as text, tuples as lists): a ``config.json``'s ``options`` table."""
+        from vtransfer.jsonable import to_jsonable
+
+        return to_jsonable(self.options())
+
+    def replace(self, **options: Any) -> "RunConfig":
+        """A copy with some flat options changed (unknown names raise :class:`TypeError`)."""
+        return RunConfig.from_options({**self.options(), **options})
+
+    def with_policy_epochs(self) -> "RunConfig":
+        """This configuration with ``epochs`` filled from the policy's default when it is ``None``."""
+        if self.training.epochs is not None:
+            return self
+        from vtransfer.policies import default_epochs
+
+        return self.replace(epochs=default_epochs(self.policy.policy))
+
+
+def _normalised(key: str, value: Any) -> Any:
+    """A value as the field holds it: JSON lists back to tuples for tuple fields, text parsed for parsed fields."""
+    if value is None:
+        return None
+    meta = FIELDS[key][1].metadata
+    if meta.get("parse") is not None and isinstance(value, str):
+        return meta["parse"](value)
+    if key in ("ratios", "crop_scale"):
+        return tuple(value)
+    if key == "train_groups":
+        return list(value)
+    return value
+
+
+def run_parameters(exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> list[inspect.Parameter]:
+    """Keyword-only :class:`inspect.Parameter` objects for every run option (the API's signature), in section order.
+
+    ``exclude`` leaves some out; ``defaults`` changes some defaults (``pretrain`` trains 20 epochs).
+    """
+    defaults = defaults or {}
+    params = []
+    for name, (section, f) in FIELDS.items():
+        if name in exclude:
+            continue
+        default = defaults.get(name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=_field_type(section, name)))
+    for name, annotation in (("out", Optional[Path]), ("pretrain_source", Optional[dict])):
+        if name not in exclude:
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+    return params
+
+
+def option_help(name: str) -> str:
+    """The ``--help`` text of run option ``name``."""
+    return FIELDS[name][1].metadata["help"]
