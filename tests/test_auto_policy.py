@@ -29,9 +29,11 @@ def test_the_best_validation_score_wins_and_ties_go_to_fewer_parameters():
 
 def test_candidates_put_cached_feature_policies_first_and_skip_what_does_not_apply():
     cheap, rest = candidate_policies(RunConfig.from_options(backbone="vivit", preset="tiny"))
-    assert cheap == ["top-layer"]
+    assert cheap == ["top-layer", "attentive-probe"]  # both train on the frozen features alone
     names = [p for _, p in rest]
-    assert "scratch" not in names and {"top-3", "temporal", "all"} <= set(names)
+    assert "scratch" not in names and {"top-3", "temporal", "all", "bitfit", "lora", "adapter"} <= set(names)
+    joint = [p for _, p in candidate_policies(RunConfig.from_options(backbone="vivit", preset="tiny-joint"))[1]]
+    assert "temporal" not in joint and "adapter" not in joint  # neither applies to joint space-time attention
     counts = [n for n, _ in rest]
     assert counts == sorted(counts)  # fewest trainable parameters first
 

@@ -8,12 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 import vtransfer.api as api
-import vtransfer.cli  # noqa: F401 - registers the commands
+import vtransfer.cli
 from vtransfer.cli.app import app
 from vtransfer.data.demo import make_demo
 from vtransfer.data.splits import read_manifest
 from vtransfer.errors import ConfigError
 from vtransfer.shots import parse_shots, subsample_train
+
+vtransfer.cli._register_commands()
 
 FAST = dict(backbone="slowfusion", preset="tiny", size=48, epochs=2, batch_size=8, clips_per_video=2, val_clips=1,
             workers=0, patience=0, device="cpu", cache="memory")

@@ -124,7 +124,7 @@ def _choose_policy(run_dir: Path, cfg: RunConfig, reporter) -> RunConfig:
     if reporter is not None:
         for line in ["auto: tried", *describe(trials), f"auto: {why}; training {winner} in full"]:
             reporter.message(line)
-    return cfg.replace(policy=winner)
+    return cfg.replace(policy=winner, merge=cfg.policy.merge and winner == "lora")
 
 
 def _with_generated_signature(fn, exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None):
@@ -164,6 +164,8 @@ def evaluate(
     threads: int | None = None,
     progress=None,
     on_selection=None,
+    test_crops: int = 1,
+    calibrated: bool = True,
 ):
     """Evaluate a saved model (a file or a run folder) on held-out videos, saying which.
 
@@ -172,6 +174,8 @@ def evaluate(
     called before scoring (the CLI prints it). Writes ``report.json``,
     ``per_class.csv``, ``confusion.csv``, ``report.md``, plots and
     ``report.html`` into ``out`` when given, titled by run, policy and videos.
+    ``test_crops`` spatial crops per clip (1 or 3); ``calibrated`` applies the
+    temperature a ``--calibrate`` run stored in the model.
     Returns the :class:`~vtransfer.metrics.EvalResult`.
     """
     from vtransfer.report import write_eval_report
@@ -194,7 +198,8 @@ def evaluate(
     check_classes(ckpt.classes, sorted({r.label for r in chosen.records}), model_path)
     cats = load_categories_for(Path(categories), ckpt.classes) if categories else None
     opts = ClipConfig(clips_per_video=clips_per_video, batch_size=batch_size, workers=workers)
-    result, preds = evaluate_records(net, chosen.records, ckpt.classes, opts, dev, precision, cats, progress=progress)
+    result, preds = evaluate_records(net, chosen.records, ckpt.classes, opts, dev, precision, cats, progress=progress,
+                                     crops=test_crops, temperature=ckpt.temperature if calibrated else None)
     if out is not None:
         policy = (ckpt.training or {}).get("policy", {}).get("policy")
         run = model_path.parent.name if model_path.name == "model.safetensors" else model_path.stem
@@ -215,9 +220,13 @@ def predict(
     batch_size: int = 8,
     device: str = "auto",
     precision: str = "fp32",
+    test_crops: int = 1,
+    calibrated: bool = True,
 ) -> list[dict[str, Any]]:
     """Top-k labels with probabilities for each video, using the model's stored preprocessing and classes.
 
+    ``test_crops`` spatial crops per clip (1 or 3); ``calibrated`` scales the
+    clip scores by the temperature a ``--calibrate`` run stored in the model.
     A video that cannot be decoded gets ``{"path": ..., "error": reason}``.
     """
     from vtransfer.data.records import VideoRecord
@@ -243,8 +252,12 @@ def predict(
             out.append({"path": str(v), "error": e.reason})
     if good:
         opts = ClipConfig(clips_per_video=clips_per_video, batch_size=batch_size, workers=0)
-        ds = make_clip_dataset(good, {ckpt.classes[0]: 0}, net.preprocessing, "eval", opts, seed=0)
+        ds = make_clip_dataset(good, {ckpt.classes[0]: 0}, net.preprocessing, "eval", opts, seed=0, crops=test_crops)
         preds = predict_clip_probs(net, make_loader(ds, batch_size, 0), dev, precision)
+        if calibrated:
+            from vtransfer.calibration import scaled
+
+            preds = scaled(preds, ckpt.temperature)
         scores = aggregate_video_scores(preds.probs, preds.video, len(good))
         failed = {p for p, _ in preds.errors}
         for i, rec in enumerate(good):

@@ -46,20 +46,22 @@ class Trial:
 def candidate_policies(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str]]]:
     """The cached-feature policies, and ``(trainable params, policy)`` of the others that apply, cheapest first."""
     from vtransfer.errors import ConfigError
-    from vtransfer.policies import POLICY_NAMES, resolve_policy
+    from vtransfer.peft_policies import STRUCTURAL_POLICIES
+    from vtransfer.policies import ALL_POLICY_NAMES, plan_policy
     from vtransfer.run_model import build_run_model
 
-    model, _ = build_run_model(cfg.replace(policy="top-layer"), num_classes=2)
-    head = len(model.layer_groups()) - 1
+    base = cfg.replace(policy="top-layer", merge=False)
+    shared, _ = build_run_model(base, num_classes=2)
     cheap, rest = [], []
-    for policy in POLICY_NAMES:
+    for policy in ALL_POLICY_NAMES:
         if policy in ("scratch", AUTO):
             continue
+        model = build_run_model(base, num_classes=2)[0] if policy in STRUCTURAL_POLICIES else shared
         try:
-            plan = resolve_policy(model, policy)
+            model, plan = plan_policy(model, policy, base.policy.peft_options())
         except ConfigError:
             continue  # does not apply to this backbone (temporal without temporal layers, LoRA without linears)
-        if plan.first_trainable_group == head:
+        if plan.first_trainable_group >= len(model.layer_groups()) - 1:
             cheap.append(policy)
         else:
             rest.append((plan.trainable_count(model), policy))
@@ -79,7 +81,7 @@ def choose_policy(run_dir: Path, cfg: RunConfig, reporter=None) -> tuple[str, li
     chosen = [(p, None) for p in cheap] + [(p, cfg.policy.auto_epochs) for _, p in rest[: cfg.policy.auto_trials]]
     trials = []
     for policy, epochs in chosen:
-        trial_cfg = cfg.replace(policy=policy, epochs=epochs, out=None).with_policy_epochs()
+        trial_cfg = cfg.replace(policy=policy, epochs=epochs, out=None, merge=False).with_policy_epochs()
         if epochs is not None:
             trial_cfg = trial_cfg.replace(patience=0)
         sub = runs.prepare_run_dir(run_dir / TRIALS_DIR / policy, overwrite=True)

@@ -19,8 +19,8 @@ def adapt_preprocessing(base: Preprocessing, frames: int | None, stride: int | N
 
 
 def make_clip_dataset(records, class_to_idx, preprocessing, mode, opts: ClipConfig, seed: int, clips: int | None = None,
-                      reader=None, views: int | None = None):
-    """A :class:`~vtransfer.data.dataset.ClipDataset` for ``mode`` (train or eval)."""
+                      reader=None, views: int | None = None, crops: int = 1):
+    """A :class:`~vtransfer.data.dataset.ClipDataset` for ``mode`` (train or eval; ``crops`` spatial crops per eval clip)."""
     from vtransfer.data.dataset import ClipDataset
 
     return ClipDataset(
@@ -33,6 +33,7 @@ def make_clip_dataset(records, class_to_idx, preprocessing, mode, opts: ClipConf
         seed=seed,
         reader=reader,
         crop_scale=opts.crop_scale,
+        crops=crops,
     )
 
 

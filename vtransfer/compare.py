@@ -199,19 +199,22 @@ def plan_comparison(policies: list[str], options: dict) -> tuple[list[str], dict
     (``temporal`` without temporal layers) is returned in ``skipped`` with the
     reason. The rest are ordered by :func:`shallow_prefixes_first`.
     """
-    from vtransfer.policies import POLICY_NAMES, resolve_policy
+    from vtransfer.peft_policies import STRUCTURAL_POLICIES
+    from vtransfer.policies import ALL_POLICY_NAMES, plan_policy
     from vtransfer.run_model import build_run_model
 
-    unknown = [p for p in policies if p not in POLICY_NAMES]
+    unknown = [p for p in policies if p not in ALL_POLICY_NAMES]
     if unknown:
-        raise ConfigError(f"--policies: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(POLICY_NAMES)}")
+        raise ConfigError(f"--policies: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_POLICY_NAMES)}")
     if not policies:
-        raise ConfigError(f"--policies: give at least one of {', '.join(POLICY_NAMES)}")
-    model, _ = build_run_model({**options, "policy": "top-layer"}, num_classes=2)
+        raise ConfigError(f"--policies: give at least one of {', '.join(ALL_POLICY_NAMES)}")
+    cfg = RunConfig.from_options({**options, "policy": "top-layer"})
+    shared, _ = build_run_model(cfg, num_classes=2)
     depth, skipped = {}, {}
     for p in policies:
+        model = build_run_model(cfg, num_classes=2)[0] if p in STRUCTURAL_POLICIES else shared  # one structure a model
         try:
-            depth[p] = resolve_policy(model, p, options.get("train_groups")).first_trainable_group
+            depth[p] = plan_policy(model, p, cfg.policy.peft_options(), cfg.policy.train_groups)[1].first_trainable_group
         except ConfigError as e:
             skipped[p] = str(e)
     runnable = [p for p in policies if p in depth]

@@ -26,14 +26,17 @@ def evaluate_records(
     progress=None,
     prefix_stop: int = 0,
     shard: bool = False,
+    crops: int = 1,
+    temperature: float | None = None,
 ):
-    """Video- and clip-level metrics of ``model`` on ``records`` (N uniform clips per video).
+    """Video- and clip-level metrics of ``model`` on ``records`` (N uniform clips per video, ``crops`` crops each).
 
     With ``prefix_stop > 0`` the (frozen) groups below it are computed once per
     clip and shared (:mod:`vtransfer.feature_cache`); evaluation clips are
     deterministic, so this changes nothing but the time taken. With ``shard``
     each process of a distributed job scores every N-th video and all of them
-    get the gathered result.
+    get the gathered result. ``temperature`` scales the clip scores before
+    they are averaged per video (a calibrated model's, see :mod:`vtransfer.calibration`).
     """
     from vtransfer import distributed
     from vtransfer.batches import make_loader
@@ -45,7 +48,8 @@ def evaluate_records(
     class_to_idx = {c: i for i, c in enumerate(classes)}
     ctx = distributed.current() if shard else distributed.DistContext()
     mine = list(range(ctx.rank, len(records), ctx.world))
-    ds = make_clip_dataset([records[i] for i in mine], class_to_idx, model.preprocessing, "eval", opts, seed=0, clips=clips, reader=reader)
+    ds = make_clip_dataset([records[i] for i in mine], class_to_idx, model.preprocessing, "eval", opts, seed=0, clips=clips,
+                           reader=reader, crops=crops)
     workers = opts.workers if opts.workers is not None else default_workers(device, reader)
     if prefix_stop > 0:
         preds = cached_clip_probs(model, ds, prefix_stop, opts.batch_size, workers, device, precision)
@@ -55,7 +59,8 @@ def evaluate_records(
         preds = _gather_predictions(preds, mine)
     video_labels = [class_to_idx[r.label] for r in records]
     names = [video_name(r.path) for r in records]
-    result = classification_report(preds.probs, preds.video, video_labels, classes, categories, video_names=names)
+    result = classification_report(preds.probs, preds.video, video_labels, classes, categories, video_names=names,
+                                   views=ds.views(), temperature=temperature)
     return result, preds
 
 

@@ -285,8 +285,12 @@ def inspect_backbone(
     policy: str | None = None,
     train_groups: list[str] | None = None,
     num_classes: int | None = None,
+    policy_options=None,
 ) -> dict[str, Any]:
     """Layer groups of a backbone with parameter counts, and what a policy would train.
+
+    ``policy_options`` (:class:`vtransfer.peft_policies.PolicyOptions`) set the
+    parameter-efficient policies' rank, targets and sizes.
 
     Returns ``{"backbone", "preset", "num_classes", "total_params",
     "temporal_params", "groups": [...], "policy": {...} | None}``; each group
@@ -299,12 +303,12 @@ def inspect_backbone(
 
     preset = preset or default_preset(name)
     model = _shape_only(name, preset, num_classes)
-    sizes = {n: p.numel() for n, p in model.named_parameters()}
     plan = None
     if policy is not None or train_groups:
-        from vtransfer.policies import resolve_policy
+        from vtransfer.policies import plan_policy
 
-        plan = resolve_policy(model, policy or "custom", train_groups)
+        model, plan = plan_policy(model, policy or "custom", policy_options, train_groups)  # adds LoRA, adapters, a probe
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
     trainable = set(plan.trainable) if plan else set()
     groups = []
     for i, g in enumerate(model.layer_groups()):

@@ -138,24 +138,29 @@ def screen(run: Run, data: RunData) -> RunData:
 
 
 def build_model(run: Run, data: RunData) -> tuple[VideoBackbone, dict]:
-    """The starting model on the run's device, in the memory format its family prefers, and its weights' provenance."""
+    """The starting model (on the CPU until its policy is planned) and its weights' provenance."""
     from vtransfer.run_model import build_run_model
-    from vtransfer.runtime import preferred_memory_format
 
     m = run.cfg.model
     run.stage(f"loading {m.backbone}" + (f" with {m.weights}" if m.weights else ""))
-    model, info = build_run_model(run.cfg, len(data.classes))
-    model.to(run.device, memory_format=preferred_memory_format(m.backbone, run.cfg.training.precision, run.device))
-    return model, info
+    return build_run_model(run.cfg, len(data.classes))
 
 
 def plan_policy(run: Run, model: VideoBackbone):
-    """Which parameters train under the run's policy; the others are frozen now."""
-    from vtransfer.policies import apply_policy, resolve_policy
+    """Add what the policy needs (LoRA, adapters, a probe), freeze what it does not train, move to the device.
 
-    plan = resolve_policy(model, run.cfg.policy.policy, run.cfg.policy.train_groups)
-    apply_policy(model, plan)
-    return plan
+    Returns the model (a parameter-efficient policy changes its class) and the plan.
+    """
+    from vtransfer.mixing import check_mixing_applies
+    from vtransfer.policies import apply_policy, plan_policy as plan
+    from vtransfer.runtime import preferred_memory_format
+
+    p, t = run.cfg.policy, run.cfg.training
+    model, policy_plan = plan(model, p.policy, p.peft_options(), p.train_groups)
+    check_mixing_applies(t.mixup, t.cutmix, policy_plan.first_trainable_group, policy_plan.policy)
+    apply_policy(model, policy_plan)
+    model.to(run.device, memory_format=preferred_memory_format(run.cfg.model.backbone, t.precision, run.device))
+    return model, policy_plan
 
 
 def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: dict) -> Training:
@@ -172,6 +177,8 @@ def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: 
         epochs=int(t.epochs), batch_size=int(c.batch_size), lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay,
         warmup_epochs=float(t.warmup_epochs), patience=int(t.patience), precision=t.precision, seed=int(t.seed),
         balance=t.balance, max_bad_fraction=float(t.max_bad_fraction), head_lr_scale=t.head_lr_scale,
+        micro_batch=t.micro_batch, ema_decay=t.ema_decay, mixup=t.mixup, cutmix=t.cutmix, layer_decay=t.layer_decay,
+        grad_checkpointing=t.grad_checkpointing,
     ).resolved(run.cfg.model.backbone)
     reader = shared_reader(c.cache, Path(c.cache_dir) if c.cache_dir else run.run_dir / "frame_cache", data.index.records,
                            model.preprocessing)
@@ -243,9 +250,16 @@ def fit(run: Run, data: RunData, model: VideoBackbone, plan, info: dict, trainin
     if run.resume and runs.has_resume_state(run.run_dir):  # no resume.pt: stopped before epoch 1 finished
         trainer.load_state_dict(runs.load_resume_state(run.run_dir))
     try:  # Ctrl-C keeps the last finished epoch and says how to resume
-        return trainer.fit(stop_after=stop_after)
+        state = trainer.fit(stop_after=stop_after)
     except KeyboardInterrupt:
         raise runs.RunInterrupted(run.run_dir, trainer.state.epoch, config.epochs) from None
+    finished = state.epoch >= config.epochs or state.stopped_early
+    if run.cfg.policy.merge and finished and run.main:
+        from vtransfer.peft_policies import merge_lora_checkpoint
+
+        merge_lora_checkpoint(run.run_dir / runs.MODEL_FILE)  # the saved model then loads without peft
+        run.stage("merged the LoRA updates into the saved weights")
+    return state
 
 
 def _provenance(cfg: RunConfig, info: dict, index) -> dict:
@@ -258,7 +272,11 @@ def _provenance(cfg: RunConfig, info: dict, index) -> dict:
 
 
 def evaluate_best(run: Run, data: RunData, plan, training: Training):
-    """The best epoch's model on the test split (the validation split when there is no test split)."""
+    """The best epoch's model on the test split (the validation split when there is no test split).
+
+    With ``--calibrate`` a temperature is fitted on the validation split's clip
+    scores first, stored in the checkpoint, and applied to the test scores.
+    """
     from vtransfer import runs
     from vtransfer.evaluation import evaluate_records
     from vtransfer.policies import apply_policy
@@ -269,11 +287,37 @@ def evaluate_best(run: Run, data: RunData, plan, training: Training):
     precision = training.config.precision
     best.to(run.device, memory_format=preferred_memory_format(run.cfg.model.backbone, precision, run.device))
     apply_policy(best, plan)
+    temperature = calibrate(run, data, plan, training, best) if run.cfg.training.calibrate else None
     result, preds = evaluate_records(best, data.test or data.val, data.classes, training.clips, run.device, precision,
-                                     data.categories, reader=training.reader, prefix_stop=plan.first_trainable_group)
+                                     data.categories, reader=training.reader, prefix_stop=plan.first_trainable_group,
+                                     crops=training.clips.test_crops, temperature=temperature)
     if result.collapse_warning() and run.reporter is not None:
         run.reporter.message(f"warning: test split: {result.collapse_warning()}")
     return result, preds
+
+
+def calibrate(run: Run, data: RunData, plan, training: Training, best: VideoBackbone) -> float | None:
+    """Fit a temperature on the validation clips and store it in the checkpoint; ``None`` when it cannot be pinned down."""
+    from vtransfer import runs
+    from vtransfer.calibration import calibrate_on_validation
+    from vtransfer.evaluation import evaluate_records
+    from vtransfer.weights.checkpoint import set_checkpoint_temperature
+
+    if not data.val:
+        if run.reporter is not None:
+            run.reporter.message("calibration skipped: there is no validation split to fit it on")
+        return None
+    _, val_preds = evaluate_records(best, data.val, data.classes, training.clips, run.device, training.config.precision,
+                                    clips=training.clips.val_clips, reader=training.reader,
+                                    prefix_stop=plan.first_trainable_group)
+    fit = calibrate_on_validation(val_preds, [data.index.class_to_idx[r.label] for r in data.val])
+    if run.reporter is not None:
+        run.reporter.message(f"calibration: {fit.describe()}" + ("; not applied" if fit.at_bound else ""))
+    if fit.at_bound:
+        return None
+    if run.main:
+        set_checkpoint_temperature(run.run_dir / runs.MODEL_FILE, fit.temperature)
+    return fit.temperature
 
 
 def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, result, preds) -> FinetuneResult:
@@ -305,9 +349,10 @@ def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, sto
     from vtransfer import distributed, runs
 
     run = start_run(run_dir, cfg, resume, reporter)
-    data = screen(run, open_data(run))
+    data = open_data(run)
     model, info = build_model(run, data)
-    plan = plan_policy(run, model)
+    model, plan = plan_policy(run, model)  # every option checked before the first video is decoded
+    data = screen(run, data)
     training = prepare_training(run, data, model, plan, info)
     state = fit(run, data, model, plan, info, training, stop_after)
     distributed.barrier()

@@ -127,6 +127,9 @@ class ClipConfig:
     cached_views: Optional[int] = option(
         None, "Fixed augmented views per training video whose frozen-prefix features are computed once "
               "(default: auto = min(epochs, 5) when a frozen prefix exists; 0 = off).", PANEL_SPEED)
+    test_crops: int = option(
+        1, "Spatial crops per test clip: 1 = centre, 3 = both ends and the centre of the long side (the I3D/SlowFast "
+           "protocol); reports say views = N clips x M crops. Validation always takes the centre crop.", PANEL_DATA)
     crop_scale: Optional[tuple[float, float]] = option(
         None, "Training crop's share of the frame area as MIN,MAX (random resized crop; default 0.35,1.0). "
               "The papers cropped without zoom: about 0.7,0.8.", PANEL_DATA, metavar="MIN,MAX",
@@ -161,7 +164,9 @@ class PolicyConfig:
     """What trains."""
 
     policy: str = option(
-        DEFAULT_POLICY, "Freezing policy: scratch, top-layer, top-3, temporal, all, or auto (cached-feature policies in "
+        DEFAULT_POLICY, "Policy: the papers' freezing policies scratch, top-layer, top-3, temporal, all; the "
+                        "parameter-efficient bitfit (biases and norms), lora, adapter (ST-Adapter), attentive-probe "
+                        "(cross-attention pooling on frozen features); or auto (cached-feature policies in "
                         "full, then the --auto-trials cheapest others for --auto-epochs epochs each; the best on the "
                         "validation split is trained in full; RUN/auto.json says what was tried and why it won).",
         PANEL_MODEL, flags=("-p",))
@@ -169,9 +174,34 @@ class PolicyConfig:
         None, "Custom set of layer groups to train, comma-separated names or globs (e.g. 'spatial*,temporal*'); "
               "overrides --policy. The new classifier always trains.", PANEL_MODEL, metavar="GROUP[,GROUP...]",
         cli_name="train", cli_type=Optional[str], parse=split_list)
+    lora_rank: int = option(8, "Rank r of each LoRA update (--policy lora).", PANEL_MODEL)
+    lora_alpha: float = option(16.0, "LoRA scale: the update is multiplied by alpha / rank.", PANEL_MODEL)
+    lora_targets: Optional[list[str]] = option(
+        None, "Comma-separated layer names or globs LoRA adapts (default: vivit's qkv,proj,fc1,fc2 of every block; "
+              "CNNs: every ungrouped conv).", PANEL_MODEL, metavar="LAYER[,LAYER...]", cli_type=Optional[str],
+        parse=split_list)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch's input.", PANEL_MODEL)
+    merge: bool = option(False, "Fold the LoRA updates into the weights when training ends, so the saved model "
+                                "loads without peft (--policy lora).", PANEL_MODEL)
+    adapter_ratio: float = option(
+        0.5, "ST-Adapter bottleneck width as a fraction of the channels where it sits (0.5: the paper's 384 of "
+             "ViT-B's 768; --policy adapter).", PANEL_MODEL)
+    probe_heads: int = option(8, "Attention heads of the attentive probe (--policy attentive-probe).", PANEL_MODEL)
+    probe_dim: Optional[int] = option(
+        None, "Attention width of the attentive probe (default: the feature width); lower it to shrink the probe.",
+        PANEL_MODEL)
     auto_trials: int = option(3, "--policy auto: how many policies besides the cached-feature ones get a short trial.",
                               PANEL_MODEL)
     auto_epochs: int = option(3, "--policy auto: epochs of each short trial.", PANEL_MODEL)
+
+    def peft_options(self):
+        """The parameter-efficient policies' options (:class:`vtransfer.peft_policies.PolicyOptions`)."""
+        from vtransfer.peft_policies import PolicyOptions
+
+        return PolicyOptions(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                             lora_targets=tuple(self.lora_targets) if self.lora_targets is not None else None,
+                             lora_dropout=self.lora_dropout, merge=self.merge, adapter_ratio=self.adapter_ratio,
+                             probe_heads=self.probe_heads, probe_dim=self.probe_dim)
 
 
 @dataclass
@@ -179,8 +209,8 @@ class TrainingConfig:
     """The optimisation (``None`` = the backbone family's default, see ``vtransfer backbones``)."""
 
     epochs: Optional[int] = option(
-        None, "Maximum number of epochs (default: 30 for top-layer, whose epochs on cached features cost almost "
-              "nothing; 10 for the other policies).", PANEL_TRAINING, flags=("-e",))
+        None, "Maximum number of epochs (default: 30 for top-layer and attentive-probe, whose epochs on cached "
+              "features cost almost nothing; 10 for the other policies).", PANEL_TRAINING, flags=("-e",))
     lr: Optional[float] = option(None, "Peak learning rate (default: the backbone's; `vtransfer backbones` lists them).",
                                  PANEL_TRAINING)
     optimizer: str = option(
@@ -203,6 +233,26 @@ class TrainingConfig:
     max_bad_fraction: float = option(
         0.2, "Stop the run when more than this fraction of an epoch's clips fail to decode.", PANEL_TRAINING)
     deterministic: bool = option(False, "Deterministic kernels (bit-reproducible CPU runs).", PANEL_TRAINING)
+    micro_batch: Optional[int] = option(
+        None, "Clips per forward/backward pass; gradients are summed over ceil(--batch-size / N) passes before one "
+              "optimiser step, so --batch-size stays the effective batch and the lr schedule is unchanged.", PANEL_SPEED)
+    ema_decay: Optional[float] = option(
+        None, "Validate and save an exponential moving average of the weights with this decay in [0, 1), e.g. 0.999 "
+              "(warms up over the first steps).", PANEL_TRAINING)
+    mixup: float = option(0.0, "Mixup of whole clips with Beta(A, A), e.g. 0.8 (0: off); needs a policy that trains "
+                               "from the input (all, scratch).", PANEL_TRAINING)
+    cutmix: float = option(0.0, "Video cutmix (one box in every frame) with Beta(A, A), e.g. 1.0 (0: off); with "
+                                "--mixup, one of the two per batch; needs a policy that trains from the input.",
+                           PANEL_TRAINING)
+    layer_decay: Optional[float] = option(
+        None, "Layer-wise lr decay: layer group i trains at lr * D^(groups - 1 - i), the head at the full lr "
+              "(e.g. 0.75 for transformers).", PANEL_TRAINING)
+    grad_checkpointing: bool = option(
+        False, "Recompute each trainable layer group's activations in the backward pass: less memory, about "
+               "1.3-1.7x the step time.", PANEL_SPEED)
+    calibrate: bool = option(
+        False, "Fit a temperature on the validation split's clip scores after training, store it in "
+               "model.safetensors, and use it for the test report, evaluate and predict.", PANEL_TRAINING)
 
 
 @dataclass
@@ -318,7 +368,7 @@ def _normalised(key: str, value: Any) -> Any:
         return meta["parse"](value)
     if key in ("ratios", "crop_scale"):
         return tuple(value)
-    if key == "train_groups":
+    if key in ("train_groups", "lora_targets"):
         return list(value)
     return value
 

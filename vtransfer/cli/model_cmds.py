@@ -78,6 +78,10 @@ def inspect_command(
     preset: O.Preset = None,
     policy: Annotated[Optional[str], typer.Option("--policy", "-p", help="Show what this freezing policy trains (default: only the layer groups).")] = None,
     train: O.TrainGroups = None,
+    lora_rank: O.LoraRank = 8,
+    lora_targets: O.LoraTargets = None,
+    adapter_ratio: O.AdapterRatio = 0.5,
+    probe_dim: O.ProbeDim = None,
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="Classifier size to count (default: the preset's)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
@@ -85,7 +89,11 @@ def inspect_command(
     from vtransfer.loading import inspect_backbone
 
     groups = O.split_list(train)
-    info = inspect_backbone(backbone, preset, policy, groups, num_classes)
+    from vtransfer.run_config import PolicyConfig
+
+    options = PolicyConfig(lora_rank=lora_rank, lora_targets=O.split_list(lora_targets), adapter_ratio=adapter_ratio,
+                           probe_dim=probe_dim).peft_options()
+    info = inspect_backbone(backbone, preset, policy, groups, num_classes, policy_options=options)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return

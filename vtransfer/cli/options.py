@@ -45,6 +45,12 @@ Workers = run_option("workers")
 Threads = run_option("threads")
 Cache = run_option("cache")
 CacheDir = run_option("cache_dir")
+TestCrops = run_option("test_crops")
+LoraRank = run_option("lora_rank")
+LoraTargets = run_option("lora_targets")
+AdapterRatio = run_option("adapter_ratio")
+ProbeDim = run_option("probe_dim")
+Calibrated = Annotated[bool, typer.Option("--calibrated/--uncalibrated", help="Scale clip scores by the temperature a --calibrate run stored in the model (if any); --uncalibrated uses the raw softmax scores.", rich_help_panel=_O)]
 
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/<backbone>-<policy>-<time>).", rich_help_panel=_O)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty run folder.", rich_help_panel=_O)]

@@ -182,6 +182,8 @@ def evaluate(
     precision: O.Precision = "fp32",
     device: O.Device = "auto",
     threads: O.Threads = None,
+    test_crops: O.TestCrops = 1,
+    calibrated: O.Calibrated = True,
     overwrite: O.Overwrite = False,
     json_out: O.Json = False,
 ) -> None:
@@ -205,7 +207,7 @@ def evaluate(
 
     result = api.evaluate(model, data, manifest=manifest, split=split, clips_per_video=clips_per_video, categories=categories,
                           out=out, batch_size=batch_size, workers=workers, precision=precision, device=device, threads=threads,
-                          on_selection=announce)
+                          on_selection=announce, test_crops=test_crops, calibrated=calibrated)
     if json_out:
         console.print_json(json.dumps({**result.to_dict(), "videos": chosen[0].description if chosen else None}))
         return
@@ -223,6 +225,8 @@ def predict(
     batch_size: O.BatchSize = 8,
     precision: O.Precision = "fp32",
     device: O.Device = "auto",
+    test_crops: O.TestCrops = 1,
+    calibrated: O.Calibrated = True,
     json_out: O.Json = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV rows path,rank,label,prob.")] = False,
 ) -> None:
@@ -231,7 +235,7 @@ def predict(
     from rich.table import Table
 
     rows = api.predict(model, videos, top_k=top_k, clips_per_video=clips_per_video, batch_size=batch_size,
-                       device=device, precision=precision)
+                       device=device, precision=precision, test_crops=test_crops, calibrated=calibrated)
     if json_out:
         console.print_json(json.dumps(rows))
         return
