@@ -59,3 +59,13 @@ def test_bench_contention_quick_times_the_compare_step_alone_and_beside_busy_pro
     assert out.count(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')},") == 2
     assert out.count(f"intra_op_threads={cores},") == 2
     assert "peak memory (RSS):" in out
+
+
+@pytest.mark.slow
+def test_bench_peft_quick_prints_every_policy_against_all():
+    out = run_script("bench_peft.py", "--threads", "1")
+    rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
+    assert [r[1] for r in rows] == ["all", "lora", "adapter", "bitfit", "attentive-probe"]
+    assert rows[0][-1] == "1.00" and rows[0][-3] == "1.00"  # all against itself
+    shares = {r[1]: float(r[3].rstrip("%")) for r in rows}
+    assert shares["all"] == 100.0 and all(shares[p] < 100.0 for p in shares if p != "all")

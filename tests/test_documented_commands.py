@@ -193,6 +193,8 @@ DOCUMENTED: dict[str, How] = {
         check=_exported_onnx, needs=("vtransfer finetune DATA --backbone effnet3d --weights effnet3d:imagenet --policy top-3",)),
     "vtransfer backbones": How(check=lambda ws, r: assert_in(("effnet3d", "vivit:imagenet"), r.output)),
     "vtransfer inspect --backbone i3d --policy temporal": How(check=lambda ws, r: assert_in(("policy temporal: trains",), r.output)),
+    "vtransfer inspect --backbone vivit --preset b16x2-fe --policy lora":
+        How(check=lambda ws, r: assert_in(("policy lora: trains 1,880,464 of 116,635,792 parameters (1.61%)",), r.output)),
     PRETRAIN: How(extra=("--preset", "tiny", *SMALL, "--out", "runs/P"), check=_pretrain_prints_the_hint_below),
     "vtransfer finetune DATA --backbone vivit --weights vivit:my-ucf101 --policy temporal":
         How(extra=(*SMALL, "--out", "runs/V"), needs=(PRETRAIN,), check=_trained("runs/V")),

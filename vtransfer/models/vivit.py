@@ -195,6 +195,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
     },
+    # Between tiny and vivit-b: ViT-S/16 widths (384, 6 heads, MLP 1536), 6 spatial + 2 temporal layers,
+    # 8 frames of 112 px; for CPU runs and the step-time/memory benchmarks of the policies.
+    "small": {
+        **_TORCHVISION_LAYOUT,
+        "image_size": [112, 112],
+        "image_patch_size": [16, 16],
+        "frames": 8,
+        "frame_patch_size": 2,
+        "dim": 384,
+        "spatial_depth": 6,
+        "temporal_depth": 2,
+        "heads": 6,
+        "dim_head": 64,
+        "mlp_dim": 1536,
+        "num_classes": 10,
+        "frame_stride": 2,
+        "resize_short": 128,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    },
     # Scenic's ViViT-B/16x2 factorised encoder (`vivit:kinetics400`): vivit-b's geometry and layout with
     # Flax's tanh GELU and Scenic's Kinetics-400 input (configs/kinetics400/vivit_base_factorised_encoder.py:
     # 32 frames at stride 2, min_resize 256, crop 224, zero_centering -> [-1, 1]).
