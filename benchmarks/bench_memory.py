@@ -116,6 +116,17 @@ def measure_step(backbone: str, checkpointing: bool, batch: int, frames: int, si
         model.zero_grad(set_to_none=False)  # gradients stay allocated, as in training
 
     step()
+    return {"peak_mib": step_peak_rise_mib(step, dev), "time_s": median_time(step, warmup=0, repeat=3)}
+
+
+def step_peak_rise_mib(step, dev) -> float:
+    """How far peak memory rises during one more call of the (warmed-up) ``step``, in MiB.
+
+    CUDA: ``max_memory_allocated`` over what is allocated before; CPU: peak RSS
+    (VmHWM, reset first where the kernel allows) over the RSS before.
+    """
+    import torch
+
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -127,10 +138,8 @@ def measure_step(backbone: str, checkpointing: bool, batch: int, frames: int, si
     step()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20
-    else:
-        peak = _peak_rss_mib()
-    return {"peak_mib": peak - base, "time_s": median_time(step, warmup=0, repeat=3)}
+        return torch.cuda.max_memory_allocated(dev) / 2**20 - base
+    return _peak_rss_mib() - base
 
 
 def grad_checkpointing_table(quick: bool, threads: int, device: str, backbones: list[str]) -> None:

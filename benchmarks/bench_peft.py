@@ -31,7 +31,7 @@ def measure(preset: str, policy: str, batch: int, device: str, repeat: int) -> d
     """Trainable parameters, median step time (s) and peak memory rise (MiB) of one training step."""
     import torch
 
-    from bench_memory import _peak_rss_mib, _reset_peak_rss, current_rss_mib
+    from bench_memory import step_peak_rise_mib
     from vtransfer.models.registry import build_backbone
     from vtransfer.policies import apply_policy, plan_policy, set_train_mode
     from vtransfer.train import TrainablePart
@@ -57,18 +57,8 @@ def measure(preset: str, policy: str, batch: int, device: str, repeat: int) -> d
         opt.zero_grad(set_to_none=False)
 
     step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev) / 2**20
-    else:
-        base = current_rss_mib()
-        if not _reset_peak_rss():
-            base = _peak_rss_mib()
-    step()
-    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mib()
     return {"trainable": sum(p.numel() for p in trainable), "total": sum(p.numel() for p in model.parameters()),
-            "peak_mib": peak - base, "time_s": median_time(step, warmup=0, repeat=repeat)}
+            "peak_mib": step_peak_rise_mib(step, dev), "time_s": median_time(step, warmup=0, repeat=repeat)}
 
 
 def main() -> None:

@@ -366,9 +366,9 @@ def test_policies_that_do_not_fit_the_backbone_name_the_choices():
     with pytest.raises(ConfigError, match=r"no layer LoRA can adapt .*use bitfit, adapter, attentive-probe"):
         prepare_model_for_policy(DepthwiseOnly(), "lora")
     sf = build_backbone("slowfusion", "tiny", num_classes=2)
-    with pytest.raises(ConfigError, match=r"policy 'adapter': .*'slowfusion'.*vivit, effnet3d, i3d"):
+    with pytest.raises(ConfigError, match=r"policy 'adapter': .*'slowfusion'.*i3d, vivit, effnet3d"):
         prepare_model_for_policy(sf, "adapter")
-    with pytest.raises(ConfigError, match=r"policy 'attentive-probe': .*'slowfusion'.*vivit, effnet3d, i3d"):
+    with pytest.raises(ConfigError, match=r"policy 'attentive-probe': .*'slowfusion'.*i3d, vivit, effnet3d"):
         prepare_model_for_policy(sf, "attentive-probe")
     with pytest.raises(ConfigError, match=r"--probe-heads 5 does not divide the probe width 64; choose one of 1, 2, 4, 8"):
         prepare_model_for_policy(tiny("vivit"), "attentive-probe", PolicyOptions(probe_heads=5))
@@ -393,3 +393,22 @@ def test_resolving_a_structural_policy_needs_the_surgery_first():
     assert set(PEFT) <= set(ALL_POLICY_NAMES)
     model, plan = plan_policy(tiny("vivit"), "lora", train_groups=["temporal.1"])  # a --train set adds nothing
     assert plan.policy == "custom" and plan.structure is None and not isinstance(model, StructuredBackbone)
+
+
+def test_the_probe_trains_at_the_base_rate_and_only_its_classifier_at_the_head_rate():
+    """effnet3d's 10x classifier rate applied to the probe's attention made its loss run to 40-80 on real clips."""
+    from vtransfer.train import Trainer, TrainConfig
+
+    model, plan = plan_policy(build_backbone("effnet3d", "tiny", num_classes=3), "attentive-probe")
+    apply_policy(model, plan)
+    config = TrainConfig(epochs=1, batch_size=2).resolved("effnet3d")
+    source = type("S", (), {"num_batches": lambda self: 1, "batches": lambda self, epoch: iter(())})()
+    trainer = Trainer(model, plan, config, torch.device("cpu"), source, lambda m: (0.0, 0.0), lambda m, r: None,
+                      save_state=lambda state: None)
+    rate = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    probe = [n for n in plan.trainable if n.startswith("attentive_probe.")]
+    classifier = [n for n in plan.trainable if not n.startswith("attentive_probe.")]
+    assert probe and classifier
+    assert {rate[id(named[n])] for n in probe} == {config.lr}
+    assert {rate[id(named[n])] for n in classifier} == {config.lr * config.head_lr_scale} != {config.lr}

@@ -111,3 +111,19 @@ def test_bad_values_fail_before_any_video_is_read(demo, tmp_path):
                                           "--backbone", "vivit", *FAST, *extra])
         assert result.exit_code != 0 and says in str(result.exception) + result.output, (extra, result.output)
         assert not (tmp_path / "bad").exists()
+
+
+def test_compare_policies_takes_seed_as_finetune_does(demo, tmp_path):
+    from vtransfer.compare import resolve_seeds
+
+    assert resolve_seeds(None, None) == [0] and resolve_seeds([1, 2], None) == [1, 2]
+    assert resolve_seeds(None, 3) == [3] and resolve_seeds([3], 3) == [3]
+    data, _ = demo
+    result = CliRunner().invoke(app, ["compare-policies", str(data), "--seed", "1", "--seeds", "0,1",
+                                      "--backbone", "slowfusion", "--preset", "tiny", "--out", str(tmp_path / "cmp")])
+    assert result.exit_code != 0 and "--seed 1 and --seeds 0,1 disagree" in str(result.exception) + result.output
+    assert not (tmp_path / "cmp").exists()
+    for command in ("finetune", "pretrain", "compare-policies"):  # one declaration: the same flags everywhere
+        text = _run(command, "--help").output
+        for flag in ("--backbone", "--lr", "--seed", "--epochs", "--frames", "--cache", "--micro-batch", "--calibrate"):
+            assert flag in text, (command, flag)

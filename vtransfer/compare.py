@@ -66,8 +66,7 @@ def compare_policies(
     from vtransfer import runs
     from vtransfer.data.run_data import open_dataset
     from vtransfer.data.splits import write_manifest
-    from vtransfer.report import PolicyRow, aggregate_seed_rows, write_policy_table
-    from vtransfer.train import TrainingDiverged
+    from vtransfer.report import write_policy_table
 
     seeds = resolve_seeds(seeds, options.pop("seed", None))
     RunConfig.from_options(options)  # unknown option names fail now
@@ -78,7 +77,31 @@ def compare_policies(
     if not reuse:
         out_dir = runs.prepare_run_dir(out_dir, overwrite=overwrite)
         write_manifest(out_dir / runs.SPLIT_FILE, open_dataset(DataConfig(data=Path(data), **split_options)))
-    split_manifest = out_dir / runs.SPLIT_FILE
+    run_options = dict(options, data=data, manifest=out_dir / runs.SPLIT_FILE)
+    rows, run_dirs, accuracy = _run_policies(order, seeds, out_dir, run_options, skipped, reporter, on_policy, finetune)
+    rows.sort(key=lambda r: list(policies).index(r.policy))  # the table keeps the order asked for
+    setup = comparison_setup(run_dirs)
+    figures, curve = [], None
+    if shots and accuracy:
+        curve = _learning_curve(shots, [p for p in policies if p in accuracy], seeds, out_dir, accuracy, data, options,
+                                reporter, on_policy, finetune)
+        figures.append(("Test accuracy by labelled training videos per class", "shots.png",
+                        (out_dir / "shots.png").read_bytes()))
+    if rows:
+        write_policy_table(rows, out_dir, extra=setup, figures=figures)
+    runs.write_json(out_dir / "skipped.json", skipped)
+    return CompareResult(out_dir, rows, skipped, run_dirs, setup, curve)
+
+
+def _run_policies(order: list[str], seeds: list[int], out_dir: Path, options: dict, skipped: dict[str, str], reporter,
+                  on_policy, finetune) -> tuple[list, dict[str, list[Path]], dict[str, list[float]]]:
+    """Every policy under every seed (``OUT/<policy>[/seed-N]``): table rows, run folders, per-seed test accuracy.
+
+    A policy that fails with a configuration error or diverges goes into ``skipped`` (and out of the results).
+    """
+    from vtransfer import runs
+    from vtransfer.report import PolicyRow, aggregate_seed_rows
+    from vtransfer.train import TrainingDiverged
 
     rows, run_dirs, accuracy = [], {}, {}
     for policy in order:
@@ -88,8 +111,7 @@ def compare_policies(
             if on_policy:
                 on_policy(policy, seed)
             try:
-                res = _finished_or_run(sub, reporter, finetune,
-                                       dict(options, data=data, policy=policy, seed=seed, manifest=split_manifest))
+                res = _finished_or_run(sub, reporter, finetune, dict(options, policy=policy, seed=seed))
             except runs.RunInterrupted as e:
                 raise runs.RunInterrupted(out_dir, e.epochs_done, e.epochs, command="compare-policies") from None
             except (ConfigError, TrainingDiverged) as e:
@@ -102,20 +124,9 @@ def compare_policies(
                 train_time_s=res.train_time_s, val_video_acc=res.best_val_video_acc, test=res.test, run_dir=sub))
         if per_seed and policy not in skipped:
             rows.append(aggregate_seed_rows(per_seed))
-    rows.sort(key=lambda r: list(policies).index(r.policy))  # the table keeps the order asked for
     for policy in skipped:
         accuracy.pop(policy, None)
-    setup = comparison_setup(run_dirs)
-    figures, curve = [], None
-    if shots and accuracy:
-        curve = _learning_curve(shots, [p for p in policies if p in accuracy], seeds, out_dir, accuracy, data, options,
-                                reporter, on_policy, finetune)
-        figures.append(("Test accuracy by labelled training videos per class", "shots.png",
-                        (out_dir / "shots.png").read_bytes()))
-    if rows:
-        write_policy_table(rows, out_dir, extra=setup, figures=figures)
-    runs.write_json(out_dir / "skipped.json", skipped)
-    return CompareResult(out_dir, rows, skipped, run_dirs, setup, curve)
+    return rows, run_dirs, accuracy
 
 
 def _learning_curve(shots, policies, seeds, out_dir: Path, accuracy: dict[str, list[float]], data, options: dict,

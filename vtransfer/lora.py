@@ -29,12 +29,6 @@ from torch import nn
 from vtransfer.errors import ConfigError
 from vtransfer.models.base import VideoBackbone
 
-#: Default targets per backbone family: glob patterns over module names. Families not listed adapt
-#: every supported layer outside the classifier.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    # every transformer block's attention (qkv, output projection) and MLP linears, not the patch embedding
-    "vivit": ("*blocks.*.qkv", "*blocks.*.proj", "*blocks.*.fc1", "*blocks.*.fc2"),
-}
 #: Hyper-parameters peft's conv wrappers do not expose but family code reads (effnet3d's SAME-padding conv).
 _CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 LORA_PARAM_MARK = ".lora_"
@@ -50,6 +44,14 @@ def supported_layers(model: VideoBackbone) -> list[str]:
         if isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1):
             out.append(name)
     return out
+
+
+def family_targets(model: VideoBackbone) -> tuple[str, ...] | None:
+    """The family module's ``LORA_TARGETS`` (glob patterns over module names), or ``None``: every supported layer."""
+    from vtransfer.models.registry import backbone_module, family_module
+
+    return getattr(backbone_module(model.backbone_name), "LORA_TARGETS", None) or \
+        getattr(family_module(model.backbone_name), "LORA_TARGETS", None)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -68,8 +70,9 @@ def resolve_targets(model: VideoBackbone, targets: list[str] | tuple[str, ...] |
             f"policy 'lora': backbone {model.backbone_name!r} has no layer LoRA can adapt (nn.Linear or an ungrouped "
             "nn.Conv1d/2d/3d outside the classifier); use bitfit, adapter, attentive-probe or a freezing policy"
         )
-    family_default = targets is None and model.backbone_name in DEFAULT_TARGETS
-    patterns = list(DEFAULT_TARGETS[model.backbone_name]) if family_default else list(targets or ["*"])
+    default = family_targets(model)
+    family_default = targets is None and default is not None
+    patterns = list(default) if family_default else list(targets or ["*"])
     chosen: list[str] = []
     for pattern in patterns:
         hits = [n for n in candidates if _matches(n, pattern)]

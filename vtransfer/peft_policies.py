@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -203,59 +203,25 @@ def merge_lora_checkpoint(path: str | Path) -> VideoBackbone:
 # -- adapter --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AdapterSite:
-    """Where one ST-Adapter runs: on the input (``before``) or output (``after``) of a layer group."""
+def _family_hook(model: VideoBackbone, hook: str, missing: str):
+    """The family module's ``hook`` (``adapter_sites``, ``probe_tap``; see :mod:`vtransfer.models.peft_sites`).
 
-    group: str
-    where: str
-    channels: int
-    layout: str
-    skip_tokens: int = 0
+    A family without it raises :class:`ConfigError`: ``missing`` (what is not
+    defined, and what to use instead), then the backbones it does apply to.
+    """
+    from vtransfer.models.registry import backbone_module, backbone_names, family_module
 
-
-def _vivit_sites(model: VideoBackbone) -> list[AdapterSite]:
-    if model.config.get("variant", "factorised") != "factorised":
-        raise ConfigError(
-            f"policy 'adapter': vivit variant {model.config.get('variant')!r} has no spatial-only blocks to adapt "
-            "(its blocks already attend across frames); use the factorised encoder, or lora, bitfit, attentive-probe"
-        )
-    skip = 1 if getattr(model, "spatial_cls", None) is not None else 0
-    dim = int(model.config["dim"])
-    return [AdapterSite(g.name, "before", dim, "tokens", skip) for g in model.layer_groups() if g.name.startswith("spatial.")]
-
-
-def _effnet3d_sites(model: VideoBackbone) -> list[AdapterSite]:
-    sites = []
-    for i, blocks in enumerate(model.stage_blocks, start=1):
-        channels = model._blocks[blocks[-1]]._bn2.num_features
-        sites.append(AdapterSite(f"stage{i}", "after", int(channels), "map"))
-    return sites
-
-
-def _i3d_sites(model: VideoBackbone) -> list[AdapterSite]:
-    # Mixed_5c pools to B x C inside its group: the adapter after Mixed_5b is the last with time to mix.
-    names = [g.name for g in model.layer_groups() if g.name.startswith("Mixed_") and g.name != "Mixed_5c"]
-    return [AdapterSite(n, "after", int(getattr(model, n).out_channels), "map") for n in names]
-
-
-#: Backbone family -> its adapter sites: ViViT's spatial blocks (tokens, before each block, as the
-#: authors' pre-attention adapter), the inflated CNNs' stages / Inception blocks (maps, after each).
-ADAPTER_SITES: dict[str, Callable[[VideoBackbone], list[AdapterSite]]] = {
-    "vivit": _vivit_sites,
-    "effnet3d": _effnet3d_sites,
-    "i3d": _i3d_sites,
-}
+    found = getattr(backbone_module(model.backbone_name), hook, None) or getattr(family_module(model.backbone_name), hook, None)
+    if found is None:
+        applies = [n for n in backbone_names() if getattr(backbone_module(n), hook, None) is not None]
+        raise ConfigError(f"{missing.format(backbone=model.backbone_name)}; it applies to {', '.join(applies)}")
+    return found
 
 
 def insert_adapters(model: VideoBackbone, *, ratio: float = 0.5, sites: list[str] | None = None) -> VideoBackbone:
     """Put an ST-Adapter at each of the family's sites (or only those in ``sites``, group names), in place."""
-    if model.backbone_name not in ADAPTER_SITES:
-        raise ConfigError(
-            f"policy 'adapter': no adapter sites are defined for backbone {model.backbone_name!r}; "
-            f"it applies to {', '.join(ADAPTER_SITES)} (use bitfit, lora or a freezing policy)"
-        )
-    all_sites = ADAPTER_SITES[model.backbone_name](model)
+    all_sites = _family_hook(model, "adapter_sites", "policy 'adapter': no adapter sites are defined for backbone "
+                                                     "{backbone!r} (use bitfit, lora or a freezing policy)")(model)
     chosen = all_sites if sites is None else [s for s in all_sites if s.group in set(sites)]
     missing = sorted(set(sites or []) - {s.group for s in chosen})
     if missing or not chosen:
@@ -282,37 +248,10 @@ def insert_adapters(model: VideoBackbone, *, ratio: float = 0.5, sites: list[str
 # -- attentive probe ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ProbeTap:
-    """Where a family's last map before global pooling is: the module whose output it is, and a post op."""
-
-    module: str
-    post: str | None
-    width: int
-
-
-def _vivit_tap(model: VideoBackbone) -> ProbeTap:
-    norm = "norm" if model.config.get("variant", "factorised") == "joint" else "temporal_norm"
-    return ProbeTap(norm, None, int(model.config["dim"]))  # tokens B x (1 + L) x D after the final LayerNorm
-
-
-#: Backbone family -> the map its group before the head pools (ViViT: the final-normed tokens; effnet3d:
-#: ReLU6(BN(conv_head)), B x 1280 x T x H x W; I3D: Mixed_5c's output).
-PROBE_TAPS: dict[str, Callable[[VideoBackbone], ProbeTap]] = {
-    "vivit": _vivit_tap,
-    "effnet3d": lambda m: ProbeTap("_bn1", "relu6", int(m.embed_dim)),
-    "i3d": lambda m: ProbeTap("Mixed_5c", None, int(m.embed_dim)),
-}
-
-
 def attach_probe(model: VideoBackbone, *, heads: int = 8, attn_dim: int | None = None) -> VideoBackbone:
     """Make the head group an attentive probe over the unpooled last map, feeding the family's classifier."""
-    if model.backbone_name not in PROBE_TAPS:
-        raise ConfigError(
-            f"policy 'attentive-probe': the unpooled feature map of backbone {model.backbone_name!r} is not "
-            f"known; it applies to {', '.join(PROBE_TAPS)} (use top-layer for a linear probe)"
-        )
-    tap = PROBE_TAPS[model.backbone_name](model)
+    tap = _family_hook(model, "probe_tap", "policy 'attentive-probe': the unpooled feature map of backbone {backbone!r} "
+                                           "is not known (use top-layer for a linear probe)")(model)
     try:
         model.get_submodule(tap.module)
     except AttributeError:

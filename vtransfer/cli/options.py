@@ -19,7 +19,8 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from vtransfer.cli.run_options import run_option
-from vtransfer.run_config import PANEL_MODEL as _M, PANEL_OUTPUT as _O, parse_pair, parse_ratios, split_list  # noqa: F401
+from vtransfer.run_config import PANEL_OUTPUT as _O
+from vtransfer.run_config import parse_pair, parse_ratios, split_list  # noqa: F401 - the commands use O.split_list etc.
 
 Data = Annotated[Path, typer.Argument(help="Dataset folder (DATA/<class>/<video> or DATA/{train,val,test}/<class>/<video>) or a split manifest CSV.")]
 Recipe = Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe with option values (command-line options win).", rich_help_panel=_O)]

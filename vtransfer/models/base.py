@@ -217,3 +217,31 @@ def as_pair(v: int | Sequence[int]) -> tuple[int, int]:
         return (v, v)
     a, b = v
     return (int(a), int(b))
+
+
+def init_relu_network(model: nn.Module, classifier: nn.Linear, std: float = 0.01) -> None:
+    """Kaiming (ReLU) weights and zero biases for every Conv3d/Linear of ``model``, then N(0, ``std``) for the classifier.
+
+    The init of networks whose papers give none (slow fusion, C3D's port); a model
+    built on the meta device (shapes only) is left alone.
+    """
+    if classifier.weight.is_meta:
+        return
+    for m in model.modules():
+        if isinstance(m, (nn.Conv3d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(classifier.weight, std=std)
+    nn.init.zeros_(classifier.bias)
+
+
+def fresh_linear_classifier(old: nn.Linear, num_classes: int, family: str, std: float = 0.01) -> nn.Linear:
+    """A new ``old.in_features -> num_classes`` classifier on ``old``'s device and dtype, N(0, ``std``), zero bias."""
+    from vtransfer.errors import ConfigError
+
+    if num_classes < 1:
+        raise ConfigError(f"{family}: num_classes must be >= 1, got {num_classes}")
+    head = nn.Linear(old.in_features, num_classes).to(device=old.weight.device, dtype=old.weight.dtype)
+    nn.init.normal_(head.weight, std=std)
+    nn.init.zeros_(head.bias)
+    return head

@@ -86,8 +86,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtransfer.errors import ConfigError, WeightsError
-from vtransfer.models.base import LayerGroup, Preprocessing, State, VideoBackbone, as_pair, module_param_names
-from vtransfer.weights.keymatch import key_problems
+from vtransfer.models.base import (LayerGroup, Preprocessing, State, VideoBackbone, as_pair, fresh_linear_classifier,
+                                   init_relu_network, module_param_names)
+from vtransfer.weights.keymatch import state_dict_problems
 from vtransfer.weights.sources import ForeignLayout, WeightSource
 
 #: What ``vtransfer backbones`` can show for this family (the CLI reads no description yet).
@@ -212,15 +213,7 @@ class C3D(VideoBackbone):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # The port ships no initialisation; Kaiming (ReLU) for hidden layers, a small normal for the classifier.
-        if self.fc8.weight.is_meta:  # shapes only (counting parameters): nothing to fill
-            return
-        for m in self.modules():
-            if isinstance(m, (nn.Conv3d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.fc8.weight, std=0.01)
-        nn.init.zeros_(self.fc8.bias)
+        init_relu_network(self, self.fc8)  # the port ships no initialisation
 
     # -- contract ---------------------------------------------------------------
     @property
@@ -230,13 +223,7 @@ class C3D(VideoBackbone):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace ``fc8`` with a fresh ``fc_dim -> num_classes`` layer."""
-        if num_classes < 1:
-            raise ConfigError(f"c3d: num_classes must be >= 1, got {num_classes}")
-        old = self.fc8.weight
-        head = nn.Linear(self.fc8.in_features, num_classes).to(device=old.device, dtype=old.dtype)
-        nn.init.normal_(head.weight, std=0.01)
-        nn.init.zeros_(head.bias)
-        self.fc8 = head
+        self.fc8 = fresh_linear_classifier(self.fc8, num_classes, "c3d")
         self.config["num_classes"] = int(num_classes)
 
     def layer_groups(self) -> list[LayerGroup]:
@@ -312,17 +299,10 @@ def load_c3d_port_state_dict(state_dict: Mapping[str, torch.Tensor], model: C3D)
     """
     target = model.state_dict()
     sd = dict(state_dict)
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
-    mismatched = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in target
-        if k in sd and tuple(sd[k].shape) != tuple(target[k].shape)
-    ]
-    problems = key_problems(missing, unexpected, mismatched)
+    problems = state_dict_problems(target, sd)
     if problems:
         hint = ""
-        if any(m.startswith("fc6.weight") for m in mismatched):
+        if "fc6.weight" in sd and tuple(sd["fc6.weight"].shape) != tuple(target["fc6.weight"].shape):
             t5, h5, w5 = model.pool5_out
             hint = (
                 f" (this model's fc6 takes {model.conv5b.out_channels} x {t5} x {h5} x {w5} inputs from "

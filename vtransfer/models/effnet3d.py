@@ -72,6 +72,7 @@ from vtransfer.models.base import (
     module_param_names,
     tf_same_padding,
 )
+from vtransfer.models.peft_sites import AdapterSite, ProbeTap
 
 #: EfficientNet-B0 stages: (kernel, repeats, input channels, output channels, expand ratio, stride).
 STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
@@ -369,3 +370,18 @@ TRAINING_DEFAULTS = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "he
 
 #: Constructor keyword of each clip-geometry option (``--frames``, ``--stride``, ``--size``).
 GEOMETRY_KEYS = {"size": "crop_size", "frames": "frames", "stride": "frame_stride"}
+
+
+# -- where the parameter-efficient policies go in (vtransfer.models.peft_sites) ----------------------
+def adapter_sites(model: "EfficientNet3D") -> list[AdapterSite]:
+    """--policy adapter: an ST-Adapter on the map after each of the seven stages."""
+    sites = []
+    for i, blocks in enumerate(model.stage_blocks, start=1):
+        channels = model._blocks[blocks[-1]]._bn2.num_features
+        sites.append(AdapterSite(f"stage{i}", "after", int(channels), "map"))
+    return sites
+
+
+def probe_tap(model: "EfficientNet3D") -> ProbeTap:
+    """--policy attentive-probe reads ReLU6(BN(conv_head)), B x 1280 x T x H x W, before the global pooling."""
+    return ProbeTap("_bn1", "relu6", int(model.embed_dim))

@@ -44,6 +44,7 @@ from vtransfer.models.base import (
     module_param_names,
     tf_same_padding,
 )
+from vtransfer.models.peft_sites import AdapterSite, ProbeTap
 
 #: Fewest input frames the network accepts (the port's temporal head needs
 #: two time steps after Mixed_5c, whose temporal stride is 8).
@@ -407,3 +408,18 @@ def preferred_memory_format(device: torch.device, precision: str) -> torch.memor
     (``benchmarks/bench_step.py``). On GPUs cuDNN's own choice is kept.
     """
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+
+
+# -- where the parameter-efficient policies go in (vtransfer.models.peft_sites) ----------------------
+def adapter_sites(model: "I3D") -> list[AdapterSite]:
+    """--policy adapter: an ST-Adapter after each Inception block from Mixed_3b to Mixed_5b.
+
+    Mixed_5c pools to B x C inside its group: the adapter after Mixed_5b is the last with time to mix.
+    """
+    names = [g.name for g in model.layer_groups() if g.name.startswith("Mixed_") and g.name != "Mixed_5c"]
+    return [AdapterSite(n, "after", int(getattr(model, n).out_channels), "map") for n in names]
+
+
+def probe_tap(model: "I3D") -> ProbeTap:
+    """--policy attentive-probe reads Mixed_5c's output map."""
+    return ProbeTap("Mixed_5c", None, int(model.embed_dim))

@@ -66,7 +66,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtransfer.errors import ConfigError
-from vtransfer.models.base import LayerGroup, Preprocessing, State, VideoBackbone, module_param_names
+from vtransfer.models.base import (LayerGroup, Preprocessing, State, VideoBackbone, fresh_linear_classifier,
+                                   init_relu_network, module_param_names)
 
 #: Exact parameter count of ``SlowFusion(fusion="slow", num_classes=487)`` (see module docstring).
 FULL_SLOW_FUSION_PARAMS = 61_880_263
@@ -238,15 +239,7 @@ class SlowFusion(VideoBackbone):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # The paper does not say; Kaiming (ReLU) for hidden layers, small normal for the classifier.
-        if self.classifier.weight.is_meta:  # shapes only (e.g. counting parameters): nothing to fill
-            return
-        for m in self.modules():
-            if isinstance(m, (nn.Conv3d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        init_relu_network(self, self.classifier)  # the paper does not say
 
     # -- contract ---------------------------------------------------------------
     @property
@@ -256,13 +249,7 @@ class SlowFusion(VideoBackbone):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh ``fc_dim -> num_classes`` layer."""
-        if num_classes < 1:
-            raise ConfigError(f"slowfusion: num_classes must be >= 1, got {num_classes}")
-        old = self.classifier.weight
-        head = nn.Linear(self.classifier.in_features, num_classes).to(device=old.device, dtype=old.dtype)
-        nn.init.normal_(head.weight, std=0.01)
-        nn.init.zeros_(head.bias)
-        self.classifier = head
+        self.classifier = fresh_linear_classifier(self.classifier, num_classes, "slowfusion")
         self.config["num_classes"] = int(num_classes)
 
     def temporal_group_names(self) -> list[str]:

@@ -76,6 +76,7 @@ from torch import nn
 
 from vtransfer.errors import ConfigError
 from vtransfer.models.base import LayerGroup, Preprocessing, State, VideoBackbone, as_pair, module_param_names
+from vtransfer.models.peft_sites import AdapterSite, ProbeTap
 
 VARIANTS = ("factorised", "joint")
 PATCH_EMBEDS = ("conv", "ln_linear_ln")
@@ -820,3 +821,27 @@ def _foreign_layouts() -> list[Any]:
 
 WEIGHT_SOURCES = _weight_sources()
 FOREIGN_LAYOUTS = _foreign_layouts()
+
+
+# -- where the parameter-efficient policies go in (vtransfer.models.peft_sites) ----------------------
+#: --policy lora's default targets: every transformer block's attention (qkv, output projection) and
+#: MLP linears, not the patch embedding.
+LORA_TARGETS = ("*blocks.*.qkv", "*blocks.*.proj", "*blocks.*.fc1", "*blocks.*.fc2")
+
+
+def adapter_sites(model: "ViViT") -> list[AdapterSite]:
+    """--policy adapter: an ST-Adapter on the tokens before each spatial block (the authors' pre-attention place)."""
+    if model.config.get("variant", "factorised") != "factorised":
+        raise ConfigError(
+            f"policy 'adapter': vivit variant {model.config.get('variant')!r} has no spatial-only blocks to adapt "
+            "(its blocks already attend across frames); use the factorised encoder, or lora, bitfit, attentive-probe"
+        )
+    skip = 1 if getattr(model, "spatial_cls", None) is not None else 0
+    dim = int(model.config["dim"])
+    return [AdapterSite(g.name, "before", dim, "tokens", skip) for g in model.layer_groups() if g.name.startswith("spatial.")]
+
+
+def probe_tap(model: "ViViT") -> ProbeTap:
+    """--policy attentive-probe reads the tokens (B x (1 + L) x D) after the final LayerNorm."""
+    norm = "norm" if model.config.get("variant", "factorised") == "joint" else "temporal_norm"
+    return ProbeTap(norm, None, int(model.config["dim"]))

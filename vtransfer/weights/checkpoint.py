@@ -39,7 +39,7 @@ from vtransfer.atomic import atomic_write_bytes
 from vtransfer.errors import ConfigError, WeightsError
 from vtransfer.jsonable import to_jsonable
 from vtransfer.models.base import Preprocessing, VideoBackbone
-from vtransfer.weights.keymatch import key_problems
+from vtransfer.weights.keymatch import state_dict_problems
 
 FORMAT_NAME = "vtransfer-checkpoint"
 FORMAT_VERSION = 1
@@ -356,10 +356,7 @@ def describe_state_mismatch(
     expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], *, limit: int = _MAX_LISTED
 ) -> str | None:
     """A message naming missing/unexpected keys and shape mismatches, or ``None`` if they agree."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}" for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    return "; ".join(key_problems(missing, unexpected, wrong, limit)) or None
+    return "; ".join(state_dict_problems(expected, found, limit)) or None
 
 
 def _read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:

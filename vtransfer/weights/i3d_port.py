@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vtransfer.errors import WeightsError
-from vtransfer.weights.keymatch import key_problems, listed
+from vtransfer.weights.keymatch import listed, state_dict_problems
 
 #: How many offending keys an error message lists before summarising.
 
@@ -70,14 +70,7 @@ def load_i3d_port_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.M
         if key.endswith("num_batches_tracked") and key not in sd:
             sd[key] = torch.zeros_like(value)
 
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
-    mismatched = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in target
-        if k in sd and tuple(sd[k].shape) != tuple(target[k].shape)
-    ]
-    problems = key_problems(missing, unexpected, mismatched)
+    problems = state_dict_problems(target, sd)
     if problems:
         classes = getattr(model, "num_classes", "?")
         raise WeightsError(

@@ -21,3 +21,16 @@ def key_problems(missing: list[str], unexpected: list[str], mismatched: list[str
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): {listed(mismatched, limit)}")
     return problems
+
+
+def _shape(value) -> tuple[int, ...]:
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+
+def state_dict_problems(expected, found, limit: int = MAX_LISTED) -> list[str]:
+    """:func:`key_problems` of the tensors ``found`` against ``expected`` (name -> tensor or shape), in ``expected``'s order."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [f"{k}: file {_shape(found[k])} vs model {_shape(expected[k])}"
+                  for k in expected if k in found and _shape(found[k]) != _shape(expected[k])]
+    return key_problems(missing, unexpected, mismatched, limit)

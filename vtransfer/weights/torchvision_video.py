@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vtransfer.errors import WeightsError
-from vtransfer.weights.keymatch import key_problems
+from vtransfer.weights.keymatch import state_dict_problems
 from vtransfer.weights.sources import ForeignLayout
 
 _COUNTER = "num_batches_tracked"  # BatchNorm counters: absent from files saved by old PyTorch, unused here
@@ -69,11 +69,7 @@ def load_torchvision_video_state_dict(state_dict: Mapping[str, torch.Tensor], mo
     for key, value in target.items():
         if key.endswith(_COUNTER) and key not in sd:
             sd[key] = torch.zeros_like(value)
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
-    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
-                  for k in target if k in sd and tuple(sd[k].shape) != tuple(target[k].shape)]
-    problems = key_problems(missing, unexpected, mismatched)
+    problems = state_dict_problems(target, sd)
     if problems:
         name = getattr(model, "backbone_name", type(model).__name__)
         raise WeightsError(f"state dict does not match torchvision's {name} ({getattr(model, 'num_classes', '?')} classes, "
