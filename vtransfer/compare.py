@@ -169,6 +169,7 @@ def comparison_setup(run_dirs: dict[str, list[Path]]) -> dict[str, str]:
     setup: dict[str, str] = {}
     weights = set()
     epochs: dict[str, list[str]] = {}
+    totals: dict[str, int] = {}
     for policy, dirs in run_dirs.items():
         for d in dirs:
             try:
@@ -184,14 +185,20 @@ def comparison_setup(run_dirs: dict[str, list[Path]]) -> dict[str, str]:
                                           if k not in ("num_classes", "dropout")) or "(not recorded)",
                 "input": f"{pre.get('frames')} frames, stride {pre.get('stride')}, {crop[0]}x{crop[1]} crop of a "
                          f"{pre.get('resize_short')} px short side",
-                "parameters": f"{int(resolved.get('total_params', 0)):,}",
             }
+            totals.setdefault(policy, int(resolved.get("total_params", 0)))
             key = repr(sorted(described.items()))
             epochs.setdefault(str(resolved.get("train", {}).get("epochs", "?")), []).append(policy)
             seen.setdefault(key, []).append(f"{policy}" if len(dirs) == 1 else f"{policy}/{d.name}")
             setup = setup or described
             if policy != "scratch":
                 weights.add(str(resolved.get("weights", {}).get("weights")))
+    if totals:  # LoRA, adapters and probes add modules: the backbone is the smallest row's
+        base = min(totals.values())
+        setup["parameters"] = f"{base:,}"
+        added = {p: n - base for p, n in totals.items() if n > base}
+        if added:
+            setup["added by the policy"] = ", ".join(f"{p} +{n:,}" for p, n in added.items())
     if weights:
         setup["pretrained weights"] = ", ".join(sorted(weights))
     if epochs:
