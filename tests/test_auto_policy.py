@@ -62,3 +62,43 @@ def test_auto_trains_the_winner_in_the_run_folder_and_never_tests_a_trial(target
 def test_bad_auto_settings_are_refused(target, tmp_path):
     with pytest.raises(ConfigError, match="--auto-epochs"):
         api.finetune(target, policy="auto", auto_epochs=0, out=tmp_path / "bad", **FAST)
+
+
+def test_losing_trials_let_their_feature_stores_go():
+    import torch
+
+    from vtransfer import feature_cache
+    from vtransfer.auto_policy import _drop_losers
+    from vtransfer.train import QuietReporter
+
+    class Recorder(QuietReporter):
+        def __init__(self):
+            self.lines = []
+
+        def message(self, text):
+            self.lines.append(text)
+
+    feature_cache.clear_stores()
+    for key in [("top", "c"), ("shared", "c"), ("probe", "c")]:
+        feature_cache._STORES[key] = feature_cache.FeatureStore(torch.zeros(256, 1024), torch.zeros(256),
+                                                                torch.zeros(256), [], 1)
+    stores = {"top-layer": {("top", "c"), ("shared", "c")}, "attentive-probe": {("probe", "c"), ("shared", "c")}}
+    rec = Recorder()
+    _drop_losers([_trial("top-layer", 0.9, 10), _trial("attentive-probe", 0.8, 100)], stores, rec)
+    # The loser's own store goes; the one the leader also uses stays, as does the leader's.
+    assert feature_cache.store_keys() == {("top", "c"), ("shared", "c")}
+    assert rec.lines == ["auto: freed 1 MiB of cached attentive-probe features"]
+    assert set(stores) == {"top-layer"}
+    feature_cache.clear_stores()
+
+
+def test_drop_stores_reports_the_bytes_it_freed():
+    import torch
+
+    from vtransfer import feature_cache
+
+    feature_cache.clear_stores()
+    store = feature_cache.FeatureStore(torch.zeros(4, 8), torch.zeros(4), torch.zeros(4), [], 1)
+    feature_cache._STORES[("a", "b")] = store
+    assert feature_cache.drop_stores({("a", "b"), ("x", "y")}) == 4 * 8 * 4
+    assert feature_cache.store_keys() == set()

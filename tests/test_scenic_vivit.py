@@ -327,3 +327,23 @@ def test_source_names_the_file_offline_then_loads_it_from_the_cache(tmp_path, mo
     with pytest.raises(WeightsError, match="sha256"):  # trust on first use: a changed file is refused
         source.cached_path().write_bytes(flax_to_bytes(train_state(scenic_fe_params(TINY_FE, 400, seed=1))))
         load_backbone("vivit", weights="vivit:kinetics400", preset="tiny", gelu="tanh")
+
+
+def test_a_scenic_file_given_as_weights_path_is_recognised_and_loaded(tmp_path):
+    from vtransfer.loading import load_backbone_with_info
+    from vtransfer.weights.sources import summarize_weights_file
+
+    params = scenic_fe_params(TINY_FE, num_classes=7)
+    path = tmp_path / "checkpoint"  # Scenic's own file name: no extension
+    path.write_bytes(flax_to_bytes(train_state(params)))
+    summary = summarize_weights_file(path)
+    assert summary["format"] == "scenic-vivit-fe" and summary["backbone"] == "vivit" and summary["num_classes"] == 7
+    model, info = load_backbone_with_info(None, weights=path, preset="tiny", gelu="tanh")
+    assert info["kind"] == "foreign" and info["layout"] == "scenic-vivit-fe" and model.num_classes == 7
+    clip = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        ours = model.eval()(clip).double().numpy()
+    ref = ref_space_time_vivit(clip.permute(0, 2, 3, 4, 1).double().numpy(), as64(params))
+    assert np.abs(ours - ref).max() <= 1e-5
+    with pytest.raises(WeightsError, match=r"checkpoint: Scenic ViViT import: the target model has .*gelu"):
+        load_backbone_with_info("vivit", weights=path, preset="tiny")  # exact GELU: not Scenic's layout

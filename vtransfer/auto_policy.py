@@ -13,7 +13,9 @@ policy with fewer trainable parameters (cheaper, and less room to overfit a
 small training set). The test videos are never scored in a trial. The winner
 is then trained in full in the run folder itself, like any other run, and
 ``RUN/auto.json`` records every trial, its score, epochs and time, and why the
-winner won. ``scratch`` is never a candidate: it is the baseline, not a way to
+winner won. A trial's frozen-prefix feature stores are let go as soon as it
+can no longer win, so memory holds the leader's features, not every trial's.
+``scratch`` is never a candidate: it is the baseline, not a way to
 transfer.
 """
 
@@ -70,7 +72,7 @@ def candidate_policies(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str]]
 
 def choose_policy(run_dir: Path, cfg: RunConfig, reporter=None) -> tuple[str, list[Trial], str]:
     """Run the trials under ``RUN/auto-trials/<policy>``; return the winner, every trial and the reason it won."""
-    from vtransfer import runs
+    from vtransfer import feature_cache, runs
     from vtransfer.errors import ConfigError
     from vtransfer.pipeline import run_finetune
 
@@ -79,7 +81,8 @@ def choose_policy(run_dir: Path, cfg: RunConfig, reporter=None) -> tuple[str, li
                           f"{cfg.policy.auto_epochs})")
     cheap, rest = candidate_policies(cfg)
     chosen = [(p, None) for p in cheap] + [(p, cfg.policy.auto_epochs) for _, p in rest[: cfg.policy.auto_trials]]
-    trials = []
+    trials: list[Trial] = []
+    stores: dict[str, set] = {}  # trial policy -> feature-store keys it added
     for policy, epochs in chosen:
         trial_cfg = cfg.replace(policy=policy, epochs=epochs, out=None, merge=False).with_policy_epochs()
         if epochs is not None:
@@ -87,13 +90,28 @@ def choose_policy(run_dir: Path, cfg: RunConfig, reporter=None) -> tuple[str, li
         sub = runs.prepare_run_dir(run_dir / TRIALS_DIR / policy, overwrite=True)
         _say(reporter, f"auto: trying {policy} for {trial_cfg.training.epochs} epochs")
         t0 = time.perf_counter()
+        before = feature_cache.store_keys()
         res = run_finetune(sub, trial_cfg.replace(out=str(sub)), resume=False, reporter=reporter, test=False)
         trials.append(Trial(policy, int(trial_cfg.training.epochs), epochs is None, float(res.best_val_video_acc),
                             res.trainable_params, time.perf_counter() - t0, str(sub)))
+        stores[policy] = feature_cache.store_keys() - before
+        _drop_losers(trials, stores, reporter)
     if not trials:
         raise ConfigError(f"--policy auto: no policy applies to backbone {cfg.model.backbone!r}")
     best, why = pick_winner(trials)
     return best.policy, trials, why
+
+
+def _drop_losers(trials: list[Trial], stores: dict[str, set], reporter) -> None:
+    """Free the feature stores of trials that can no longer win; the leader's stay for its full run."""
+    from vtransfer import feature_cache
+
+    leader = pick_winner(trials)[0].policy
+    keep = stores.get(leader, set())
+    for policy in [p for p in stores if p != leader]:
+        freed = feature_cache.drop_stores(stores.pop(policy) - keep)
+        if freed:
+            _say(reporter, f"auto: freed {freed / 2**20:,.0f} MiB of cached {policy} features")
 
 
 def pick_winner(trials: list[Trial]) -> tuple[Trial, str]:

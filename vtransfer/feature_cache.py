@@ -170,6 +170,21 @@ def clear_stores() -> None:
     _STORES.clear()
 
 
+def store_keys() -> set[tuple[str, str]]:
+    """The keys of the shared stores held now (to see which ones a run added)."""
+    return set(_STORES)
+
+
+def drop_stores(keys) -> int:
+    """Forget the shared stores under ``keys``; return the bytes of activations let go."""
+    freed = 0
+    for key in keys:
+        store = _STORES.pop(key, None)
+        if store is not None:
+            freed += store.nbytes()
+    return freed
+
+
 @torch.no_grad()
 def cached_clip_probs(model: VideoBackbone, dataset, stop: int, batch_size: int, workers: int, device: torch.device, precision: str):
     """Clip probabilities with the frozen prefix read from a shared store (eval mode for the rest)."""

@@ -815,7 +815,18 @@ def _foreign_layouts() -> list[Any]:
             head_key="classifier.weight",
             description="transformers' VivitForVideoClassification (ViViT model 1)",
             default_preset="b16x2-joint",
-        )
+        ),
+        ForeignLayout(
+            name="scenic-vivit-fe",
+            backbone="vivit",
+            converter="vtransfer.weights.scenic_vivit:load_scenic_vivit_fe_flat",
+            required_keys=(),
+            required_suffixes=("embedding/kernel", "output_projection/kernel", "SpatialTransformer/encoder_norm/scale",
+                               "TemporalTransformer/encoder_norm/scale"),
+            head_key="output_projection/bias",
+            description="Scenic's Flax factorised-encoder ViViT checkpoint (msgpack)",
+            default_preset="b16x2-fe",
+        ),
     ]
 
 

@@ -249,7 +249,7 @@ def trained_on(metadata: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _file_kind(path: Path) -> str:
-    """Rough kind of a weights file from its first bytes: safetensors, zip-pickle, pickle, unknown."""
+    """Rough kind of a weights file from its first bytes: safetensors, zip-pickle, pickle, msgpack, unknown."""
     with open(path, "rb") as f:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":
@@ -258,6 +258,8 @@ def _file_kind(path: Path) -> str:
         return "pickle"
     if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
+    if head[:1] and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
+        return "msgpack"  # a map: what flax.serialization.to_bytes writes (0x80, an empty map, reads as pickle)
     return "unknown"
 
 
@@ -529,12 +531,14 @@ def _unwrap_state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_foreign_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a foreign weights file (safetensors, or a ``.pt``/``.pth``/``.bin`` pickle) safely.
+def read_foreign_state_dict(path: str | Path) -> dict[str, Any]:
+    """Read a foreign weights file (safetensors, a ``.pt``/``.pth``/``.bin`` pickle, a Flax msgpack) safely.
 
     Pickles are read only with ``torch.load(weights_only=True, map_location="cpu")``,
     which rebuilds tensors and plain containers and refuses everything else,
-    so a crafted file cannot run code.
+    so a crafted file cannot run code. A Flax msgpack checkpoint (Scenic's) is
+    decoded with ``msgpack`` alone and returned flat, as numpy arrays under
+    Flax's ``a/b/c`` paths (:func:`vtransfer.weights.scenic_vivit.read_flax_msgpack`).
 
     Raises:
         WeightsError: the file is missing, refused as unsafe, or holds no state dict.
@@ -550,11 +554,16 @@ def read_foreign_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise _fail(path, f"corrupt safetensors data: {e}") from e
-    if _file_kind(path) == "unknown":
+    kind = _file_kind(path)
+    if kind == "msgpack":
+        from vtransfer.weights.scenic_vivit import flatten_tree, read_flax_msgpack
+
+        return flatten_tree(read_flax_msgpack(path))
+    if kind == "unknown":
         raise _fail(
             path,
             "is not a recognised weights file (expected a vtransfer .safetensors checkpoint, "
-            "a safetensors state dict or a PyTorch .pt/.pth/.bin state dict)",
+            "a safetensors state dict, a PyTorch .pt/.pth/.bin state dict or a Flax msgpack checkpoint)",
         )
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")

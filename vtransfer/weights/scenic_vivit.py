@@ -333,6 +333,18 @@ def load_scenic_vivit_fe(tree: Mapping[str, Any], model: nn.Module) -> None:
             own[name].copy_(value.to(own[name].dtype))
 
 
+def load_scenic_vivit_fe_flat(flat: Mapping[str, Any], model: nn.Module) -> None:
+    """:func:`load_scenic_vivit_fe` for a checkpoint read flat (``a/b/c`` paths), as ``--weights FILE`` reads it."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    load_scenic_vivit_fe(tree, model)
+
+
 @dataclass(frozen=True)
 class FlaxMsgpackSource(WeightSource):
     """A :class:`WeightSource` whose file is a Flax msgpack checkpoint: read with msgpack, never unpickled."""

@@ -397,9 +397,12 @@ class ForeignLayout:
         converter: ``"module:function"`` taking ``(state_dict, model)``.
         required_keys: keys whose presence identifies the layout.
         required_prefixes: key prefixes that must each start at least one key.
+        required_suffixes: key endings that must each end at least one key (a Flax
+            tree's paths, whose prefix depends on how the train state was saved).
         default_preset: the preset whose layout fits when the caller names none.
-        head_key: the classifier weight whose first dimension is the class count
-            (``None`` when the layout's classifier is not imported).
+        head_key: the classifier tensor whose first dimension is the class count
+            (``None`` when the layout's classifier is not imported); with
+            ``required_suffixes``, any key ending in ``/head_key`` counts.
         description: one line for messages.
     """
 
@@ -411,17 +414,24 @@ class ForeignLayout:
     description: str
     default_preset: str | None = None
     required_prefixes: tuple[str, ...] = ()
+    required_suffixes: tuple[str, ...] = ()
 
     def matches(self, state_dict: dict[str, Any]) -> bool:
-        """True if every identifying key (and key prefix) is present."""
-        return all(k in state_dict for k in self.required_keys) and all(
-            any(k.startswith(p) for k in state_dict) for p in self.required_prefixes
-        )
+        """True if every identifying key (and key prefix, key ending) is present."""
+        return (all(k in state_dict for k in self.required_keys)
+                and all(any(k.startswith(p) for k in state_dict) for p in self.required_prefixes)
+                and all(any(k == e or k.endswith("/" + e) for k in state_dict) for e in self.required_suffixes))
 
     def num_classes(self, state_dict: dict[str, Any]) -> int | None:
         """Class count of the file's classifier, if this layout imports one."""
-        if self.head_key and self.head_key in state_dict:
+        if not self.head_key:
+            return None
+        if self.head_key in state_dict:
             return int(state_dict[self.head_key].shape[0])
+        if self.required_suffixes:
+            ends = [k for k in state_dict if k.endswith("/" + self.head_key)]
+            if ends:
+                return int(state_dict[min(ends, key=len)].shape[0])
         return None
 
 
