@@ -40,7 +40,7 @@ def measure(preset: str, policy: str, batch: int, device: str, repeat: int) -> d
     model, plan = plan_policy(build_backbone("vivit", preset, num_classes=10), policy)
     apply_policy(model, plan)
     model.to(device)
-    set_train_mode(model)  # frozen modules in eval mode, as training runs them
+    set_train_mode(model, True, policy)  # frozen modules (bitfit: every BatchNorm) in eval mode, as training does
     pre = model.preprocessing
     x = torch.randn(batch, 3, pre.frames, *pre.crop_size, device=device)
     labels = torch.arange(batch, device=device) % 10

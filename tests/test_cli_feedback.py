@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -92,6 +93,14 @@ def test_outside_a_terminal_each_epoch_is_one_plain_line_and_stages_are_lines():
         "[top-3 s0] checking 12 videos",
         "[top-3 s0] epoch 1/2 train loss 1.2346 val acc 0.250 time 2.0s *best",
     ]
+
+
+def test_with_ema_the_epoch_line_shows_the_raw_weights_accuracy_beside_the_averaged_ones():
+    out = io.StringIO()
+    reporter = RichReporter(Console(file=out, width=40))
+    reporter.epoch_start(1, 2, batches=3)
+    reporter.epoch_end(dataclasses.replace(_record(1), raw_val_video_acc=0.5), improved=False)
+    assert out.getvalue().splitlines() == ["epoch 1/2 train loss 1.2346 val acc 0.250 (raw 0.500) time 2.0s"]
 
 
 def test_in_a_terminal_the_status_spinner_gives_way_to_the_first_bar():

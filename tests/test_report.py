@@ -22,6 +22,7 @@ from vtransfer.report import (
     aggregate_seed_rows,
     format_duration,
     format_pct,
+    policy_table,
     render_eval_table,
     render_policy_table,
     write_eval_report,
@@ -152,6 +153,8 @@ def test_training_curves_tolerate_missing_values(tmp_path):
     history = [{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_video_acc": None, "lr": 0.1},
                {"epoch": 2, "train_loss": 0.5, "train_acc": 0.7, "val_video_acc": 0.6, "lr": 0.05}]
     _assert_png(plots.write_png(plots.training_curves_png(history), tmp_path / "t.png"))
+    with_ema = [{**h, "raw_val_video_acc": 0.4} for h in history]  # EMA on: the raw weights' line is drawn too
+    assert plots.training_curves_png(with_ema) != plots.training_curves_png(history)
     with pytest.raises(ValueError, match="at least one epoch"):
         plots.training_curves_png([])
 
@@ -238,6 +241,20 @@ def test_render_policy_table_papers_form():
     assert f"62.0 ± {100 * np.std([0.60, 0.64], ddof=1):.1f}%" in text
     assert "1e+03" not in text and "1K 2%" in text
     assert format_duration(11.5, 0.7071) in text
+
+
+def test_policy_table_leaves_out_hit_at_k_when_k_covers_every_class():
+    rng = np.random.default_rng(0)
+    three = [PolicyRow.from_eval(p, 0, trainable_params=10, total_params=100, train_time_s=1.0, val_video_acc=0.5,
+                                 test=classification_report(rng.dirichlet(np.ones(3), size=9), np.arange(9),
+                                                            np.arange(9) % 3, list("abc"), top_k=5))
+             for p in ("scratch", "top-layer")]
+    assert three[0].top_k == 3 and three[0].num_classes == 3 and three[0].test_video_hit_k == 1.0
+    table = policy_table([aggregate_seed_rows([r]) for r in three])
+    assert "Test hit@1" in table.headers and not any(h.startswith("Test hit@3") for h in table.headers)
+    assert PolicyRow.from_dict(three[0].to_dict()) == three[0]
+    legacy = {k: v for k, v in three[0].to_dict().items() if k != "num_classes"}  # compare.json of an older run
+    assert PolicyRow.from_dict(legacy).hit_k_is_trivial
 
 
 def test_write_policy_table_files(tmp_path):

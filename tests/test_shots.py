@@ -51,6 +51,28 @@ def test_subsample_keeps_val_and_test_and_draws_per_seed(target):
     assert capped.split("train") == index.split("train")
 
 
+def test_videos_a_draw_leaves_out_are_counted_in_one_line_not_warned_about_one_by_one(target, tmp_path):
+    from vtransfer.data.scan import load_dataset
+    from vtransfer.data.splits import write_manifest
+    from vtransfer.train import screen_dataset
+
+    index = load_dataset(target, ratios=(0.5, 0.25, 0.25))
+    write_manifest(tmp_path / "split-seed-0.csv", subsample_train(index, 1, 0))
+    drawn = load_dataset(target, manifest=tmp_path / "split-seed-0.csv")
+    undrawn = len(index.split("train")) - len(index.classes)
+    messages = []
+
+    class Recorder:
+        def message(self, text):
+            messages.append(text)
+
+    kept, skipped, unreadable = screen_dataset(drawn, 0.2, workers=1, reporter=Recorder())
+    assert len(kept.split("train")) == len(index.classes) and unreadable == []
+    left_out = [s for s in skipped if s["reason"] == "not listed in manifest split-seed-0.csv"]
+    assert len(left_out) == undrawn  # still listed in the run's report, with the reason
+    assert messages == [f"{undrawn} video(s) in {target} are not used: not listed in manifest split-seed-0.csv"]
+
+
 def test_curve_shares_the_test_set_and_is_written(target, tmp_path):
     res = api.compare_policies(target, policies=["top-layer", "all"], seeds=[0, 1], shots="1,all",
                                out=tmp_path / "cmp", **FAST)

@@ -80,8 +80,9 @@ def training_curves_png(history: Sequence[Mapping[str, Any]], *, title: str | No
     """Two panels per epoch: losses (and learning rate) on the left, accuracies on the right.
 
     ``history`` is a list of per-epoch dicts with keys ``epoch``, ``train_loss``,
-    ``train_acc``, ``val_video_acc`` and ``lr``; ``val_loss`` and ``val_clip_acc``
-    are drawn too when present. Missing or ``None`` values are skipped. The
+    ``train_acc``, ``val_video_acc`` and ``lr``; ``val_loss``, ``val_clip_acc`` and
+    ``raw_val_video_acc`` (the raw weights' accuracy when EMA is on) are drawn too
+    when present. Missing or ``None`` values are skipped. The
     epoch with the best validation video accuracy is marked.
     """
     if not history:
@@ -123,10 +124,12 @@ def training_curves_png(history: Sequence[Mapping[str, Any]], *, title: str | No
         ("train_acc", "train clip acc", "tab:blue"),
         ("val_clip_acc", "val clip acc", "tab:green"),
         ("val_video_acc", "val video acc", "tab:orange"),
+        ("raw_val_video_acc", "val video acc, raw weights (EMA on)", "tab:red"),
     ):
         ys = series(key, 100.0)
         if ys is not None:
-            ax_acc.plot(epochs, ys, marker=marker, ms=3, label=label, color=colour)
+            ax_acc.plot(epochs, ys, marker=marker, ms=3, label=label, color=colour,
+                        ls="--" if key.startswith("raw") else "-")
     val = series("val_video_acc", 100.0)
     if val is not None and np.any(np.isfinite(val)):
         best = int(np.nanargmax(val))

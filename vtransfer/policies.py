@@ -228,18 +228,30 @@ def frozen_modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def set_train_mode(model: nn.Module, training: bool = True) -> None:
+# Policies that train normalisation layers' scale and shift but keep their running statistics: BitFit's premise is
+# the pretrained network's function with only those parameters changed, and batches of 8 clips re-estimating every
+# BatchNorm's statistics made its validation jump between 0.33 and 0.89 from epoch to epoch on real_actions.
+KEEPS_NORM_STATISTICS = ("bitfit",)
+
+
+def set_train_mode(model: nn.Module, training: bool = True, policy: str | None = None) -> None:
     """``model.train(training)``, then fully frozen submodules back to eval mode.
 
     Keeps frozen BatchNorm statistics fixed and frozen dropout off, so frozen
     layers compute the same function in training and evaluation. Dropout
     modules own no parameters: those a layer group applies (its ``modules``)
-    follow the group, eval mode when none of its parameters train.
+    follow the group, eval mode when none of its parameters train. Under a
+    ``policy`` of :data:`KEEPS_NORM_STATISTICS` every BatchNorm stays in eval
+    mode too: its scale and shift train, its running statistics stay.
     """
     model.train(training)
     if training:
         for module in frozen_modules(model):
             module.eval()
+        if policy in KEEPS_NORM_STATISTICS:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         for group in getattr(model, "layer_groups", lambda: [])():
             if not trainable.intersection(group.params):

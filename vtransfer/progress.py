@@ -158,12 +158,13 @@ class RichReporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        raw = f" (raw {record.raw_val_video_acc:.3f})" if record.raw_val_video_acc is not None else ""
         if self.plain:
             best = " *best" if improved else ""
             bad = f" {record.bad_clips} bad clips" if record.bad_clips else ""
             self.console.print(
                 escape(f"{self._label}epoch {record.epoch}/{self._epochs or record.epoch} "
-                       f"train loss {record.train_loss:.4f} val acc {record.val_video_acc:.3f} "
+                       f"train loss {record.train_loss:.4f} val acc {record.val_video_acc:.3f}{raw} "
                        f"time {record.time_s:.1f}s{bad}{best}"),
                 highlight=False, soft_wrap=True,
             )
@@ -172,7 +173,7 @@ class RichReporter:
         bad = f" [yellow]{record.bad_clips} bad clips[/]" if record.bad_clips else ""
         self.console.print(
             f"{escape(self._label)}epoch {record.epoch:3d}  loss {record.train_loss:.4f}  train acc {record.train_acc:.3f}  "
-            f"val video acc {record.val_video_acc:.3f}  clip acc {record.val_clip_acc:.3f}  "
+            f"val video acc {record.val_video_acc:.3f}{raw}  clip acc {record.val_clip_acc:.3f}  "
             f"lr {record.lr:.2e}  {record.time_s:.1f}s{bad}{star}",
             highlight=False,
         )
@@ -217,8 +218,9 @@ class TensorBoardReporter:
 
     def epoch_end(self, record: EpochRecord, improved: bool) -> None:
         """Log loss, accuracies, learning rate and epoch time, then forward."""
-        for key in ("train_loss", "train_acc", "val_video_acc", "val_clip_acc", "lr", "time_s"):
-            self.writer.add_scalar(key, getattr(record, key), record.epoch)
+        for key in ("train_loss", "train_acc", "val_video_acc", "val_clip_acc", "lr", "time_s", "raw_val_video_acc"):
+            if getattr(record, key) is not None:
+                self.writer.add_scalar(key, getattr(record, key), record.epoch)
         self.writer.flush()
         self.inner.epoch_end(record, improved)
 

@@ -307,7 +307,7 @@ def render_eval_table(result: EvalResult, console: Any, title: str = "Evaluation
 
 def _history_table(history: Sequence[Mapping[str, Any]]) -> Table:
     """Per-epoch training history as a table (known keys first, in a fixed order)."""
-    known = ["epoch", "train_loss", "train_acc", "val_loss", "val_clip_acc", "val_video_acc", "lr"]
+    known = ["epoch", "train_loss", "train_acc", "val_loss", "val_clip_acc", "val_video_acc", "raw_val_video_acc", "lr"]
     keys = [k for k in known if any(h.get(k) is not None for h in history)]
     rows = []
     for h in history:
@@ -515,6 +515,12 @@ class PolicyRow:
     per_category_std: dict[str, float] = field(default_factory=dict)
     top_k: int = 5
     run_dir: str | None = None
+    num_classes: int | None = None
+
+    @property
+    def hit_k_is_trivial(self) -> bool:
+        """Whether hit@k covers every class (always 100%); rows without ``num_classes`` know it when k was capped."""
+        return self.top_k >= self.num_classes if self.num_classes is not None else self.top_k < 5
 
     @classmethod
     def from_eval(
@@ -544,6 +550,7 @@ class PolicyRow:
             per_category=test.category_accuracy(),
             top_k=test.top_k,
             run_dir=None if run_dir is None else str(run_dir),
+            num_classes=len(test.classes),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -600,7 +607,7 @@ def aggregate_seed_rows(rows_per_seed: Sequence[PolicyRow]) -> PolicyRow:
     policies = {r.policy for r in rows}
     if len(policies) > 1:
         raise ValueError(f"rows of different policies cannot be aggregated: {', '.join(sorted(policies))}")
-    for attr in ("trainable_params", "total_params", "top_k"):
+    for attr in ("trainable_params", "total_params", "top_k", "num_classes"):
         values = {getattr(r, attr) for r in rows}
         if len(values) > 1:
             raise ValueError(f"policy {rows[0].policy!r}: seeds disagree on {attr}: {sorted(values)}")
@@ -632,6 +639,7 @@ def aggregate_seed_rows(rows_per_seed: Sequence[PolicyRow]) -> PolicyRow:
         per_category_std=per_category_std,
         top_k=first.top_k,
         run_dir=None,
+        num_classes=first.num_classes,
         **means,
     )
 
@@ -651,15 +659,18 @@ def policy_table(rows: Sequence[PolicyRow], title: str = "Freezing policies comp
     """The compare-policies table in the papers' form; the best value of each accuracy column is bold.
 
     Columns: Policy, (Seeds when any row has several), Trainable params, Train time,
-    Val acc, Test hit@1, Test hit@k, Mean class acc, one column per category.
+    Val acc, Test hit@1, Test hit@k (left out when k covers every class: it would read 100%
+    for any model), Mean class acc, one column per category.
     """
     rows = list(rows)
     categories = _row_categories(rows)
     multi_seed = any(len(r.seeds) > 1 for r in rows)
+    show_k = not all(r.hit_k_is_trivial for r in rows)
     headers = ["Policy"] + (["Seeds"] if multi_seed else [])
-    headers += ["Trainable", "Train time", "Val acc", "Test hit@1", f"Test hit@{_shared_k(rows)}", "Mean class acc"]
+    headers += ["Trainable", "Train time", "Val acc", "Test hit@1",
+                *([f"Test hit@{_shared_k(rows)}"] if show_k else []), "Mean class acc"]
     headers += categories
-    acc_fields = ["val_video_acc", "test_video_hit1", _HIT_K_FIELD, "mean_class_acc"]
+    acc_fields = ["val_video_acc", "test_video_hit1", *([_HIT_K_FIELD] if show_k else []), "mean_class_acc"]
     first_acc = len(headers) - len(categories) - len(acc_fields)
 
     cells: list[list[str]] = []

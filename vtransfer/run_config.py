@@ -238,7 +238,8 @@ class TrainingConfig:
               "optimiser step, so --batch-size stays the effective batch and the lr schedule is unchanged.", PANEL_SPEED)
     ema_decay: Optional[float] = option(
         None, "Validate and save an exponential moving average of the weights with this decay in [0, 1), e.g. 0.999 "
-              "(warms up over the first steps).", PANEL_TRAINING)
+              "(warms up over the first steps); each epoch's line and the report show the raw weights' validation "
+              "accuracy beside it.", PANEL_TRAINING)
     mixup: float = option(0.0, "Mixup of whole clips with Beta(A, A), e.g. 0.8 (0: off); needs a policy that trains "
                                "from the input (all, scratch).", PANEL_TRAINING)
     cutmix: float = option(0.0, "Video cutmix (one box in every frame) with Beta(A, A), e.g. 1.0 (0: off); with "

@@ -127,6 +127,7 @@ class EpochRecord:
     lr: float
     time_s: float
     bad_clips: int = 0
+    raw_val_video_acc: float | None = None  # with EMA on: the raw (not averaged) weights' validation video accuracy
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -201,8 +202,12 @@ def screen_dataset(index, max_bad_fraction: float, workers: int = 2, reporter: "
 
     skipped = [{"path": printable(s.path), "reason": s.reason} for s in index.skipped]
     # Notes and CSVs beside the class folders (README, categories.csv) are expected: listed, not warned about.
-    notable = [s for s, raw in zip(skipped, index.skipped)
-               if not (raw.path.parent == index.root and raw.path.suffix.lower() not in VIDEO_EXTENSIONS)]
+    # Videos the manifest leaves out (a few-shot draw) were chosen: one line says how many.
+    notable = [s for s, raw in zip(skipped, index.skipped) if not raw.left_out
+               and not (raw.path.parent == index.root and raw.path.suffix.lower() not in VIDEO_EXTENSIONS)]
+    left_out = [raw for raw in index.skipped if raw.left_out]
+    if left_out:
+        reporter.message(f"{len(left_out)} video(s) in {printable(index.root)} are not used: {left_out[0].reason}")
     if notable:
         reporter.message(f"warning: {len(notable)} file(s) in {printable(index.root)} are not used: "
                          f"{describe_bad_videos(notable, root=printable(index.root))}")
@@ -530,6 +535,13 @@ class Trainer:
             return self.loss_weights[targets].sum()
         return float(targets.shape[0])
 
+    def _validate(self, epoch: int) -> tuple[float, float]:
+        """(video, clip) validation accuracy of the weights the model holds now; non-finite scores mean divergence."""
+        try:
+            return self.validate(self.model)
+        except NonFiniteScores:
+            raise self._diverged(epoch, float("nan")) from None
+
     def _eval_weights(self):
         """Context in which the model holds the weights to validate and save: the EMA's when on."""
         return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
@@ -584,7 +596,7 @@ class Trainer:
             epoch = self.state.epoch + 1
             t0 = time.perf_counter()
             self._mix_rng = mixing_rng(cfg.seed, epoch)
-            set_train_mode(self.model, True)
+            set_train_mode(self.model, True, self.plan.policy)
             self.reporter.epoch_start(epoch, cfg.epochs, self.source.num_batches())
             loss_sum, correct, seen, bad = 0.0, 0, 0, 0
             epoch_errors: list[tuple[str, str]] = []
@@ -622,11 +634,10 @@ class Trainer:
                                  if t.is_floating_point())  # parameters and BatchNorm statistics
             if not finite_weights or not math.isfinite(epoch_loss) or epoch_loss > DIVERGENCE_FACTOR * first:
                 raise self._diverged(epoch, epoch_loss if finite_weights else float("nan"), first)
+            # with EMA on, the raw weights' accuracy is logged beside the average's, so a user sees what EMA changes
+            raw_video = self._validate(epoch)[0] if self.ema is not None else None
             with self._eval_weights():  # with EMA on, the shadow weights are validated and saved
-                try:
-                    val_video, val_clip = self.validate(self.model)
-                except NonFiniteScores:
-                    raise self._diverged(epoch, float("nan")) from None
+                val_video, val_clip = self._validate(epoch)
                 record = EpochRecord(
                     epoch=epoch,
                     train_loss=loss_sum / seen,
@@ -636,6 +647,7 @@ class Trainer:
                     lr=self._reported_lr(),
                     time_s=time.perf_counter() - t0,
                     bad_clips=bad,
+                    raw_val_video_acc=raw_video,
                 )
                 # Ties go to the later, better-trained epoch, then to the better clip accuracy: on a validation
                 # split of a few videos the video accuracy alone jumps in steps of 1/N and an early lucky epoch

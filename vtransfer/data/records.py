@@ -32,10 +32,15 @@ class VideoRecord:
 
 @dataclass(frozen=True)
 class SkippedFile:
-    """A file that was looked at and not used, with the reason (shown by ``check``)."""
+    """A file that was looked at and not used, with the reason (shown by ``check``).
+
+    ``left_out`` marks a readable video that the split manifest does not list:
+    a choice (a few-shot draw, a user's own manifest), not a fault of the file.
+    """
 
     path: Path
     reason: str
+    left_out: bool = False
 
 
 @dataclass

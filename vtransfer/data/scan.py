@@ -303,7 +303,7 @@ def _index_from_manifest(scanned: DatasetIndex, manifest: Path) -> DatasetIndex:
     skipped = list(scanned.skipped)
     for r in scanned.records:
         if os.path.normcase(os.path.abspath(r.path)) not in listed:
-            skipped.append(SkippedFile(r.path, f"not listed in manifest {manifest.name}"))
+            skipped.append(SkippedFile(r.path, f"not listed in manifest {manifest.name}", left_out=True))
     return DatasetIndex(root=scanned.root, classes=index.classes, records=index.records, skipped=skipped)
 
 
