@@ -36,7 +36,7 @@ from _common import base_parser, cpu_count, rss_line
 RESULT_TAG = "RESULT "
 # Imported before the clock starts, so that the timed compare step is the work itself: these imports take
 # seconds, single-threaded, whatever the thread settings (the startup cost is measured on its own).
-WARM_IMPORTS = ("vtransfer.api", "vtransfer.feature_cache", "vtransfer.train", "vtransfer.report", "vtransfer.plots",
+WARM_IMPORTS = ("vtransfer.api", "vtransfer.engine.feature_cache", "vtransfer.engine.trainer", "vtransfer.reporting.report", "vtransfer.reporting.plots",
                 "sklearn.metrics", "torchvision")
 TARGET_SLOWDOWN = 3.5
 SPIN = "while True:\n    pass\n"
@@ -49,7 +49,7 @@ def _load() -> str:
 def make_data(root: Path, quick: bool) -> dict:
     """Write the demo's target dataset under ``root``; return the ``api.compare_policies`` arguments to run on it."""
     from vtransfer.data.demo import make_demo
-    from vtransfer.demo_run import DEMO_SETTINGS
+    from vtransfer.workflows.demo_run import DEMO_SETTINGS
 
     s = dict(DEMO_SETTINGS)
     if quick:
@@ -75,7 +75,7 @@ def child(spec: dict) -> None:
     for name in WARM_IMPORTS:
         importlib.import_module(name)
     from vtransfer import api
-    from vtransfer.runtime import thread_settings
+    from vtransfer.utils.runtime import thread_settings
 
     t0 = time.perf_counter()
     api.compare_policies(**spec)
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment variable for both runs (repeatable)")
     parser.add_argument("--raw-env", action="store_true",
-                        help="do not apply the CLI's OpenMP defaults (vtransfer.runtime.THREAD_ENVIRONMENT)")
+                        help="do not apply the CLI's OpenMP defaults (vtransfer.utils.runtime.THREAD_ENVIRONMENT)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one timed run
     args = parser.parse_args()
     if args.child:

@@ -11,7 +11,7 @@ epoch to the last (target: about zero, whatever the dataset size).
 
 With ``--grad-checkpointing`` it measures something else: the peak memory of
 one training step (forward + backward, every group trainable) of ViViT and
-I3D, with and without gradient checkpointing (:mod:`vtransfer.grad_checkpoint`).
+I3D, with and without gradient checkpointing (:mod:`vtransfer.engine.grad_checkpoint`).
 Each variant runs in a fresh process; the figure is the rise of the peak RSS
 (``VmHWM``, reset just before the step) over the RSS before it, or
 ``torch.cuda.max_memory_allocated`` with ``--device cuda``.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from _common import base_parser, load_line, median_time, rss_line, setup_threads
 
-from vtransfer.train import EpochRecord
+from vtransfer.engine.trainer import EpochRecord
 
 
 def current_rss_mib() -> float:
@@ -98,8 +98,8 @@ def measure_step(backbone: str, checkpointing: bool, batch: int, frames: int, si
     import torch
 
     from vtransfer.models.registry import build_backbone
-    from vtransfer.policies import apply_policy, resolve_policy
-    from vtransfer.train import TrainablePart
+    from vtransfer.policies.freezing import apply_policy, resolve_policy
+    from vtransfer.engine.trainer import TrainablePart
 
     torch.manual_seed(0)
     model = build_backbone(backbone, "tiny", num_classes=10, frames=frames,

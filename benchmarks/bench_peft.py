@@ -33,8 +33,8 @@ def measure(preset: str, policy: str, batch: int, device: str, repeat: int) -> d
 
     from bench_memory import step_peak_rise_mib
     from vtransfer.models.registry import build_backbone
-    from vtransfer.policies import apply_policy, plan_policy, set_train_mode
-    from vtransfer.train import TrainablePart
+    from vtransfer.policies.freezing import apply_policy, plan_policy, set_train_mode
+    from vtransfer.engine.trainer import TrainablePart
 
     torch.manual_seed(0)
     model, plan = plan_policy(build_backbone("vivit", preset, num_classes=10), policy)

@@ -43,15 +43,15 @@ import torch
 from _common import base_parser, load_line, rss_line, setup_threads
 
 from vtransfer import api
-from vtransfer.batches import epoch_indices, make_loader
+from vtransfer.engine.batches import epoch_indices, make_loader
 from vtransfer.data.demo import make_demo
 from vtransfer.data.transforms import normalize_clips
-from vtransfer.feature_cache import clear_stores
-from vtransfer.inference import predict_clip_probs
-from vtransfer.metrics import classification_report
-from vtransfer.policies import POLICY_NAMES, apply_policy, resolve_policy
-from vtransfer.runs import read_metrics
-from vtransfer.train import TrainConfig, build_optimizer, warmup_cosine
+from vtransfer.engine.feature_cache import clear_stores
+from vtransfer.engine.inference import predict_clip_probs
+from vtransfer.evaluation.metrics import classification_report
+from vtransfer.policies.freezing import POLICY_NAMES, apply_policy, resolve_policy
+from vtransfer.workflows.runs import read_metrics
+from vtransfer.engine.trainer import TrainConfig, build_optimizer, warmup_cosine
 from vtransfer.weights.checkpoint import model_from_checkpoint
 
 
@@ -158,7 +158,7 @@ def main() -> None:
         print(f"setup: {args.backbone} tiny, {s['frames']}x{s['size']}x{s['size']} clips, {s['epochs']} epochs, "
               f"{vpc} videos/class on the target ({vframes} frames at {vsize[0]}x{vsize[1]}, {args.fps} fps, H.264 with "
               f"a keyframe every {args.keyframe_interval} frames), {threads} threads, seeds {seeds}")
-        for module in ("vtransfer.plots", "vtransfer.report"):  # before timing: neither side pays first-import costs
+        for module in ("vtransfer.reporting.plots", "vtransfer.reporting.report"):  # before timing: neither side pays first-import costs
             importlib.import_module(module)
 
         clear_stores()

@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _common import base_parser, load_line, rss_line, setup_threads, time_interleaved
 from vtransfer.models.registry import build_backbone
-from vtransfer.policies import apply_policy, resolve_policy, set_train_mode
+from vtransfer.policies.freezing import apply_policy, resolve_policy, set_train_mode
 
 BACKBONES = ("slowfusion", "i3d", "vivit")
 CNNS = ("slowfusion", "i3d")

@@ -6,7 +6,7 @@ you name, and prints one table: test video accuracy (mean ± std over seeds),
 trainable parameters and training time per policy. Beside it, on the same
 split (the baseline trains on train + val, as the policies see both), the
 motion-energy + logistic-regression baseline of
-:mod:`vtransfer.motion_baseline`, and the chance level.
+:mod:`vtransfer.evaluation.motion_baseline`, and the chance level.
 
     python benchmarks/bench_transfer.py ../shared/data/real_actions                # effnet3d:imagenet, 3 seeds
     python benchmarks/bench_transfer.py DATA --backbone i3d --preset tiny --no-weights
@@ -26,8 +26,8 @@ from _common import base_parser, load_line, rss_line, setup_threads
 
 from vtransfer import api
 from vtransfer.data.scan import load_dataset
-from vtransfer.motion_baseline import fit_and_score
-from vtransfer.policies import POLICY_NAMES
+from vtransfer.evaluation.motion_baseline import fit_and_score
+from vtransfer.policies.freezing import POLICY_NAMES
 
 
 def _fmt(mean: float | None, std: float | None) -> str:

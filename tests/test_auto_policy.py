@@ -7,9 +7,9 @@ import json
 import pytest
 
 import vtransfer.api as api
-from vtransfer.auto_policy import Trial, candidate_policies, pick_winner
+from vtransfer.workflows.auto_policy import Trial, candidate_policies, pick_winner
 from vtransfer.data.demo import make_demo
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 from vtransfer.run_config import RunConfig
 
 FAST = dict(backbone="slowfusion", preset="tiny", size=48, batch_size=8, clips_per_video=2, val_clips=1,
@@ -67,9 +67,9 @@ def test_bad_auto_settings_are_refused(target, tmp_path):
 def test_losing_trials_let_their_feature_stores_go():
     import torch
 
-    from vtransfer import feature_cache
-    from vtransfer.auto_policy import _drop_losers
-    from vtransfer.train import QuietReporter
+    from vtransfer.engine import feature_cache
+    from vtransfer.workflows.auto_policy import _drop_losers
+    from vtransfer.engine.trainer import QuietReporter
 
     class Recorder(QuietReporter):
         def __init__(self):
@@ -95,7 +95,7 @@ def test_losing_trials_let_their_feature_stores_go():
 def test_drop_stores_reports_the_bytes_it_freed():
     import torch
 
-    from vtransfer import feature_cache
+    from vtransfer.engine import feature_cache
 
     feature_cache.clear_stores()
     store = feature_cache.FeatureStore(torch.zeros(4, 8), torch.zeros(4), torch.zeros(4), [], 1)

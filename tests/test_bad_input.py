@@ -29,12 +29,12 @@ import videos
 av = pytest.importorskip("av")
 
 import vtransfer.api as api  # noqa: E402
-from vtransfer import runs  # noqa: E402
+from vtransfer.workflows import runs  # noqa: E402
 from vtransfer.data.check import check_dataset, printable  # noqa: E402
 from vtransfer.data.demo import make_demo  # noqa: E402
 from vtransfer.data.scan import load_dataset  # noqa: E402
 from vtransfer.data.splits import read_manifest  # noqa: E402
-from vtransfer.errors import DatasetError, VtransferError  # noqa: E402
+from vtransfer.utils.errors import DatasetError, VtransferError  # noqa: E402
 
 FAST = dict(backbone="slowfusion", preset="tiny", size=48, policy="all", epochs=2, batch_size=8, clips_per_video=2,
             val_clips=1, workers=0, patience=0, device="cpu", threads=1)

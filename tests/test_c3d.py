@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from vtransfer.data.transforms import normalize_clips
-from vtransfer.errors import ConfigError, WeightsError
-from vtransfer.loading import backbone_summary, load_backbone, load_backbone_with_info
+from vtransfer.utils.errors import ConfigError, WeightsError
+from vtransfer.workflows.loading import backbone_summary, load_backbone, load_backbone_with_info
 from vtransfer.models import c3d
 from vtransfer.models.registry import build_backbone
-from vtransfer.policies import apply_policy, resolve_policy, set_train_mode
+from vtransfer.policies.freezing import apply_policy, resolve_policy, set_train_mode
 from vtransfer.weights.sources import BUILTIN_SOURCES, detect_layout
 
 #: The port's C3D_model.py: (name, input channels, output channels) of its eight 3x3x3 convs.

@@ -11,8 +11,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from vtransfer import plots
-from vtransfer.calibration import (
+from vtransfer.reporting import plots
+from vtransfer.evaluation.calibration import (
     TEMPERATURE_BOUNDS,
     Calibration,
     apply_temperature,
@@ -23,11 +23,11 @@ from vtransfer.calibration import (
     negative_log_likelihood,
     scaled,
 )
-from vtransfer.errors import ConfigError, WeightsError
-from vtransfer.inference import ClipPredictions
-from vtransfer.metrics import EvalResult, aggregate_video_scores, classification_report
+from vtransfer.utils.errors import ConfigError, WeightsError
+from vtransfer.engine.inference import ClipPredictions
+from vtransfer.evaluation.metrics import EvalResult, aggregate_video_scores, classification_report
 from vtransfer.models.registry import build_backbone
-from vtransfer.report import render_eval_table, write_eval_report
+from vtransfer.reporting.report import render_eval_table, write_eval_report
 from vtransfer.weights.checkpoint import (
     METADATA_KEY,
     load_checkpoint,

@@ -14,7 +14,7 @@ import pytest
 from vtransfer.data.check import check_dataset, drop_unreadable, printable
 from vtransfer.data.records import VideoInfo
 from vtransfer.data.scan import load_dataset
-from vtransfer.errors import DatasetError, VideoDecodeError
+from vtransfer.utils.errors import DatasetError, VideoDecodeError
 
 av = pytest.importorskip("av")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtransfer.errors import ConfigError, WeightsError
-from vtransfer.loading import load_backbone, load_backbone_with_info
+from vtransfer.utils.errors import ConfigError, WeightsError
+from vtransfer.workflows.loading import load_backbone, load_backbone_with_info
 from vtransfer.models.registry import build_backbone
 from vtransfer.weights.checkpoint import (
     METADATA_KEY,
@@ -141,7 +141,7 @@ def test_save_leaves_no_temporary_files(tmp_path):
 
 
 def test_a_failing_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
-    import vtransfer.atomic as atomic
+    import vtransfer.utils.atomic as atomic
 
     old = tiny("vivit")
     path = save_checkpoint(tmp_path / "m.safetensors", old, classes=classes_for(old))

@@ -12,9 +12,9 @@ import sys
 import pytest
 from rich.console import Console
 
-from vtransfer import runtime
-from vtransfer.progress import PREPARING, RichReporter, status_line
-from vtransfer.train import EpochRecord
+from vtransfer.utils import runtime
+from vtransfer.reporting.progress import PREPARING, RichReporter, status_line
+from vtransfer.engine.trainer import EpochRecord
 
 HEAVY = ("torch", "torchvision", "av", "sklearn", "matplotlib")
 EPOCH_LINE = re.compile(r"^epoch (\d+)/2 train loss \d+\.\d{4} val acc [01]\.\d{3} time \d+\.\d+s( \*best)?$")
@@ -65,7 +65,7 @@ def test_thread_settings_report_what_torch_uses():
 
 def test_require_data_fails_with_the_scanners_message_and_accepts_files_and_folders(tmp_path):
     from vtransfer.cli.app import require_data
-    from vtransfer.errors import DatasetError
+    from vtransfer.utils.errors import DatasetError
 
     with pytest.raises(DatasetError, match=f"^dataset folder {tmp_path}/missing does not exist$"):
         require_data(tmp_path / "missing")

@@ -69,9 +69,9 @@ def test_compare_skips_inapplicable_policy_and_reuses_finished_runs(datasets, tm
 
 
 def test_single_frame_backbone_skips_temporal(datasets, tmp_path):
-    from vtransfer.errors import ConfigError
+    from vtransfer.utils.errors import ConfigError
     from vtransfer.models.registry import build_backbone
-    from vtransfer.policies import resolve_policy
+    from vtransfer.policies.freezing import resolve_policy
 
     with pytest.raises(ConfigError):
         resolve_policy(build_backbone("slowfusion", "tiny", fusion="single"), "temporal")

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import vtransfer.api as api
-from vtransfer import runs
+from vtransfer.workflows import runs
 from vtransfer.data.demo import make_demo
-from vtransfer.errors import ConfigError, WeightsError
+from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.weights.checkpoint import load_checkpoint
 
 TINY = dict(backbone="slowfusion", preset="tiny", size=48, policy="all", batch_size=8, clips_per_video=2, val_clips=1,
@@ -236,7 +236,7 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_nothing_in_the_way(demo,
 
 
 def test_a_diverging_run_stops_naming_the_learning_rate(demo, tmp_path):
-    from vtransfer.train import TrainingDiverged
+    from vtransfer.engine.trainer import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match=r"diverged in epoch \d.*--lr 1e\+06 \(sgd\).*--lr 100000"):
         api.finetune(demo, out=tmp_path / "run", epochs=3, lr=1e6, optimizer="sgd", **TINY)

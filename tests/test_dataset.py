@@ -15,7 +15,7 @@ from vtransfer.data.decode import read_clip
 from vtransfer.data.records import VideoRecord
 from vtransfer.data.sampling import uniform_clip_starts
 from vtransfer.data.transforms import eval_clip_transform, normalize_clips, train_clip_transform
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import Preprocessing
 
 PRE = Preprocessing(frames=4, stride=2, crop_size=(24, 24), resize_short=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))

@@ -13,7 +13,7 @@ import torch
 
 from vtransfer.data.decode import DirectReader, probe_video, read_clip, read_video, verify_readable
 from vtransfer.data.sampling import clip_span, random_clip_start, uniform_clip_starts
-from vtransfer.errors import VideoDecodeError
+from vtransfer.utils.errors import VideoDecodeError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 KTH = SHARED_DATA / "kth_fragments"

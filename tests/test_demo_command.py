@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import vtransfer.cli
 from vtransfer.cli.app import app
-from vtransfer.demo_run import DEMO_SETTINGS
+from vtransfer.workflows.demo_run import DEMO_SETTINGS
 
 
 def test_demo_runs_and_reuses(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from vtransfer.data.demo import (
     make_demo,
     render_video,
 )
-from vtransfer.errors import ConfigError, DatasetError
+from vtransfer.utils.errors import ConfigError, DatasetError
 
 vtransfer.cli._register_commands()
 

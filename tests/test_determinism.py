@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import vtransfer.api as api
-from vtransfer import runs
+from vtransfer.workflows import runs
 from vtransfer.data.demo import make_demo
 from vtransfer.data.splits import read_manifest
 

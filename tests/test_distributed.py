@@ -54,7 +54,7 @@ RANK_SCRIPT = """
 import atexit, os, sys
 import torch
 import torch.distributed as dist
-from vtransfer import distributed
+from vtransfer.utils import distributed
 ctx = distributed.init_from_env(torch.device("cpu"))
 x = torch.tensor([float(ctx.rank + 1)])
 dist.all_reduce(x)  # gloo's worker threads have run work

@@ -143,7 +143,7 @@ def _no_output_and_offline_hint(source: str) -> Callable[[Any, Any], None]:
     """The download fails at once, names where the tool looks for the file, and leaves nothing behind."""
 
     def check(ws, result) -> None:
-        from vtransfer.errors import WeightsError
+        from vtransfer.utils.errors import WeightsError
 
         message = str(result.exception)
         assert isinstance(result.exception, WeightsError), result.output
@@ -407,8 +407,8 @@ class Workspace:
 
     def _stop_then_resume(self, line: str, policy: str):
         """Run ``line`` with Ctrl-C in ``policy``'s first batch, then the command the message says resumes it."""
-        from vtransfer import runs
-        from vtransfer.progress import RichReporter
+        from vtransfer.workflows import runs
+        from vtransfer.reporting.progress import RichReporter
 
         def ctrl_c_in_policy(reporter, loss, acc):
             if reporter.label.startswith(f"[{policy} "):
@@ -443,7 +443,7 @@ class Workspace:
         """``runs/R``: a slow-fusion run stopped by Ctrl-C in epoch 2 of 2; keeps the hint it printed."""
         if self._interrupted is None:
             import vtransfer.api as api
-            from vtransfer import runs
+            from vtransfer.workflows import runs
 
             with pytest.raises(runs.RunInterrupted) as stopped:
                 api.finetune("DATA", out="runs/R", backbone="slowfusion", preset="tiny", size=32, epochs=2,

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from vtransfer.errors import WeightsError
-from vtransfer.loading import load_backbone, load_backbone_with_info
+from vtransfer.utils.errors import WeightsError
+from vtransfer.workflows.loading import load_backbone, load_backbone_with_info
 from vtransfer.models.registry import build_backbone
 from vtransfer.weights import hub
 from vtransfer.weights.sources import BUILTIN_SOURCES, imagenet_classes, list_sources
@@ -83,7 +83,7 @@ def test_inflation_repeats_each_kxk_filter_over_time_divided_by_three():
 
 
 def test_layer_groups_and_what_temporal_trains():
-    from vtransfer.policies import resolve_policy
+    from vtransfer.policies.freezing import resolve_policy
 
     model = build_backbone("effnet3d", "tiny", num_classes=3)
     names = model.group_names()

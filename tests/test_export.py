@@ -21,8 +21,8 @@ from vtransfer.data.demo import make_demo
 from vtransfer.data.scan import load_dataset
 from vtransfer.data.splits import read_manifest, write_manifest
 from vtransfer.data.transforms import normalize_clips
-from vtransfer.errors import ConfigError
-from vtransfer.export import (ExportError, decode_check_clip, export, export_model, find_check_clips,
+from vtransfer.utils.errors import ConfigError
+from vtransfer.workflows.export import (ExportError, decode_check_clip, export, export_model, find_check_clips,
                               read_preprocessing_json)
 from vtransfer.models.registry import build_backbone
 from vtransfer.models.slowfusion import SlowFusion

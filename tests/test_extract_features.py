@@ -23,8 +23,8 @@ from vtransfer.data.records import VideoRecord
 from vtransfer.data.scan import load_dataset
 from vtransfer.data.splits import write_manifest
 from vtransfer.data.transforms import normalize_clips
-from vtransfer.errors import ConfigError
-from vtransfer.extract import extract_features, read_features
+from vtransfer.utils.errors import ConfigError
+from vtransfer.workflows.extract import extract_features, read_features
 from vtransfer.models.registry import build_backbone
 from vtransfer.weights.checkpoint import model_from_checkpoint, save_checkpoint
 

@@ -11,15 +11,15 @@ from safetensors.torch import load_file
 import vtransfer.api as api
 from checkpoints import random_checkpoints
 from vtransfer.api import ClipOptions, evaluate_records, plan_comparison, shallow_prefixes_first, shared_reader
-from vtransfer.batches import LivePrefixSource
+from vtransfer.engine.batches import LivePrefixSource
 from vtransfer.data.dataset import ClipDataset
 from vtransfer.data.demo import make_demo
 from vtransfer.data.scan import load_dataset
-from vtransfer.feature_cache import CachedPrefixSource, clear_stores, get_store
+from vtransfer.engine.feature_cache import CachedPrefixSource, clear_stores, get_store
 from vtransfer.models.registry import build_backbone
-from vtransfer.policies import apply_policy, resolve_policy, set_train_mode
-from vtransfer.runtime import preferred_memory_format
-from vtransfer.train import Trainer, TrainConfig, build_optimizer
+from vtransfer.policies.freezing import apply_policy, resolve_policy, set_train_mode
+from vtransfer.utils.runtime import preferred_memory_format
+from vtransfer.engine.trainer import Trainer, TrainConfig, build_optimizer
 
 CPU = torch.device("cpu")
 GEOMETRY = {name: api.geometry_overrides(name, "tiny", None, None, None if name == "vivit" else 32)
@@ -133,7 +133,7 @@ def test_run_order_puts_shallow_prefixes_first(pretrained):
 
 
 def test_a_comparison_that_cannot_run_fails_before_any_work(pretrained, tmp_path):
-    from vtransfer.errors import ConfigError, WeightsError
+    from vtransfer.utils.errors import ConfigError, WeightsError
 
     five = ["scratch", "top-layer", "top-3", "temporal", "all"]
     with pytest.raises(WeightsError, match="no such file"):

@@ -89,7 +89,7 @@ def test_resume_finishes_with_same_epochs_and_metrics(demo_data, tmp_path):
 
 
 def test_existing_run_folder_needs_overwrite(demo_data, tmp_path):
-    from vtransfer.errors import ConfigError
+    from vtransfer.utils.errors import ConfigError
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("user file")
@@ -121,7 +121,7 @@ def test_config_records_resolved_options(demo_data, tmp_path):
 
 
 def test_tensorboard_logging_or_a_clear_error(demo_data, tmp_path):
-    from vtransfer.errors import ConfigError
+    from vtransfer.utils.errors import ConfigError
 
     try:
         import tensorboard  # noqa: F401

@@ -16,7 +16,7 @@ from vtransfer.data.dataset import ClipDataset, collate_clips
 from vtransfer.data.decode import DirectReader, read_clip, read_video
 from vtransfer.data.frame_cache import CachedReader, DecodedFrameCache, choose_cache_mode, estimate_cache_bytes
 from vtransfer.data.records import VideoRecord
-from vtransfer.errors import ConfigError, VideoDecodeError
+from vtransfer.utils.errors import ConfigError, VideoDecodeError
 from vtransfer.models.base import Preprocessing
 
 

@@ -16,13 +16,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import vtransfer
-from vtransfer import api, plots
-from vtransfer.errors import ConfigError, WeightsError
-from vtransfer.loading import load_backbone_with_info
+from vtransfer import api
+from vtransfer.reporting import plots
+from vtransfer.utils.errors import ConfigError, WeightsError
+from vtransfer.workflows.loading import load_backbone_with_info
 from vtransfer.models.base import check_groups_partition
 from vtransfer.models.hf_video import HFVideoBackbone
 from vtransfer.models.registry import backbone_names, is_backbone_name
-from vtransfer.policies import POLICY_NAMES, resolve_policy
+from vtransfer.policies.freezing import POLICY_NAMES, resolve_policy
 from vtransfer.weights.checkpoint import model_from_checkpoint
 from videos import write_video
 

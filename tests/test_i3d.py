@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from vtransfer.errors import ConfigError, WeightsError
+from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.models import registry
 from vtransfer.models.base import check_groups_partition
 from vtransfer.models.i3d import I3D, PRESETS, same_padding

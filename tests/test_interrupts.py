@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from vtransfer.batches import make_loader
-from vtransfer.interrupts import catch_sigint
+from vtransfer.engine.batches import make_loader
+from vtransfer.utils.interrupts import catch_sigint
 
 WORKER_DELAY_S = 0.6
 

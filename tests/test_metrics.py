@@ -1,4 +1,4 @@
-"""vtransfer.metrics against scikit-learn and hand-computed references."""
+"""vtransfer.evaluation.metrics against scikit-learn and hand-computed references."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from vtransfer.metrics import (
+from vtransfer.evaluation.metrics import (
     UNCATEGORISED,
     EvalResult,
     aggregate_video_scores,

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import vtransfer.cli
 from vtransfer.cli.app import app
-from vtransfer.errors import ConfigError, WeightsError
-from vtransfer.loading import inspect_backbone
+from vtransfer.utils.errors import ConfigError, WeightsError
+from vtransfer.workflows.loading import inspect_backbone
 from vtransfer.models.registry import backbone_names, build_backbone
 from vtransfer.weights.checkpoint import save_checkpoint
 

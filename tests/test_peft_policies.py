@@ -10,21 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtransfer.errors import ConfigError
-from vtransfer.feature_cache import prefix_fingerprint
+from vtransfer.utils.errors import ConfigError
+from vtransfer.engine.feature_cache import prefix_fingerprint
 from vtransfer.models.attentive_probe import AttentiveProbe
 from vtransfer.models.base import LayerGroup, Preprocessing, VideoBackbone, check_groups_partition, module_param_names
 from vtransfer.models.registry import build_backbone, presets
 from vtransfer.models.st_adapter import STAdapter
 from vtransfer.models.structured import StructuredBackbone, structure_of
-from vtransfer.peft_policies import (
+from vtransfer.policies.peft import (
     PolicyOptions,
     merge_lora,
     merge_lora_checkpoint,
     parameter_counts,
     prepare_model_for_policy,
 )
-from vtransfer.policies import ALL_POLICY_NAMES, apply_policy, plan_policy, resolve_policy, set_train_mode
+from vtransfer.policies.freezing import ALL_POLICY_NAMES, apply_policy, plan_policy, resolve_policy, set_train_mode
 from vtransfer.weights.checkpoint import load_checkpoint, model_from_checkpoint, read_checkpoint_metadata, save_checkpoint
 
 pytest.importorskip("peft")
@@ -397,7 +397,7 @@ def test_resolving_a_structural_policy_needs_the_surgery_first():
 
 def test_the_probe_trains_at_the_base_rate_and_only_its_classifier_at_the_head_rate():
     """effnet3d's 10x classifier rate applied to the probe's attention made its loss run to 40-80 on real clips."""
-    from vtransfer.train import Trainer, TrainConfig
+    from vtransfer.engine.trainer import Trainer, TrainConfig
 
     model, plan = plan_policy(build_backbone("effnet3d", "tiny", num_classes=3), "attentive-probe")
     apply_policy(model, plan)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 from vtransfer.models.registry import build_backbone
-from vtransfer.policies import POLICY_NAMES, apply_policy, frozen_modules, resolve_policy, set_train_mode
+from vtransfer.policies.freezing import POLICY_NAMES, apply_policy, frozen_modules, resolve_policy, set_train_mode
 
 BACKBONES = ("slowfusion", "i3d", "vivit", "effnet3d")
 

@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 import vtransfer.cli
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 from vtransfer.recipes import recipe_values
 
 if sys.version_info >= (3, 11):
@@ -202,7 +202,7 @@ def test_i3d_and_vivit_recipe_values():
 def test_vivit_seed_case_2_trains_everything_but_the_tubelet_embedding():
     """The comment's `--train 'spatial*,temporal*'` is the seed paper's spatial + temporal transformer + FC."""
     from vtransfer.models.registry import build_backbone
-    from vtransfer.policies import resolve_policy
+    from vtransfer.policies.freezing import resolve_policy
 
     with torch.device("meta"):
         model = build_backbone("vivit", "vivit-seed", num_classes=100)
@@ -244,7 +244,7 @@ def test_ucf101_categories_agree_with_the_shared_transcription():
 
 
 def test_demo_recipe_mirrors_demo_settings():
-    from vtransfer.demo_run import DEMO_SETTINGS
+    from vtransfer.workflows.demo_run import DEMO_SETTINGS
 
     raw = tomllib.loads((RECIPES / "demo.toml").read_text())
     demo = raw["demo"]

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from vtransfer import plots
-from vtransfer.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from vtransfer.metrics import EvalResult, classification_report
-from vtransfer.report import (
+from vtransfer.reporting import plots
+from vtransfer.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from vtransfer.evaluation.metrics import EvalResult, classification_report
+from vtransfer.reporting.report import (
     PolicyRow,
     aggregate_seed_rows,
     format_duration,

@@ -114,7 +114,7 @@ def test_bad_values_fail_before_any_video_is_read(demo, tmp_path):
 
 
 def test_compare_policies_takes_seed_as_finetune_does(demo, tmp_path):
-    from vtransfer.compare import resolve_seeds
+    from vtransfer.workflows.compare import resolve_seeds
 
     assert resolve_seeds(None, None) == [0] and resolve_seeds([1, 2], None) == [1, 2]
     assert resolve_seeds(None, 3) == [3] and resolve_seeds([3], 3) == [3]

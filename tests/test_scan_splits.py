@@ -20,7 +20,7 @@ from vtransfer.data.splits import (
     stratified_split,
     write_manifest,
 )
-from vtransfer.errors import ConfigError, DatasetError
+from vtransfer.utils.errors import ConfigError, DatasetError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from vtransfer.errors import WeightsError
+from vtransfer.utils.errors import WeightsError
 from vtransfer.models.vivit import PRESETS, ViViT
 from vtransfer.weights.scenic_vivit import decode_flax_msgpack, load_scenic_vivit_fe, read_flax_msgpack
 
@@ -305,7 +305,7 @@ def test_decoder_reads_bfloat16_chunked_arrays_and_scalars_and_refuses_other_fil
 
 
 def test_source_names_the_file_offline_then_loads_it_from_the_cache(tmp_path, monkeypatch):
-    from vtransfer.loading import load_backbone, load_backbone_with_info
+    from vtransfer.workflows.loading import load_backbone, load_backbone_with_info
     from vtransfer.weights.sources import BUILTIN_SOURCES
 
     monkeypatch.setenv("VTRANSFER_HOME", str(tmp_path / "home"))
@@ -330,7 +330,7 @@ def test_source_names_the_file_offline_then_loads_it_from_the_cache(tmp_path, mo
 
 
 def test_a_scenic_file_given_as_weights_path_is_recognised_and_loaded(tmp_path):
-    from vtransfer.loading import load_backbone_with_info
+    from vtransfer.workflows.loading import load_backbone_with_info
     from vtransfer.weights.sources import summarize_weights_file
 
     params = scenic_fe_params(TINY_FE, num_classes=7)

@@ -12,8 +12,8 @@ import vtransfer.cli
 from vtransfer.cli.app import app
 from vtransfer.data.demo import make_demo
 from vtransfer.data.splits import read_manifest
-from vtransfer.errors import ConfigError
-from vtransfer.shots import parse_shots, subsample_train
+from vtransfer.utils.errors import ConfigError
+from vtransfer.workflows.shots import parse_shots, subsample_train
 
 vtransfer.cli._register_commands()
 
@@ -54,7 +54,7 @@ def test_subsample_keeps_val_and_test_and_draws_per_seed(target):
 def test_videos_a_draw_leaves_out_are_counted_in_one_line_not_warned_about_one_by_one(target, tmp_path):
     from vtransfer.data.scan import load_dataset
     from vtransfer.data.splits import write_manifest
-    from vtransfer.train import screen_dataset
+    from vtransfer.engine.trainer import screen_dataset
 
     index = load_dataset(target, ratios=(0.5, 0.25, 0.25))
     write_manifest(tmp_path / "split-seed-0.csv", subsample_train(index, 1, 0))

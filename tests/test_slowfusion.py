@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 from vtransfer.models import registry
 from vtransfer.models.base import check_groups_partition
 from vtransfer.models.slowfusion import FULL_SLOW_FUSION_PARAMS, FUSIONS, PRESETS, SlowFusion

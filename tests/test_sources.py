@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtransfer.errors import WeightsError
-from vtransfer.loading import load_backbone, load_backbone_with_info
+from vtransfer.utils.errors import WeightsError
+from vtransfer.workflows.loading import load_backbone, load_backbone_with_info
 from vtransfer.models.registry import build_backbone
 from vtransfer.weights import hub
 from vtransfer.weights.checkpoint import save_checkpoint

@@ -18,17 +18,17 @@ from vtransfer.data.dataset import ClipDataset
 from vtransfer.data.records import VideoRecord
 from vtransfer.data.spatial_crops import crop_windows
 from vtransfer.data.transforms import eval_clip_transform
-from vtransfer.ema import WeightEma
-from vtransfer.errors import ConfigError
-from vtransfer.feature_cache import clipset_key
-from vtransfer.lr_decay import layer_lr_scales, scales_by_param
-from vtransfer.metrics import EvalResult, classification_report, views_text
-from vtransfer.mixing import cutmix_clips, mix_batch, mixing_rng, mixup_clips
+from vtransfer.engine.ema import WeightEma
+from vtransfer.utils.errors import ConfigError
+from vtransfer.engine.feature_cache import clipset_key
+from vtransfer.engine.lr_decay import layer_lr_scales, scales_by_param
+from vtransfer.evaluation.metrics import EvalResult, classification_report, views_text
+from vtransfer.engine.mixing import cutmix_clips, mix_batch, mixing_rng, mixup_clips
 from vtransfer.models.base import LayerGroup, Preprocessing, VideoBackbone, module_buffer_names, module_param_names
 from vtransfer.models.registry import build_backbone
-from vtransfer.policies import PolicyPlan, apply_policy, resolve_policy
-from vtransfer.report import eval_tables
-from vtransfer.train import Trainer, TrainablePart, TrainConfig, build_optimizer, micro_batches
+from vtransfer.policies.freezing import PolicyPlan, apply_policy, resolve_policy
+from vtransfer.reporting.report import eval_tables
+from vtransfer.engine.trainer import Trainer, TrainablePart, TrainConfig, build_optimizer, micro_batches
 
 CPU = torch.device("cpu")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"

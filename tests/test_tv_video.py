@@ -20,12 +20,12 @@ from typer.testing import CliRunner
 
 import vtransfer.cli
 from vtransfer.cli.app import app
-from vtransfer.errors import ConfigError, WeightsError
-from vtransfer.loading import load_backbone_with_info
+from vtransfer.utils.errors import ConfigError, WeightsError
+from vtransfer.workflows.loading import load_backbone_with_info
 from vtransfer.models.base import check_groups_partition
 from vtransfer.models import registry
 from vtransfer.models.registry import build_backbone, presets
-from vtransfer.policies import POLICY_NAMES, apply_policy, resolve_policy
+from vtransfer.policies.freezing import POLICY_NAMES, apply_policy, resolve_policy
 from vtransfer.weights import hub
 from vtransfer.weights.sources import BUILTIN_SOURCES, SourceTable, detect_layout, list_sources
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vtransfer.errors import ConfigError, WeightsError
+from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.models.base import check_groups_partition, group_param_counts
 from vtransfer.models.vivit import PRESETS, ViViT
 from vtransfer.weights.vit_init import init_vivit_from_torchvision_vit

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from vtransfer.errors import ConfigError, WeightsError
-from vtransfer.loading import load_backbone, load_backbone_with_info
+from vtransfer.utils.errors import ConfigError, WeightsError
+from vtransfer.workflows.loading import load_backbone, load_backbone_with_info
 from vtransfer.models.base import check_groups_partition
 from vtransfer.models.vivit import PRESETS, ViViT
 from vtransfer.weights.hf_vivit import load_hf_vivit, vivit_config_from_hf
@@ -119,7 +119,7 @@ def test_mismatched_state_dicts_are_refused_by_name():
 
 
 def test_groups_split_forward_and_refuse_the_temporal_policy():
-    from vtransfer.policies import resolve_policy
+    from vtransfer.policies.freezing import resolve_policy
 
     model = ViViT(**TINY).eval()
     check_groups_partition(model)

@@ -8,9 +8,9 @@
     tab = vtransfer.compare_policies("data/", backbone="i3d", weights="pretrained.safetensors")
 
 This module is the façade: it handles run folders, interrupts and argument
-checking, and hands the work to :mod:`vtransfer.pipeline` (one fine-tuning
-run), :mod:`vtransfer.compare` (several policies), :mod:`vtransfer.evaluation`
-(scoring) and :mod:`vtransfer.run_model` (the starting model). A run's options
+checking, and hands the work to :mod:`vtransfer.workflows.pipeline` (one fine-tuning
+run), :mod:`vtransfer.workflows.compare` (several policies), :mod:`vtransfer.workflows.scoring`
+(scoring) and :mod:`vtransfer.workflows.run_model` (the starting model). A run's options
 are declared once, in :mod:`vtransfer.run_config`; :func:`finetune`'s keyword
 arguments are generated from there.
 """
@@ -21,15 +21,15 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from vtransfer.auto_policy import AUTO
-from vtransfer.clips import adapt_preprocessing, make_clip_dataset, shared_reader
-from vtransfer.compare import CompareResult, comparison_setup, plan_comparison, shallow_prefixes_first
+from vtransfer.workflows.auto_policy import AUTO
+from vtransfer.workflows.clips import adapt_preprocessing, make_clip_dataset, shared_reader
+from vtransfer.workflows.compare import CompareResult, comparison_setup, plan_comparison, shallow_prefixes_first
 from vtransfer.data.run_data import load_categories_for, open_dataset
-from vtransfer.errors import ConfigError, DatasetError
-from vtransfer.evaluation import EvalSelection, check_classes, evaluate_records, resolve_model_path, select_eval_records
-from vtransfer.pipeline import FinetuneResult
+from vtransfer.utils.errors import ConfigError, DatasetError
+from vtransfer.workflows.scoring import EvalSelection, check_classes, evaluate_records, resolve_model_path, select_eval_records
+from vtransfer.workflows.pipeline import FinetuneResult
 from vtransfer.run_config import DEFAULT_POLICY, ClipConfig, DataConfig, RunConfig, run_parameters
-from vtransfer.run_model import build_run_model, geometry_overrides
+from vtransfer.workflows.run_model import build_run_model, geometry_overrides
 
 # The names the sections had before the typed configuration (kept for callers of the Python API).
 DataOptions = DataConfig
@@ -67,10 +67,11 @@ def finetune(
     was started with (``data`` then comes from its ``config.json`` and may be
     omitted).
     """
-    from vtransfer import distributed, runs
-    from vtransfer.interrupts import catch_sigint
-    from vtransfer.pipeline import run_finetune
-    from vtransfer.runtime import resolve_device
+    from vtransfer.utils import distributed
+    from vtransfer.workflows import runs
+    from vtransfer.utils.interrupts import catch_sigint
+    from vtransfer.workflows.pipeline import run_finetune
+    from vtransfer.utils.runtime import resolve_device
 
     cfg = (config or RunConfig()).replace(**options) if options else (config or RunConfig())
     if data is not None:
@@ -113,10 +114,10 @@ def finetune(
 
 
 def _choose_policy(run_dir: Path, cfg: RunConfig, reporter) -> RunConfig:
-    """``--policy auto``: run the trials (:mod:`vtransfer.auto_policy`), say what won and why; the winner's configuration."""
+    """``--policy auto``: run the trials (:mod:`vtransfer.workflows.auto_policy`), say what won and why; the winner's configuration."""
     import time
 
-    from vtransfer.auto_policy import choose_policy, describe, write_choice
+    from vtransfer.workflows.auto_policy import choose_policy, describe, write_choice
 
     t0 = time.perf_counter()
     winner, trials, why = choose_policy(run_dir, cfg, reporter)
@@ -141,7 +142,7 @@ _with_generated_signature(finetune, exclude=("data",))
 
 def _discard_if_failed_early(run_dir: Path, resume, existed: bool, ctx) -> None:
     """A new run that failed before its first finished epoch leaves nothing in the way of its corrected rerun."""
-    from vtransfer import runs
+    from vtransfer.workflows import runs
 
     if resume is None and ctx.is_main:
         runs.discard_failed_run(run_dir, existed)
@@ -176,10 +177,10 @@ def evaluate(
     ``report.html`` into ``out`` when given, titled by run, policy and videos.
     ``test_crops`` spatial crops per clip (1 or 3); ``calibrated`` applies the
     temperature a ``--calibrate`` run stored in the model.
-    Returns the :class:`~vtransfer.metrics.EvalResult`.
+    Returns the :class:`~vtransfer.evaluation.metrics.EvalResult`.
     """
-    from vtransfer.report import write_eval_report
-    from vtransfer.runtime import configure_threads, resolve_device
+    from vtransfer.reporting.report import write_eval_report
+    from vtransfer.utils.runtime import configure_threads, resolve_device
     from vtransfer.weights.checkpoint import model_from_checkpoint
 
     if split not in ("train", "val", "test", "all"):
@@ -230,12 +231,12 @@ def predict(
     A video that cannot be decoded gets ``{"path": ..., "error": reason}``.
     """
     from vtransfer.data.records import VideoRecord
-    from vtransfer.errors import VideoDecodeError
+    from vtransfer.utils.errors import VideoDecodeError
     from vtransfer.data.decode import probe_video
-    from vtransfer.metrics import aggregate_video_scores
-    from vtransfer.batches import make_loader
-    from vtransfer.inference import predict_clip_probs
-    from vtransfer.runtime import resolve_device
+    from vtransfer.evaluation.metrics import aggregate_video_scores
+    from vtransfer.engine.batches import make_loader
+    from vtransfer.engine.inference import predict_clip_probs
+    from vtransfer.utils.runtime import resolve_device
 
     dev = resolve_device(device)
     from vtransfer.weights.checkpoint import model_from_checkpoint
@@ -255,7 +256,7 @@ def predict(
         ds = make_clip_dataset(good, {ckpt.classes[0]: 0}, net.preprocessing, "eval", opts, seed=0, crops=test_crops)
         preds = predict_clip_probs(net, make_loader(ds, batch_size, 0), dev, precision)
         if calibrated:
-            from vtransfer.calibration import scaled
+            from vtransfer.evaluation.calibration import scaled
 
             preds = scaled(preds, ckpt.temperature)
         scores = aggregate_video_scores(preds.probs, preds.video, len(good))
@@ -273,7 +274,7 @@ def predict(
 # -- load_backbone --------------------------------------------------------------------
 def load_backbone(name: str, weights: str | Path | None = None, num_classes: int | None = None, preset: str | None = None, **overrides):
     """A backbone in eval mode, optionally with weights (source name or file) and a new head."""
-    from vtransfer.loading import load_backbone as _load
+    from vtransfer.workflows.loading import load_backbone as _load
 
     return _load(name, weights=weights, num_classes=num_classes, preset=preset, **overrides)
 
@@ -295,10 +296,10 @@ def compare_policies(
 
     ``options`` are :func:`finetune`'s run options (``seed=N`` means
     ``seeds=(N,)``); ``shots="1,2,5,all"`` adds a few-shot learning curve.
-    See :func:`vtransfer.compare.compare_policies`.
+    See :func:`vtransfer.workflows.compare.compare_policies`.
     """
-    from vtransfer.compare import compare_policies as _compare
-    from vtransfer.shots import parse_shots
+    from vtransfer.workflows.compare import compare_policies as _compare
+    from vtransfer.workflows.shots import parse_shots
 
     return _compare(data, policies=policies, seeds=seeds, out=out, overwrite=overwrite, reporter=reporter,
                     on_policy=on_policy, shots=parse_shots(shots) if shots is not None else None, finetune=finetune,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 
 DEFAULT_POLICY = "top-3"
 
@@ -195,8 +195,8 @@ class PolicyConfig:
     auto_epochs: int = option(3, "--policy auto: epochs of each short trial.", PANEL_MODEL)
 
     def peft_options(self):
-        """The parameter-efficient policies' options (:class:`vtransfer.peft_policies.PolicyOptions`)."""
-        from vtransfer.peft_policies import PolicyOptions
+        """The parameter-efficient policies' options (:class:`vtransfer.policies.peft.PolicyOptions`)."""
+        from vtransfer.policies.peft import PolicyOptions
 
         return PolicyOptions(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
                              lora_targets=tuple(self.lora_targets) if self.lora_targets is not None else None,
@@ -343,7 +343,7 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The flat options as JSON types (paths as text, tuples as lists): a ``config.json``'s ``options`` table."""
-        from vtransfer.jsonable import to_jsonable
+        from vtransfer.utils.jsonable import to_jsonable
 
         return to_jsonable(self.options())
 
@@ -355,7 +355,7 @@ class RunConfig:
         """This configuration with ``epochs`` filled from the policy's default when it is ``None``."""
         if self.training.epochs is not None:
             return self
-        from vtransfer.policies import default_epochs
+        from vtransfer.policies.freezing import default_epochs
 
         return self.replace(epochs=default_epochs(self.policy.policy))
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from vtransfer.cli.app import app, err_console
-from vtransfer.errors import VtransferError
+from vtransfer.utils.errors import VtransferError
 
 
 def _register_commands() -> None:
@@ -27,10 +27,10 @@ def _register_commands() -> None:
 def prepare_process() -> None:
     """What the command does before anything imports torch: the OpenMP defaults of a shared machine.
 
-    Sets each variable of :data:`vtransfer.runtime.THREAD_ENVIRONMENT` that the
+    Sets each variable of :data:`vtransfer.utils.runtime.THREAD_ENVIRONMENT` that the
     user has not set (libgomp reads them once, when torch loads it).
     """
-    from vtransfer.runtime import apply_thread_environment
+    from vtransfer.utils.runtime import apply_thread_environment
 
     apply_thread_environment()
 

@@ -37,7 +37,7 @@ def require_data(data: Path | None) -> None:
 
     A training command calls it first thing, so a mistyped path costs a second, not the ten it takes to load torch.
     """
-    from vtransfer.errors import DatasetError
+    from vtransfer.utils.errors import DatasetError
 
     if data is not None and not Path(data).exists():
         raise DatasetError(f"dataset folder {os.path.abspath(data)} does not exist")
@@ -59,7 +59,7 @@ def _show_starting(ctx: typer.Context) -> None:
     command = ctx.invoked_subcommand
     if command not in PREPARING_COMMANDS or any(a in ctx.help_option_names for a in sys.argv[1:]):
         return
-    from vtransfer.progress import status_line
+    from vtransfer.reporting.progress import status_line
 
     line = status_line(console)
     line.show(f"{command}: starting (loading PyTorch), then reading and checking the videos", terminal_only=True)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from vtransfer.cli.app import app, console, err_console
 from vtransfer.cli.options import HelpCommand
-from vtransfer.errors import VtransferError
+from vtransfer.utils.errors import VtransferError
 
 _SPLITS = ("train", "val", "test")
 _MAX_ROWS = 50  # problem rows shown on screen (all of them are in --json)
@@ -174,7 +174,7 @@ def split_command(
     from vtransfer.data.check import printable
     from vtransfer.data.scan import load_dataset
     from vtransfer.data.splits import write_manifest
-    from vtransfer.errors import ConfigError
+    from vtransfer.utils.errors import ConfigError
 
     try:
         if out.exists() and not overwrite:

@@ -1,7 +1,7 @@
 """``vtransfer extract-features`` and ``vtransfer export``: a trained model's features and graph, for use elsewhere.
 
-Thin skins over :func:`vtransfer.extract.extract_features` and
-:func:`vtransfer.export.export`.
+Thin skins over :func:`vtransfer.workflows.extract.extract_features` and
+:func:`vtransfer.workflows.export.export`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def extract_features_command(
     """One embedding per video (the mean over its clips of the classifier's input), with its path, class and split."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from vtransfer.extract import extract_features
+    from vtransfer.workflows.extract import extract_features
 
     bar = None if json_out else Progress(TextColumn("embedding clips"), BarColumn(), MofNCompleteColumn(),
                                          TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
@@ -126,7 +126,7 @@ def export_command(
     json_out: O.Json = False,
 ) -> None:
     """Save the model as ONNX or TorchScript (eval mode, dynamic batch), checked against PyTorch on a real clip."""
-    from vtransfer.export import export
+    from vtransfer.workflows.export import export
 
     res = export(model, fmt, out, check_video=check_video, overwrite=overwrite)
     if json_out:

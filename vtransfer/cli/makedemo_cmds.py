@@ -12,12 +12,12 @@ from rich.table import Table
 
 from vtransfer.cli.app import app, console, err_console
 from vtransfer.cli.options import HelpCommand
-from vtransfer.errors import VtransferError
+from vtransfer.utils.errors import VtransferError
 
 
 def _parse_size(text: str) -> tuple[int, int]:
     """``"64"`` -> (64, 64); ``"96x64"`` (WIDTHxHEIGHT, as ffmpeg writes it) -> (64, 96) as (height, width)."""
-    from vtransfer.errors import ConfigError
+    from vtransfer.utils.errors import ConfigError
 
     parts = text.lower().replace(" ", "").split("x")
     try:

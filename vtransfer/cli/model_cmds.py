@@ -1,7 +1,7 @@
 """``vtransfer backbones`` and ``vtransfer inspect``: what exists and what each policy trains.
 
-Thin skins over :func:`vtransfer.loading.backbone_summary` and
-:func:`vtransfer.loading.inspect_backbone`.
+Thin skins over :func:`vtransfer.workflows.loading.backbone_summary` and
+:func:`vtransfer.workflows.loading.inspect_backbone`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def backbones_command(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
     """List the backbones: presets, parameters, input, and weight sources (and whether each is present locally)."""
-    from vtransfer.loading import backbone_summary
+    from vtransfer.workflows.loading import backbone_summary
     from vtransfer.models.registry import backbone_names
 
     rows = [backbone_summary(name) for name in backbone_names()]
@@ -86,7 +86,7 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
     """Show a backbone's layer groups (tags, parameter counts, temporal parameters) and what a policy would train."""
-    from vtransfer.loading import inspect_backbone
+    from vtransfer.workflows.loading import inspect_backbone
 
     groups = O.split_list(train)
     from vtransfer.run_config import PolicyConfig

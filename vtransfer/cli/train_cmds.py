@@ -61,7 +61,7 @@ def finetune(
     """Fine-tune a backbone on DATA under a freezing policy; saves the model, metrics and a test report."""
     require_data(data)
     import vtransfer.api as api
-    from vtransfer.progress import RichReporter
+    from vtransfer.reporting.progress import RichReporter
 
     p = _with_recipe(ctx, "finetune", dict(data=data, out=out, resume=resume, overwrite=overwrite, recipe=recipe, **run))
     reporter = RichReporter(console)
@@ -76,8 +76,8 @@ def finetune(
 
 
 def _show_finetune(res) -> None:
-    from vtransfer import distributed
-    from vtransfer.report import render_eval_table
+    from vtransfer.utils import distributed
+    from vtransfer.reporting.report import render_eval_table
 
     if not distributed.current().is_main:
         return
@@ -101,7 +101,7 @@ def pretrain(
     """Train a backbone on a source dataset and save it as a weight source for later fine-tuning."""
     require_data(data)
     import vtransfer.api as api
-    from vtransfer.progress import RichReporter
+    from vtransfer.reporting.progress import RichReporter
 
     p = _with_recipe(ctx, "pretrain", dict(data=data, name=name, out=out, register=register, overwrite=overwrite,
                                            recipe=recipe, **run))
@@ -130,8 +130,8 @@ def compare_policies(
     """Run several freezing policies on the same split and seeds; print one table in the papers' form."""
     require_data(data)
     import vtransfer.api as api
-    from vtransfer.progress import RichReporter
-    from vtransfer.report import render_policy_table
+    from vtransfer.reporting.progress import RichReporter
+    from vtransfer.reporting.report import render_policy_table
 
     p = _with_recipe(ctx, "compare-policies", dict(data=data, policies=policies, seeds=seeds, shots=shots, out=out,
                                                    overwrite=overwrite, json_out=json_out, recipe=recipe, **run))
@@ -156,8 +156,8 @@ def compare_policies(
         style = "bold red" if key == "architecture mismatch" else "bold"
         console.print(f"[{style}]{key}:[/] {value}", highlight=False)
     if res.curve:
-        from vtransfer.report import _rich_table
-        from vtransfer.shots import curve_table
+        from vtransfer.reporting.report import _rich_table
+        from vtransfer.workflows.shots import curve_table
 
         console.print(_rich_table(curve_table(res.curve)))
     for policy, why in res.skipped.items():
@@ -191,8 +191,8 @@ def evaluate(
     import vtransfer.api as api
     from rich.markup import escape
 
-    from vtransfer.errors import ConfigError
-    from vtransfer.report import render_eval_table
+    from vtransfer.utils.errors import ConfigError
+    from vtransfer.reporting.report import render_eval_table
 
     if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out} is not empty; pass --overwrite or choose another --out")

@@ -92,7 +92,7 @@ def fetch_command(
     name: str = typer.Argument(..., help="Built-in source name, e.g. i3d:kinetics400."),
 ) -> None:
     """Download a built-in source into the cache now (and check its sha256)."""
-    from vtransfer.errors import WeightsError
+    from vtransfer.utils.errors import WeightsError
     from vtransfer.weights.sources import BUILTIN_SOURCES
 
     source = BUILTIN_SOURCES.get(name)

@@ -19,7 +19,7 @@ import io
 from pathlib import Path
 from typing import Iterable
 
-from vtransfer.errors import DatasetError
+from vtransfer.utils.errors import DatasetError
 
 #: Category given to dataset classes that the categories file does not name.
 UNCATEGORISED = "uncategorised"

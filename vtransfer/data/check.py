@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from vtransfer.data.records import SPLITS, DatasetIndex, SkippedFile, VideoInfo, VideoRecord
-from vtransfer.errors import VideoDecodeError
+from vtransfer.utils.errors import VideoDecodeError
 
 
 def printable(path: str | Path) -> str:
@@ -155,7 +155,7 @@ def check_dataset(
     Never raises for a bad video; each one is listed in ``unreadable`` with its reason.
     """
     if frames < 1 or stride < 1:
-        from vtransfer.errors import ConfigError
+        from vtransfer.utils.errors import ConfigError
 
         raise ConfigError(f"--frames and --stride must be at least 1 (got {frames} and {stride})")
     from vtransfer.data import decode  # noqa: F401 - import (torch, av) before timing and threading

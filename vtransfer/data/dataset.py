@@ -34,7 +34,7 @@ from vtransfer.data.records import VideoRecord
 from vtransfer.data.sampling import random_clip_start, uniform_clip_starts
 from vtransfer.data.spatial_crops import SpatialCropsTransform, validate_test_crops
 from vtransfer.data.transforms import DEFAULT_CROP_SCALE, eval_clip_transform, train_clip_transform
-from vtransfer.errors import ConfigError, VideoDecodeError
+from vtransfer.utils.errors import ConfigError, VideoDecodeError
 from vtransfer.models.base import Preprocessing
 
 MODES = ("train", "eval")

@@ -19,7 +19,7 @@ RGB bytes stay interleaved as the decoder wrote them); call ``.contiguous()``
 if you need a plain layout. :func:`vtransfer.data.transforms.normalize_clips`
 returns contiguous tensors.
 
-Every failure raises :class:`~vtransfer.errors.VideoDecodeError` naming the
+Every failure raises :class:`~vtransfer.utils.errors.VideoDecodeError` naming the
 file and the reason.
 """
 
@@ -36,7 +36,7 @@ import torch
 from av.video.reformatter import VideoReformatter
 
 from vtransfer.data.records import VideoInfo
-from vtransfer.errors import VideoDecodeError
+from vtransfer.utils.errors import VideoDecodeError
 
 # Frame periods to back off before the requested time when seeking, against
 # rounding in timestamp conversion (a seek that still lands after the target

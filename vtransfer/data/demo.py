@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vtransfer.errors import ConfigError, DatasetError
+from vtransfer.utils.errors import ConfigError, DatasetError
 
 APPEARANCE = "appearance"
 MOTION = "motion"

@@ -35,8 +35,8 @@ from torch.utils.data import get_worker_info
 
 from vtransfer.data.decode import DirectReader, probe_video, read_video
 from vtransfer.data.records import VideoRecord
-from vtransfer.errors import ConfigError, VideoDecodeError
-from vtransfer.hashing import file_sha256
+from vtransfer.utils.errors import ConfigError, VideoDecodeError
+from vtransfer.utils.hashing import file_sha256
 from vtransfer.models.base import Preprocessing
 
 CACHE_MODES = ("memory", "disk")

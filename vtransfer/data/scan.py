@@ -30,7 +30,7 @@ from vtransfer.data.splits import (
     read_manifest,
     stratified_split,
 )
-from vtransfer.errors import DatasetError
+from vtransfer.utils.errors import DatasetError
 
 _SPLIT_ORDER = {name: i for i, name in enumerate(SPLITS)}
 

@@ -19,7 +19,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 
 TEST_CROPS = (1, 3)
 

@@ -25,9 +25,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from vtransfer.atomic import atomic_write_bytes
+from vtransfer.utils.atomic import atomic_write_bytes
 from vtransfer.data.records import SPLITS, DatasetIndex, SkippedFile, VideoRecord
-from vtransfer.errors import ConfigError, DatasetError
+from vtransfer.utils.errors import ConfigError, DatasetError
 
 DEFAULT_RATIOS: tuple[float, float, float] = (0.7, 0.15, 0.15)
 #: UCF-101 names videos ``v_<Class>_g<group>_c<clip>.avi``; used to carve val out of a trainlist.

@@ -237,7 +237,7 @@ def init_relu_network(model: nn.Module, classifier: nn.Linear, std: float = 0.01
 
 def fresh_linear_classifier(old: nn.Linear, num_classes: int, family: str, std: float = 0.01) -> nn.Linear:
     """A new ``old.in_features -> num_classes`` classifier on ``old``'s device and dtype, N(0, ``std``), zero bias."""
-    from vtransfer.errors import ConfigError
+    from vtransfer.utils.errors import ConfigError
 
     if num_classes < 1:
         raise ConfigError(f"{family}: num_classes must be >= 1, got {num_classes}")

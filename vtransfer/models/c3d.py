@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtransfer.errors import ConfigError, WeightsError
+from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.models.base import (LayerGroup, Preprocessing, State, VideoBackbone, as_pair, fresh_linear_classifier,
                                    init_relu_network, module_param_names)
 from vtransfer.weights.keymatch import state_dict_problems

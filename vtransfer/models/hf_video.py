@@ -57,8 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtransfer.errors import ConfigError, WeightsError
-from vtransfer.jsonable import to_jsonable
+from vtransfer.utils.errors import ConfigError, WeightsError
+from vtransfer.utils.jsonable import to_jsonable
 from vtransfer.models.base import LayerGroup, Preprocessing, State, VideoBackbone, as_pair, module_buffer_names, module_param_names
 
 PREFIX = "hf:"

@@ -6,7 +6,7 @@ A family module may define, next to its presets and layer groups:
 * ``probe_tap(model) -> ProbeTap``: the unpooled map ``--policy attentive-probe`` reads;
 * ``LORA_TARGETS``: glob patterns over module names ``--policy lora`` adapts by default.
 
-:mod:`vtransfer.peft_policies` reads them through the registry, so the
+:mod:`vtransfer.policies.peft` reads them through the registry, so the
 policies name no backbone; a family without them gets a clear error.
 """
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Union
 
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import VideoBackbone
 
 _MODULES = {

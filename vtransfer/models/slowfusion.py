@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import (LayerGroup, Preprocessing, State, VideoBackbone, fresh_linear_classifier,
                                    init_relu_network, module_param_names)
 

@@ -3,13 +3,13 @@
 Parameter-efficient policies change a pretrained network's structure:
 LoRA wraps its linear and conv layers, ST-Adapters run between its blocks,
 an attentive probe replaces its global pooling. The families know nothing of
-this. Policy-time surgery (:mod:`vtransfer.peft_policies`) gives the built
+this. Policy-time surgery (:mod:`vtransfer.policies.peft`) gives the built
 model a subclass of its own class that puts :class:`StructuredBackbone` in
 front (the way ``torch.nn.utils.parametrize`` does), and records
 
 * ``policy_structure``: a JSON document that lets the same surgery be redone
   on a freshly built model (checkpoints store it; see
-  :func:`vtransfer.peft_policies.restore_structure`), and
+  :func:`vtransfer.policies.peft.restore_structure`), and
 * ``group_edits`` (:class:`GroupEdits`): which added submodule runs before or
   after which layer group, which group must hand over its map *before* the
   family pools it, and which group owns each added submodule's parameters.
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import LayerGroup, State, VideoBackbone, module_param_names
 
 #: Element-wise ops a pre-pool tap may apply to the tapped module's output (named, so structures stay data).

@@ -26,7 +26,7 @@ effnet3d): a convolution whose kernel has temporal extent > 1, and the
 BatchNorm that normalises its output. Transformer families set
 :attr:`TorchvisionVideoBackbone.no_temporal_reason` instead: their
 attention mixes space and time jointly, nothing acts across time alone, and
-the ``temporal`` policy says so (:func:`vtransfer.policies.resolve_policy`).
+the ``temporal`` policy says so (:func:`vtransfer.policies.freezing.resolve_policy`).
 
 **Frame stride.** torchvision states the frame rate its weights were evaluated
 at (15 fps, 7.5 fps for MViT); vtransfer's ``stride`` counts frames of the
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from vtransfer.errors import ConfigError
+from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import (
     LayerGroup,
     Preprocessing,
@@ -215,7 +215,7 @@ class TorchvisionVideoBackbone(VideoBackbone):
     tv_builder: Callable[..., nn.Module]
     tv_weights: type[WeightsEnum]
     classifier: str = ""
-    #: Set by families without temporal parameters: why (see :func:`vtransfer.policies.resolve_policy`).
+    #: Set by families without temporal parameters: why (see :func:`vtransfer.policies.freezing.resolve_policy`).
     no_temporal_reason: str = ""
     #: True when the network takes only its Weights' ``min_temporal_size`` x ``min_size`` clips (MViT).
     fixed_input: bool = False

@@ -11,9 +11,9 @@ file. Its header's ``__metadata__`` (a string -> string map) holds one key,
      "training": {...summary...}, "extra": {...}, "created": "...", "vtransfer_version": "..."}
 
 and, for a model calibrated on its validation split, ``"temperature": 1.42``
-(:mod:`vtransfer.calibration`; files without it read as uncalibrated), and,
+(:mod:`vtransfer.evaluation.calibration`; files without it read as uncalibrated), and,
 for a model a parameter-efficient policy added modules to, ``"structure":
-{"kind": "lora", ...}`` (:mod:`vtransfer.peft_policies`): loading rebuilds the
+{"kind": "lora", ...}`` (:mod:`vtransfer.policies.peft`): loading rebuilds the
 family model from ``config``, then redoes that surgery before the tensors load.
 
 Loading never unpickles anything: safetensors holds raw tensors only. Foreign
@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from vtransfer.atomic import atomic_write_bytes
-from vtransfer.errors import ConfigError, WeightsError
-from vtransfer.jsonable import to_jsonable
+from vtransfer.utils.atomic import atomic_write_bytes
+from vtransfer.utils.errors import ConfigError, WeightsError
+from vtransfer.utils.jsonable import to_jsonable
 from vtransfer.models.base import Preprocessing, VideoBackbone
 from vtransfer.weights.keymatch import state_dict_problems
 
@@ -66,7 +66,7 @@ class Checkpoint:
         source: weight source / what the backbone was pretrained on (may be empty).
         training: training summary (may be empty).
         temperature: the temperature fitted on validation to scale clip probabilities
-            (:func:`vtransfer.calibration.scaled`); ``None`` for an uncalibrated model.
+            (:func:`vtransfer.evaluation.calibration.scaled`); ``None`` for an uncalibrated model.
     """
 
     path: Path
@@ -125,7 +125,7 @@ def build_metadata(
         "source": dict(source or {}),
         "training": dict(training or {}),
         "extra": dict(extra or {}),
-        **({"structure": desc["structure"]} if desc.get("structure") else {}),  # policy-time modules: vtransfer.peft_policies
+        **({"structure": desc["structure"]} if desc.get("structure") else {}),  # policy-time modules: vtransfer.policies.peft
         **({} if temperature is None else {"temperature": float(temperature)}),
     }
 
@@ -440,7 +440,7 @@ def _with_structure(path: Path, model: VideoBackbone, structure: dict[str, Any] 
     """Redo the policy-time surgery (LoRA layers, ST-Adapters, a probe) the metadata records."""
     if not structure:
         return model
-    from vtransfer.peft_policies import restore_structure
+    from vtransfer.policies.peft import restore_structure
 
     try:
         return restore_structure(model, structure)

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from vtransfer.errors import ConfigError, WeightsError
+from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.weights.inflate import load_converted
 
 PREFIX = "vivit."

@@ -26,8 +26,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from vtransfer.errors import WeightsError
-from vtransfer.hashing import file_sha256
+from vtransfer.utils.errors import WeightsError
+from vtransfer.utils.hashing import file_sha256
 
 CONNECT_TIMEOUT_S = 10.0
 """Seconds to wait for a server to answer (and between reads) before giving up."""

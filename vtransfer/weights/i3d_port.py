@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from vtransfer.errors import WeightsError
+from vtransfer.utils.errors import WeightsError
 from vtransfer.weights.keymatch import listed, state_dict_problems
 
 #: How many offending keys an error message lists before summarising.

@@ -32,7 +32,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from vtransfer.errors import WeightsError
+from vtransfer.utils.errors import WeightsError
 from vtransfer.weights.keymatch import key_problems
 
 #: torchvision GoogLeNet BasicConv2d prefixes of the stem -> I3D Unit3D prefixes.

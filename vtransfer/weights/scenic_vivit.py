@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vtransfer.errors import WeightsError
+from vtransfer.utils.errors import WeightsError
 from vtransfer.weights.sources import WeightSource, _resolve
 
 #: msgpack extension codes of flax.serialization.

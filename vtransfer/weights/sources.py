@@ -48,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from vtransfer.errors import WeightsError
+from vtransfer.utils.errors import WeightsError
 from vtransfer.weights import hub
 
 SOURCES_FILE = "sources.json"
@@ -579,7 +579,7 @@ def register_source(file: str | Path, name: str) -> dict[str, Any]:
     Raises:
         WeightsError: bad name, a built-in name, or a file that does not validate.
     """
-    from vtransfer.atomic import atomic_write_json
+    from vtransfer.utils.atomic import atomic_write_json
 
     check_source_name(name)
     entry = summarize_weights_file(file)

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from vtransfer.errors import WeightsError
+from vtransfer.utils.errors import WeightsError
 from vtransfer.weights.keymatch import state_dict_problems
 from vtransfer.weights.sources import ForeignLayout
 

@@ -38,7 +38,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from vtransfer.errors import WeightsError
+from vtransfer.utils.errors import WeightsError
 
 _LAYER_RE = re.compile(r"^encoder\.layers\.encoder_layer_(\d+)\.(.+)$")
 # torchvision block sub-key -> vtransfer block sub-key

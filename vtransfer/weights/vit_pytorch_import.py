@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from vtransfer.errors import ConfigError, WeightsError
+from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.models.base import as_pair
 from vtransfer.weights.keymatch import key_problems
 

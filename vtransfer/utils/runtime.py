@@ -1,0 +1,138 @@
+"""Where and how computation runs: device, threads, precision, seeding.
+
+Small helpers shared by training, evaluation and prediction so that every
+command makes the same choices for the same options. Importing this module
+does not import torch (the CLI reads :data:`THREAD_ENVIRONMENT` before torch
+is loaded); the functions that need torch import it when called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import TYPE_CHECKING, MutableMapping
+
+from vtransfer.utils.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("fp32", "bf16")
+
+# OpenMP settings for a machine shared with other jobs (issue 12). PyTorch's CPU
+# kernels run on GNU libgomp (bundled as torch/lib/libgomp.so.1; Intel's
+# KMP_BLOCKTIME does not apply). By default a libgomp thread that reaches a
+# barrier first spins up to 300,000 times before sleeping, so every one of the
+# thousands of small parallel regions per step burns CPU time that other
+# processes, and our own descheduled thread, needed. PASSIVE makes waiting
+# threads sleep at once. libgomp reads these when torch loads it, so they only
+# take effect if set before ``import torch``; the CLI sets each one the user has
+# not set (see :func:`apply_thread_environment`). Measured by
+# benchmarks/bench_contention.py.
+THREAD_ENVIRONMENT: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def apply_thread_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set the :data:`THREAD_ENVIRONMENT` variables missing from ``environ`` (default ``os.environ``).
+
+    Returns the variables it set (a user's own values are left alone). Has an
+    effect only when called before torch is imported in this process.
+    """
+    env = os.environ if environ is None else environ
+    added = {k: v for k, v in THREAD_ENVIRONMENT.items() if k not in env}
+    env.update(added)
+    return added
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; anything else must exist."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for ``precision`` (``bf16`` on CPU or GPU; ``fp32`` is a no-op)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (respects affinity masks and cgroups' sched affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (default: every available CPU) and return the number.
+
+    Also on a busy machine: with waiting threads that sleep (:data:`THREAD_ENVIRONMENT`)
+    two threads beside two busy processes on two cores finished training steps
+    faster than one thread did (benchmarks/README.md, bench_contention.py).
+    """
+    import torch
+
+    n = max(1, threads or cpu_count())
+    torch.set_num_threads(n)
+    return n
+
+
+def thread_settings() -> dict[str, object]:
+    """What governs CPU parallelism in this process now: torch's thread counts and the OpenMP variables."""
+    import torch
+
+    env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return {"cpus": cpu_count(), "intra_op_threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), **env}
+
+
+def default_workers(device: torch.device, reader=None) -> int:
+    """DataLoader workers: none when frames come from an in-memory cache (cropping is cheap and
+    workers would only compete with the model for the cores); otherwise decoding overlaps compute,
+    and more workers than cores only thrash."""
+    cache = getattr(reader, "cache", None)
+    if cache is not None and getattr(cache, "mode", None) == "memory":
+        return 0
+    return min(2, cpu_count()) if device.type == "cpu" else min(8, cpu_count())
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` also ask torch for deterministic kernels."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if torch.backends.cudnn.is_available():
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+
+
+def preferred_memory_format(backbone: str, precision: str, device: torch.device) -> torch.memory_format:
+    """The memory format backbone family ``backbone`` declares for ``device`` and ``precision``.
+
+    Each family measures its own choice (``benchmarks/bench_step.py``); see
+    ``preferred_memory_format`` in its module (contiguous when it declares none).
+    """
+    from vtransfer.models.registry import memory_format
+
+    return memory_format(backbone, device, precision)

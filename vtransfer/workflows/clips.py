@@ -1,0 +1,61 @@
+"""Clips for a run: the preprocessing a run's options ask for, clip datasets, and the shared decoded-frame reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vtransfer.models.base import Preprocessing
+from vtransfer.run_config import ClipConfig
+
+
+def adapt_preprocessing(base: Preprocessing, frames: int | None, stride: int | None, size: int | None) -> Preprocessing:
+    """The backbone's preprocessing with user overrides; the resize keeps the crop/short-side ratio."""
+    resize_short = None
+    if size is not None:
+        ratio = base.resize_short / max(base.crop_size)
+        resize_short = max(size, int(round(size * ratio)))
+    return base.replace(frames=frames, stride=stride, crop_size=(size, size) if size else None, resize_short=resize_short)
+
+
+def make_clip_dataset(records, class_to_idx, preprocessing, mode, opts: ClipConfig, seed: int, clips: int | None = None,
+                      reader=None, views: int | None = None, crops: int = 1):
+    """A :class:`~vtransfer.data.dataset.ClipDataset` for ``mode`` (train or eval; ``crops`` spatial crops per eval clip)."""
+    from vtransfer.data.dataset import ClipDataset
+
+    return ClipDataset(
+        records,
+        class_to_idx,
+        preprocessing,
+        mode=mode,
+        clips_per_video=clips or opts.clips_per_video,
+        fixed_views=views,
+        seed=seed,
+        reader=reader,
+        crop_scale=opts.crop_scale,
+        crops=crops,
+    )
+
+
+# In-memory frame caches of this process, shared by the runs of compare-policies (and the demo).
+_READERS: dict[tuple, Any] = {}
+
+
+def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preprocessing):
+    """The decoded-frame reader for ``--cache``; an in-memory one is reused by later runs on the same videos.
+
+    Memory caches are keyed by the decode settings and each file's path, size and
+    modification time, so a changed file is decoded again.
+    """
+    from vtransfer.data.frame_cache import make_reader
+    from vtransfer.utils.hashing import file_stamp
+
+    key = (preprocessing.resize_short, tuple(sorted((str(r.path), *file_stamp(r.path)) for r in records)))
+    if cache in ("auto", "memory") and key in _READERS:
+        return _READERS[key]
+    reader = make_reader(cache, cache_dir, records, preprocessing)
+    cached = getattr(reader, "cache", None)
+    if cached is not None and cached.mode == "memory":
+        _READERS.clear()  # keep one dataset's frames at a time
+        _READERS[key] = reader
+    return reader

@@ -1,0 +1,71 @@
+"""The model a run starts from: built or loaded per the run's options, with the clip geometry they ask for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vtransfer.workflows.clips import adapt_preprocessing
+from vtransfer.models.base import VideoBackbone
+from vtransfer.run_config import RunConfig
+
+
+def geometry_overrides(backbone: str, preset: str | None, frames: int | None, stride: int | None, size: int | None) -> dict[str, Any]:
+    """Constructor overrides so a freshly built backbone takes ``frames``/``stride``/``size`` clips.
+
+    The short-side resize keeps the preset's crop-to-resize ratio (the backbone's own rule when the preset does not say).
+    """
+    from vtransfer.models.registry import geometry_keys, resolve_config
+
+    keys = geometry_keys(backbone)
+    wanted = {"frames": frames, "stride": stride, "size": size}
+    out = {keys[k]: v for k, v in wanted.items() if v is not None and k in keys}
+    if size is not None and "size" in keys:
+        cfg = resolve_config(backbone, preset)
+        base = cfg.get(keys["size"])
+        base = max(base) if isinstance(base, (list, tuple)) else base
+        if cfg.get("resize_short") and base:  # else the constructor derives it from the size
+            out["resize_short"] = max(size, int(round(size * cfg["resize_short"] / base)))
+    return out
+
+
+def build_run_model(cfg: RunConfig | dict, num_classes: int) -> tuple[VideoBackbone, dict]:
+    """The model a run with configuration ``cfg`` (or flat options) starts from, and where its weights came from.
+
+    ``scratch`` gets random weights with the preset's (or the geometry
+    options') architecture; other policies load the ``weights``, whose own
+    architecture wins for a checkpoint file. The preprocessing follows the
+    ``frames``/``stride``/``size`` options.
+    """
+    from vtransfer.workflows.loading import load_backbone_with_info
+
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_options(cfg)
+    m, c = cfg.model, cfg.clips
+    arch_overrides = {}
+    if m.dropout is not None:
+        arch_overrides["dropout"] = m.dropout
+    if m.weights is None:
+        arch_overrides.update(geometry_overrides(m.backbone, m.preset, c.frames, c.stride, c.size))
+    # a checkpoint carries its own architecture: the preset only applies to fresh or built-in-source models
+    preset = m.preset if m.weights is None or not Path(str(m.weights)).exists() else None
+    model, info = load_backbone_with_info(m.backbone, weights=m.weights, num_classes=num_classes, preset=preset, **arch_overrides)
+    if cfg.policy.policy == "scratch" and (m.weights is not None or info["kind"] != "random"):  # hf:REPO brings weights
+        model, info = _random_twin(model, info)
+    model.preprocessing = adapt_preprocessing(model.preprocessing, c.frames, c.stride, c.size)
+    return model, info
+
+
+def _random_twin(model: VideoBackbone, info: dict) -> tuple[VideoBackbone, dict]:
+    """A randomly initialised model of exactly ``model``'s architecture and preprocessing (the scratch baseline).
+
+    ``scratch`` beside pretrained policies must train the same network, so a
+    comparison never sets a checkpoint's small preset against a full-size one.
+    """
+    from vtransfer.models.registry import build_from_config
+
+    twin = build_from_config(model.backbone_name, dict(model.config))
+    twin.preprocessing = model.preprocessing
+    twin.eval()
+    random_info = {**info, "kind": "random", "source": None, "path": None, "pretrained_on": None,
+                   "pretrained_classes": None, "classes": None, "architecture_from": info.get("weights")}
+    return twin, random_info
