@@ -36,8 +36,8 @@ from _common import base_parser, cpu_count, rss_line
 RESULT_TAG = "RESULT "
 # Imported before the clock starts, so that the timed compare step is the work itself: these imports take
 # seconds, single-threaded, whatever the thread settings (the startup cost is measured on its own).
-WARM_IMPORTS = ("vtransfer.api", "vtransfer.engine.feature_cache", "vtransfer.engine.trainer", "vtransfer.reporting.report", "vtransfer.reporting.plots",
-                "sklearn.metrics", "torchvision")
+WARM_IMPORTS = ("vtransfer.api", "vtransfer.engine.feature_cache", "vtransfer.engine.trainer", "vtransfer.reporting.report",
+                "vtransfer.reporting.policy_report", "vtransfer.reporting.plots", "sklearn.metrics", "torchvision")
 TARGET_SLOWDOWN = 3.5
 SPIN = "while True:\n    pass\n"
 
@@ -49,7 +49,7 @@ def _load() -> str:
 def make_data(root: Path, quick: bool) -> dict:
     """Write the demo's target dataset under ``root``; return the ``api.compare_policies`` arguments to run on it."""
     from vtransfer.data.demo import make_demo
-    from vtransfer.workflows.demo_run import DEMO_SETTINGS
+    from vtransfer.demo import DEMO_SETTINGS
 
     s = dict(DEMO_SETTINGS)
     if quick:

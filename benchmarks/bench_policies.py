@@ -44,15 +44,20 @@ from _common import base_parser, load_line, rss_line, setup_threads
 
 from vtransfer import api
 from vtransfer.engine.batches import epoch_indices, make_loader
+from vtransfer.data.dataset import ClipDataset
 from vtransfer.data.demo import make_demo
+from vtransfer.data.scan import load_dataset
 from vtransfer.data.transforms import normalize_clips
 from vtransfer.engine.feature_cache import clear_stores
 from vtransfer.engine.inference import predict_clip_probs
 from vtransfer.evaluation.metrics import classification_report
-from vtransfer.policies.freezing import POLICY_NAMES, apply_policy, resolve_policy
+from vtransfer.models.registry import build_from_config, training_defaults
+from vtransfer.policies.names import FREEZING_POLICY_NAMES
+from vtransfer.policies.freezing import apply_policy, resolve_policy
+from vtransfer.run_config import RunConfig, resolve_training
 from vtransfer.workflows.runs import read_metrics
-from vtransfer.engine.trainer import TrainConfig, build_optimizer, warmup_cosine
-from vtransfer.weights.checkpoint import model_from_checkpoint
+from vtransfer.engine.trainer import build_optimizer, warmup_cosine
+from vtransfer.loading.checkpoints import model_from_checkpoint
 
 
 #: The tiny-I3D transfer setting both sides train with (the demo's before it moved to ImageNet weights):
@@ -65,10 +70,6 @@ SETTINGS = {
 
 def reference_run(policy: str, data: Path, manifest: Path, weights: Path, s: dict) -> tuple[float, float]:
     """The plain loop for one policy; returns (test video hit@1, seconds)."""
-    from vtransfer.data.dataset import ClipDataset
-    from vtransfer.data.scan import load_dataset
-    from vtransfer.models.registry import build_from_config
-
     t0 = time.perf_counter()
     torch.manual_seed(s["seed"])
     index = load_dataset(data, manifest=manifest)
@@ -82,8 +83,9 @@ def reference_run(policy: str, data: Path, manifest: Path, weights: Path, s: dic
     model.preprocessing = base.preprocessing
     plan = resolve_policy(model, policy)
     apply_policy(model, plan)  # requires_grad=False on frozen parameters; nothing else
-    config = TrainConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], optimizer=s["optimizer"],
-                         weight_decay=s["weight_decay"], seed=s["seed"]).resolved(ckpt.backbone)
+    options = RunConfig.from_options(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], optimizer=s["optimizer"],
+                                     weight_decay=s["weight_decay"], seed=s["seed"])
+    config = resolve_training(options, training_defaults(ckpt.backbone))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config, fused=False)  # torch defaults
     train = index.split("train")
     labels = [index.class_to_idx[r.label] for r in train]
@@ -140,7 +142,7 @@ def main() -> None:
              val_clips=1 if args.quick else 2, clips_per_video=1 if args.quick else 4,
              frames=10 if args.quick else 16, size=32 if args.quick else 64)
     vpc, src_vpc = (3, 2) if args.quick else (demo["target_videos_per_class"], demo["videos_per_class"])
-    policies = list(POLICY_NAMES)
+    policies = list(FREEZING_POLICY_NAMES)
     seeds = list(range(max(1, args.seeds)))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -158,7 +160,7 @@ def main() -> None:
         print(f"setup: {args.backbone} tiny, {s['frames']}x{s['size']}x{s['size']} clips, {s['epochs']} epochs, "
               f"{vpc} videos/class on the target ({vframes} frames at {vsize[0]}x{vsize[1]}, {args.fps} fps, H.264 with "
               f"a keyframe every {args.keyframe_interval} frames), {threads} threads, seeds {seeds}")
-        for module in ("vtransfer.reporting.plots", "vtransfer.reporting.report"):  # before timing: neither side pays first-import costs
+        for module in ("vtransfer.reporting.plots", "vtransfer.reporting.report", "vtransfer.reporting.policy_report"):  # before timing: neither side pays first-import costs
             importlib.import_module(module)
 
         clear_stores()

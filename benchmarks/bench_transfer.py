@@ -27,7 +27,7 @@ from _common import base_parser, load_line, rss_line, setup_threads
 from vtransfer import api
 from vtransfer.data.scan import load_dataset
 from vtransfer.evaluation.motion_baseline import fit_and_score
-from vtransfer.policies.freezing import POLICY_NAMES
+from vtransfer.policies.names import FREEZING_POLICY_NAMES
 
 
 def _fmt(mean: float | None, std: float | None) -> str:
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--no-weights", action="store_true", help="no pretrained weights (every policy starts random)")
     parser.add_argument("--preset", default=None)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    parser.add_argument("--policies", default=",".join(POLICY_NAMES))
+    parser.add_argument("--policies", default=",".join(FREEZING_POLICY_NAMES))
     parser.add_argument("--epochs", type=int, default=None, help="default: the tool's own default")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()

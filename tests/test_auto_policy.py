@@ -8,7 +8,6 @@ import pytest
 
 import vtransfer.api as api
 from vtransfer.workflows.auto_policy import Trial, candidate_policies, pick_winner
-from vtransfer.data.demo import make_demo
 from vtransfer.utils.errors import ConfigError
 from vtransfer.run_config import RunConfig
 
@@ -39,10 +38,8 @@ def test_candidates_put_cached_feature_policies_first_and_skip_what_does_not_app
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    root = tmp_path_factory.mktemp("auto")
-    make_demo(root / "target", class_set="target", videos_per_class=5, frames=16, size=48, seed=1)
-    return root / "target"
+def target(demo_datasets):
+    return demo_datasets("target", class_set="target", videos_per_class=5, frames=16, size=48, seed=1)
 
 
 def test_auto_trains_the_winner_in_the_run_folder_and_never_tests_a_trial(target, tmp_path):

@@ -31,7 +31,6 @@ av = pytest.importorskip("av")
 import vtransfer.api as api  # noqa: E402
 from vtransfer.workflows import runs  # noqa: E402
 from vtransfer.data.check import check_dataset, printable  # noqa: E402
-from vtransfer.data.demo import make_demo  # noqa: E402
 from vtransfer.data.scan import load_dataset  # noqa: E402
 from vtransfer.data.splits import read_manifest  # noqa: E402
 from vtransfer.utils.errors import DatasetError, VtransferError  # noqa: E402
@@ -109,12 +108,6 @@ def truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def good_dataset(root: Path, videos_per_class: int = 4) -> Path:
-    """Six demo classes of tiny valid videos (the videos every case must leave usable)."""
-    make_demo(root, class_set="target", videos_per_class=videos_per_class, frames=16, size=48, seed=3)
-    return root
-
-
 # -- the shared messy dataset: skip/used cases ---------------------------------------------
 # case -> (relative path as bytes, expected outcome kind, expected reason fragment)
 SKIP_OR_USE = {
@@ -176,9 +169,10 @@ def build_case(root: bytes, case: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def messy(tmp_path_factory):
+def messy(tmp_path_factory, demo_dataset):
     """The messy dataset, its ``check`` report and one fine-tuning run with the log it printed."""
-    root = good_dataset(tmp_path_factory.mktemp("messy") / "data")
+    root = tmp_path_factory.mktemp("messy") / "data"
+    shutil.copytree(demo_dataset, root)  # six demo classes of tiny valid videos (every case must leave them usable)
     good = sorted(root.glob("*/*.mp4"))
     for case in SKIP_OR_USE:
         build_case(os.fsencode(root), case)
@@ -357,9 +351,9 @@ def test_error_matrix(tmp_path, case):
 
 # -- videos that break after check -----------------------------------------------------------
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    """A clean dataset that each test below copies before breaking it."""
-    return good_dataset(tmp_path_factory.mktemp("clean") / "data")
+def clean(demo_dataset):
+    """A clean dataset that each test below copies before breaking it (conftest's shared one: never write into it)."""
+    return demo_dataset
 
 
 def _train_videos(run_dir: Path) -> list[Path]:

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 
 from vtransfer.data.transforms import normalize_clips
 from vtransfer.utils.errors import ConfigError, WeightsError
-from vtransfer.workflows.loading import backbone_summary, load_backbone, load_backbone_with_info
+from vtransfer.loading.backbone import backbone_summary, load_backbone, load_backbone_with_info
 from vtransfer.models import c3d
 from vtransfer.models.registry import build_backbone
 from vtransfer.policies.freezing import apply_policy, resolve_policy, set_train_mode
-from vtransfer.weights.sources import BUILTIN_SOURCES, detect_layout
+from vtransfer.loading.sources import BUILTIN_SOURCES, detect_layout
 
 #: The port's C3D_model.py: (name, input channels, output channels) of its eight 3x3x3 convs.
 PORT_CONVS = [
@@ -92,13 +92,6 @@ def assert_matches_port(model, sd, clips) -> float:
     rel = float((got - want).abs().max() / want.abs().max())
     assert rel < 1e-5, rel
     return rel
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("VTRANSFER_HOME", str(tmp_path / "vthome"))
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
-    return tmp_path / "vthome"
 
 
 # -- architecture -------------------------------------------------------------------------

@@ -28,16 +28,9 @@ from vtransfer.engine.inference import ClipPredictions
 from vtransfer.evaluation.metrics import EvalResult, aggregate_video_scores, classification_report
 from vtransfer.models.registry import build_backbone
 from vtransfer.reporting.report import render_eval_table, write_eval_report
-from vtransfer.weights.checkpoint import (
-    METADATA_KEY,
-    load_checkpoint,
-    model_from_checkpoint,
-    read_checkpoint_metadata,
-    save_checkpoint,
-    set_checkpoint_temperature,
-)
+from vtransfer.weights.checkpoint import METADATA_KEY, read_checkpoint_metadata, save_checkpoint, set_checkpoint_temperature
+from vtransfer.loading.checkpoints import load_checkpoint, model_from_checkpoint
 
-torch.set_num_threads(1)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

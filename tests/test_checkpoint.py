@@ -12,28 +12,17 @@ import pytest
 import torch
 
 from vtransfer.utils.errors import ConfigError, WeightsError
-from vtransfer.workflows.loading import load_backbone, load_backbone_with_info
+from vtransfer.loading.backbone import load_backbone, load_backbone_with_info
 from vtransfer.models.registry import build_backbone
-from vtransfer.weights.checkpoint import (
-    METADATA_KEY,
-    is_vtransfer_checkpoint,
-    load_checkpoint,
-    model_from_checkpoint,
-    read_checkpoint_metadata,
-    read_foreign_state_dict,
-    save_checkpoint,
-)
+from vtransfer.weights.checkpoint import METADATA_KEY, is_vtransfer_checkpoint, read_checkpoint_metadata, read_foreign_state_dict, save_checkpoint
+from vtransfer.loading.checkpoints import load_checkpoint, model_from_checkpoint
 
-torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BACKBONES = ("slowfusion", "i3d", "vivit", "effnet3d")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("VTRANSFER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("home")  # conftest: an empty VTRANSFER_HOME, offline
 
 
 def tiny(name: str, num_classes: int | None = None):
@@ -137,7 +126,7 @@ def test_save_leaves_no_temporary_files(tmp_path):
     model = tiny("vivit")
     save_checkpoint(tmp_path / "m.safetensors", model, classes=classes_for(model))
     save_checkpoint(tmp_path / "m.safetensors", model, classes=classes_for(model))  # overwrite
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["m.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "vthome") == ["m.safetensors"]
 
 
 def test_a_failing_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
@@ -159,7 +148,7 @@ def test_a_failing_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch)
 
     assert path.read_bytes() == before
     assert load_checkpoint(path).classes == classes_for(old)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["m.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "vthome") == ["m.safetensors"]
 
 
 # -- metadata validation --------------------------------------------------------------------------
@@ -298,7 +287,7 @@ def evil_files(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_crafted_pickles_are_refused_by_every_load_path(evil_files):
-    from vtransfer.weights.sources import register_source
+    from vtransfer.loading.sources import register_source
 
     marker, files = evil_files
     loaders = {

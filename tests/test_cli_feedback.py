@@ -129,12 +129,9 @@ def test_a_labelled_run_outside_a_terminal_prints_no_status():
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from vtransfer.data.demo import make_demo
-
-    root = tmp_path_factory.mktemp("feedback") / "data"
-    make_demo(root, class_set="target", classes=["ring", "move_up"], videos_per_class=4, frames=12, size=32, seed=2)
-    return root
+def tiny_data(demo_datasets):
+    return demo_datasets("data", class_set="target", classes=["ring", "move_up"], videos_per_class=4, frames=12, size=32,
+                         seed=2)
 
 
 def test_finetune_with_captured_output_prints_one_line_per_epoch(tiny_data, tmp_path):

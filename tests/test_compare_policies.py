@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,18 +13,19 @@ from typer.testing import CliRunner
 import vtransfer.api as api
 import vtransfer.cli
 from vtransfer.cli.app import app
-from vtransfer.data.demo import make_demo
-from vtransfer.weights.checkpoint import load_checkpoint
+from vtransfer.loading.checkpoints import load_checkpoint
 
 FAST = dict(backbone="slowfusion", preset="tiny", size=48, epochs=2, batch_size=8, clips_per_video=2, val_clips=1,
             workers=0, patience=0, device="cpu", cache="memory")
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
+def datasets(tmp_path_factory, demo_datasets):
     root = tmp_path_factory.mktemp("cmp")
-    make_demo(root / "source", class_set="source", videos_per_class=4, frames=16, size=48, seed=0)
-    make_demo(root / "target", class_set="target", videos_per_class=5, frames=16, size=48, seed=1)
+    shutil.copytree(demo_datasets("source", class_set="source", videos_per_class=4, frames=16, size=48, seed=0),
+                    root / "source")
+    shutil.copytree(demo_datasets("target", class_set="target", videos_per_class=5, frames=16, size=48, seed=1),
+                    root / "target")
     return root
 
 

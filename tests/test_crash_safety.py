@@ -20,9 +20,8 @@ import torch
 
 import vtransfer.api as api
 from vtransfer.workflows import runs
-from vtransfer.data.demo import make_demo
 from vtransfer.utils.errors import ConfigError, WeightsError
-from vtransfer.weights.checkpoint import load_checkpoint
+from vtransfer.loading.checkpoints import load_checkpoint
 
 TINY = dict(backbone="slowfusion", preset="tiny", size=48, policy="all", batch_size=8, clips_per_video=2, val_clips=1,
             workers=0, patience=0, device="cpu", cache="memory", threads=1)
@@ -32,11 +31,9 @@ RUN_FILES = {runs.CONFIG_FILE, runs.SPLIT_FILE, runs.METRICS_FILE, runs.MODEL_FI
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Six classes, four tiny videos each."""
-    root = tmp_path_factory.mktemp("demo") / "data"
-    make_demo(root, class_set="target", videos_per_class=4, frames=16, size=48, seed=3)
-    return root
+def demo(demo_dataset):
+    """Six classes, four tiny videos each (conftest's shared dataset: read only)."""
+    return demo_dataset
 
 
 def cli_args(data: Path, out: Path, epochs: int, **overrides) -> list[str]:
@@ -214,10 +211,8 @@ class _InterruptAfterFirstEpoch:
         pass
 
 
-def test_a_run_that_fails_before_its_first_epoch_leaves_nothing_in_the_way(demo, tmp_path, monkeypatch):
+def test_a_run_that_fails_before_its_first_epoch_leaves_nothing_in_the_way(demo, tmp_path, home):
     """Offline weights, a bad policy: the same command, corrected, runs without --overwrite."""
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
-    monkeypatch.setenv("VTRANSFER_HOME", str(tmp_path / "home"))
     run = tmp_path / "run"
     with pytest.raises(WeightsError):
         api.finetune(demo, out=run, epochs=1, **{**TINY, "backbone": "i3d", "weights": "i3d:imagenet"})

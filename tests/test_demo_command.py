@@ -8,11 +8,10 @@ from typer.testing import CliRunner
 
 import vtransfer.cli
 from vtransfer.cli.app import app
-from vtransfer.workflows.demo_run import DEMO_SETTINGS
+from vtransfer.demo import DEMO_SETTINGS
 
 
-def test_demo_runs_and_reuses(tmp_path, monkeypatch):
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")  # the demo's weights come from an installed package
+def test_demo_runs_and_reuses(tmp_path, home):  # offline: the demo's weights come from an installed package
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(
         "[demo]\ntarget_videos_per_class = 4\ndemo_frames = 12\ndemo_size = 48\nframes = 4\nsize = 48\n"

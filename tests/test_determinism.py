@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 
 import vtransfer.api as api
 from vtransfer.workflows import runs
-from vtransfer.data.demo import make_demo
 from vtransfer.data.splits import read_manifest
 
 COMMAND = ["--backbone", "slowfusion", "--preset", "tiny", "--size", "48", "--policy", "all", "--epochs", "2",
@@ -37,11 +36,10 @@ def strip_time(history: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tmp_path_factory, demo_dataset):
     """The same finetune command run twice, as two processes started together."""
     tmp = tmp_path_factory.mktemp("det")
-    data = tmp / "data"
-    make_demo(data, class_set="target", videos_per_class=4, frames=16, size=48, seed=3)
+    data = demo_dataset  # conftest's shared dataset: target set, 4 videos per class, 16 frames at 48x48, seed 3
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     procs = []
     for name in ("a", "b"):

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vtransfer.data.demo import make_demo
 
 ARGS = ["finetune", "--backbone", "slowfusion", "--preset", "tiny", "--size", "48", "--epochs", "2", "--batch-size", "8",
         "--dropout", "0", "--workers", "0", "--cache", "memory", "--clips-per-video", "2", "--val-clips", "1",
@@ -26,9 +25,8 @@ def _run(cmd, env_extra=None):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_single_process(tmp_path):
-    data = tmp_path / "data"
-    make_demo(data, class_set="target", videos_per_class=6, frames=16, size=48, seed=3)
+def test_two_process_ddp_matches_single_process(tmp_path, demo_datasets):
+    data = demo_datasets("data", class_set="target", videos_per_class=6, frames=16, size=48, seed=3)
     single, multi = tmp_path / "single", tmp_path / "ddp"
     _run([sys.executable, "-m", "vtransfer", *ARGS, str(data), "--out", str(single)])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",

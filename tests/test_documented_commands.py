@@ -47,7 +47,6 @@ from typer.testing import CliRunner
 
 import vtransfer.cli
 from vtransfer.cli.app import app
-from vtransfer.data.demo import make_demo
 from videos import write_video
 
 # The Karpathy recipe says preset = "full"; its stand-in weights are a tiny slow fusion, which wins, with this warning.
@@ -475,12 +474,12 @@ class _CtrlCInEpoch:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, demo_datasets):
     """The workspace: DATA (3 classes x 4 videos), cats.csv, clip1.mp4, clip2.avi, a UCF-101-shaped copy
     with its split lists, ``recipes/``; VTRANSFER_HOME inside it, offline, as the working directory."""
     root = tmp_path_factory.mktemp("workspace")
-    make_demo(root / "DATA", class_set="target", classes=["striped", "ring", "move_up"], videos_per_class=4,
-              frames=12, size=32, seed=3)
+    shutil.copytree(demo_datasets("DATA", class_set="target", classes=["striped", "ring", "move_up"], videos_per_class=4,
+                                  frames=12, size=32, seed=3), root / "DATA")
     shutil.copy(root / "DATA" / "categories.csv", root / "cats.csv")
     shutil.copy(root / "DATA" / "ring" / "ring_000.mp4", root / "clip1.mp4")
     write_video(root / "clip2.avi", 12, width=32, height=32, codec="mpeg4")

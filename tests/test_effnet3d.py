@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from vtransfer.utils.errors import WeightsError
-from vtransfer.workflows.loading import load_backbone, load_backbone_with_info
+from vtransfer.loading.backbone import load_backbone, load_backbone_with_info
 from vtransfer.models.registry import build_backbone
 from vtransfer.weights import hub
-from vtransfer.weights.sources import BUILTIN_SOURCES, imagenet_classes, list_sources
+from vtransfer.loading.sources import BUILTIN_SOURCES, list_sources
+from vtransfer.weights.source import imagenet_classes
 
 LITE0 = BUILTIN_SOURCES["effnet3d:imagenet"]
 
@@ -120,16 +121,15 @@ def test_lite_sizes_match_the_shipped_state_dicts():
             assert (tuple(shape[:2]) + tuple(shape[3:]) if len(shape) == 5 else tuple(shape)) == tuple(v.shape), k
 
 
-def test_source_is_present_offline_and_named_in_provenance(monkeypatch, tmp_path):
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
-    monkeypatch.setenv("VTRANSFER_HOME", str(tmp_path / "home"))
+def test_source_is_present_offline_and_named_in_provenance(tmp_path, home):
     rows = {r["name"]: r for r in list_sources("effnet3d")}
     assert set(rows) == {"effnet3d:imagenet", "effnet3d:imagenet-lite1", "effnet3d:imagenet-lite2"}
     assert all(r["present"] for r in rows.values())
     model, info = load_backbone_with_info("effnet3d", weights="effnet3d:imagenet", preset="tiny", num_classes=3)
     assert info["source"] == "effnet3d:imagenet" and info["pretrained_on"]["name"] == "ImageNet-1k"
     assert info["head_reset"] and model.num_classes == 3
-    from vtransfer.weights.checkpoint import load_checkpoint, save_checkpoint
+    from vtransfer.loading.checkpoints import load_checkpoint
+    from vtransfer.weights.checkpoint import save_checkpoint
 
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, model, classes=["a", "b", "c"], source={"pretrained": info})

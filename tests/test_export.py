@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 import vtransfer.cli
 from vtransfer.cli.app import app
-from vtransfer.data.demo import make_demo
 from vtransfer.data.scan import load_dataset
 from vtransfer.data.splits import read_manifest, write_manifest
 from vtransfer.data.transforms import normalize_clips
@@ -26,7 +25,8 @@ from vtransfer.workflows.export import (ExportError, decode_check_clip, export, 
                               read_preprocessing_json)
 from vtransfer.models.registry import build_backbone
 from vtransfer.models.slowfusion import SlowFusion
-from vtransfer.weights.checkpoint import model_from_checkpoint, save_checkpoint
+from vtransfer.loading.checkpoints import model_from_checkpoint
+from vtransfer.weights.checkpoint import save_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -36,10 +36,11 @@ CLASSES = ["move_up", "ring", "striped"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, demo_datasets):
     """A run folder: a tiny slow fusion (with dropout, so eval mode matters) and the split of its 6-video dataset."""
     root = tmp_path_factory.mktemp("export")
-    make_demo(root / "DATA", class_set="target", classes=CLASSES, videos_per_class=2, frames=12, size=32, seed=3)
+    shutil.copytree(demo_datasets("DATA", class_set="target", classes=CLASSES, videos_per_class=2, frames=12, size=32,
+                                  seed=3), root / "DATA")
     torch.manual_seed(0)
     model = build_backbone("slowfusion", "tiny", num_classes=3, input_size=32, dropout=0.5)
     (root / "run").mkdir()

@@ -14,11 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import vtransfer.api
 import vtransfer.cli
 from vtransfer.cli.app import app
 from vtransfer.data.dataset import ClipDataset
-from vtransfer.data.demo import make_demo
 from vtransfer.data.records import VideoRecord
 from vtransfer.data.scan import load_dataset
 from vtransfer.data.splits import write_manifest
@@ -26,7 +24,8 @@ from vtransfer.data.transforms import normalize_clips
 from vtransfer.utils.errors import ConfigError
 from vtransfer.workflows.extract import extract_features, read_features
 from vtransfer.models.registry import build_backbone
-from vtransfer.weights.checkpoint import model_from_checkpoint, save_checkpoint
+from vtransfer.loading.checkpoints import model_from_checkpoint
+from vtransfer.weights.checkpoint import save_checkpoint
 
 vtransfer.cli._register_commands()
 RUNNER = CliRunner()
@@ -35,10 +34,11 @@ SWAP = {"train": "train", "val": "test", "test": "val"}
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, demo_datasets):
     """DATA (3 classes x 3 videos) and a run folder whose split.csv is not the default split (val and test swapped)."""
     root = tmp_path_factory.mktemp("features")
-    make_demo(root / "DATA", class_set="target", classes=CLASSES, videos_per_class=3, frames=12, size=32, seed=3)
+    shutil.copytree(demo_datasets("DATA", class_set="target", classes=CLASSES, videos_per_class=3, frames=12, size=32,
+                                  seed=3), root / "DATA")
     torch.manual_seed(0)
     model = build_backbone("slowfusion", "tiny", num_classes=3, input_size=32)
     (root / "run").mkdir()
@@ -101,11 +101,7 @@ def test_backbone_name_with_weights_gets_the_default_split_and_the_same_embeddin
     assert abs(got.arrays["video_embeddings"] - first.arrays["video_embeddings"]).max() <= 1e-6
 
 
-def test_bad_options_fail_before_any_video_is_decoded(ws, tmp_path, monkeypatch):
-    def no_decoding(*args, **kwargs):
-        raise AssertionError("decoded videos before checking the options")
-
-    monkeypatch.setattr(vtransfer.api, "shared_reader", no_decoding)
+def test_bad_options_fail_before_any_video_is_decoded(ws, tmp_path, no_decoding):
     run, data, out = ws / "run", ws / "DATA", tmp_path / "f"
     cases = [
         (dict(model_or_backbone=run, fmt="parquet"), "--format 'parquet'"),

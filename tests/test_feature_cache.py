@@ -13,13 +13,13 @@ from checkpoints import random_checkpoints
 from vtransfer.api import ClipOptions, evaluate_records, plan_comparison, shallow_prefixes_first, shared_reader
 from vtransfer.engine.batches import LivePrefixSource
 from vtransfer.data.dataset import ClipDataset
-from vtransfer.data.demo import make_demo
 from vtransfer.data.scan import load_dataset
 from vtransfer.engine.feature_cache import CachedPrefixSource, clear_stores, get_store
-from vtransfer.models.registry import build_backbone
+from vtransfer.models.registry import build_backbone, training_defaults
 from vtransfer.policies.freezing import apply_policy, resolve_policy, set_train_mode
-from vtransfer.utils.runtime import preferred_memory_format
-from vtransfer.engine.trainer import Trainer, TrainConfig, build_optimizer
+from vtransfer.models.registry import preferred_memory_format
+from vtransfer.engine.trainer import Trainer, build_optimizer
+from vtransfer.run_config import RunConfig, resolve_training
 
 CPU = torch.device("cpu")
 GEOMETRY = {name: api.geometry_overrides(name, "tiny", None, None, None if name == "vivit" else 32)
@@ -27,10 +27,8 @@ GEOMETRY = {name: api.geometry_overrides(name, "tiny", None, None, None if name 
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fc") / "target"
-    make_demo(root, class_set="target", videos_per_class=3, frames=16, size=40, seed=2)
-    return root
+def data(demo_datasets):
+    return demo_datasets("target", class_set="target", videos_per_class=3, frames=16, size=40, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +38,8 @@ def pretrained(tmp_path_factory):
 
 
 def _train(model, plan, source, epochs: int = 3):
-    config = TrainConfig(epochs=epochs, batch_size=4, lr=0.05, optimizer="sgd", weight_decay=1e-4, patience=0).resolved(
-        model.backbone_name)
+    options = RunConfig.from_options(epochs=epochs, batch_size=4, lr=0.05, optimizer="sgd", weight_decay=1e-4, patience=0)
+    config = resolve_training(options, training_defaults(model.backbone_name))
     torch.manual_seed(0)  # dropout masks: the same on both sides
     trainer = Trainer(model, plan, config, CPU, source, validate=lambda m: (0.0, 0.0), save_best=lambda m, r: None,
                       save_state=lambda s: None, train_size=len(source.labels))
@@ -83,7 +81,7 @@ def test_cached_prefix_trains_the_same_model_as_live_decoding(data, backbone, po
 
 def test_cached_evaluation_equals_full_forward(data, pretrained):
     index = load_dataset(data)
-    from vtransfer.weights.checkpoint import model_from_checkpoint
+    from vtransfer.loading.checkpoints import model_from_checkpoint
 
     model, _ = model_from_checkpoint(pretrained["i3d"])
     model.reset_classifier(len(index.classes))
@@ -160,7 +158,8 @@ def test_fused_optimizer_matches_the_default_update(optimizer):
     torch.manual_seed(0)
     model = build_backbone("i3d", "tiny", num_classes=4, **GEOMETRY["i3d"])
     params = [p for p in model.parameters()]
-    config = TrainConfig(optimizer=optimizer, lr=0.01, weight_decay=0.01).resolved("i3d")
+    options = RunConfig.from_options(optimizer=optimizer, lr=0.01, weight_decay=0.01)
+    config = resolve_training(options, training_defaults("i3d"))
     copies = {kind: [p.detach().clone().requires_grad_() for p in params] for kind in ("fused", "plain")}
     opts = {"fused": build_optimizer(copies["fused"], config), "plain": build_optimizer(copies["plain"], config, fused=False)}
     assert opts["fused"].defaults.get("fused") is True and not opts["plain"].defaults.get("fused")

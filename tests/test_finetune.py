@@ -11,18 +11,15 @@ from safetensors.torch import load_file
 
 import vtransfer.api as api
 from checkpoints import random_checkpoints
-from vtransfer.data.demo import make_demo
 from vtransfer.models.registry import build_backbone
 
 FAST = dict(epochs=2, batch_size=8, clips_per_video=2, val_clips=1, workers=0, patience=0, device="cpu", cache="memory")
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    """Three appearance and three motion classes, 6 videos each (tiny)."""
-    root = tmp_path_factory.mktemp("demo") / "target"
-    make_demo(root, class_set="target", videos_per_class=6, frames=16, size=48, seed=3)
-    return root
+def demo_data(demo_datasets):
+    """Three appearance and three motion classes, 6 videos each (tiny; shared, read only)."""
+    return demo_datasets("target", class_set="target", videos_per_class=6, frames=16, size=48, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,13 @@ import vtransfer
 from vtransfer import api
 from vtransfer.reporting import plots
 from vtransfer.utils.errors import ConfigError, WeightsError
-from vtransfer.workflows.loading import load_backbone_with_info
+from vtransfer.loading.backbone import load_backbone_with_info
 from vtransfer.models.base import check_groups_partition
 from vtransfer.models.hf_video import HFVideoBackbone
 from vtransfer.models.registry import backbone_names, is_backbone_name
-from vtransfer.policies.freezing import POLICY_NAMES, resolve_policy
-from vtransfer.weights.checkpoint import model_from_checkpoint
+from vtransfer.policies.names import FREEZING_POLICY_NAMES
+from vtransfer.policies.freezing import resolve_policy
+from vtransfer.loading.checkpoints import model_from_checkpoint
 from videos import write_video
 
 pytestmark = pytest.mark.filterwarnings("ignore:hf.*no video_preprocessor_config.json:UserWarning")
@@ -113,7 +114,7 @@ def test_a_checkpoint_without_classifier_gets_a_fresh_head(tmp_path, clips):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_policy_resolves_or_names_the_ones_that_apply(hf_dirs, family):
     model = vtransfer.load_backbone("hf:" + str(hf_dirs[family]), num_classes=2)
-    for policy in POLICY_NAMES:
+    for policy in FREEZING_POLICY_NAMES:
         if policy == "temporal" and family != "timesformer":
             with pytest.raises(ConfigError, match="mix information across time.*jointly.*top-layer, top-3, all"):
                 resolve_policy(model, policy)
@@ -160,8 +161,8 @@ def quick_plots(monkeypatch):
 def test_finetune_each_policy_and_reload_offline(hf_dirs, videos, tmp_path, monkeypatch, quick_plots, clips, family):
     src = tmp_path / "model"
     shutil.copytree(hf_dirs[family], src)
-    res = api.compare_policies(videos, backbone="hf:" + str(src), policies=POLICY_NAMES, out=tmp_path / "cmp", **FAST)
-    applicable = [p for p in POLICY_NAMES if p != "temporal" or family == "timesformer"]
+    res = api.compare_policies(videos, backbone="hf:" + str(src), policies=FREEZING_POLICY_NAMES, out=tmp_path / "cmp", **FAST)
+    applicable = [p for p in FREEZING_POLICY_NAMES if p != "temporal" or family == "timesformer"]
     assert [r.policy for r in res.rows] == applicable
     assert list(res.skipped) == ([] if family == "timesformer" else ["temporal"])
     kinds = {p: json.loads((tmp_path / "cmp" / p / "config.json").read_text())["resolved"]["weights"]["kind"]
@@ -224,8 +225,7 @@ def test_preprocessing_matches_the_checkpoints_processor(hf_dirs, tmp_path, fami
     torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)
 
 
-def test_clear_errors(hf_dirs, tmp_path, monkeypatch):
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
+def test_clear_errors(hf_dirs, tmp_path, monkeypatch, home):
     with pytest.raises(WeightsError, match=r"nobody-xyz/no-such-video-model.*save_pretrained.*hf:FOLDER"):
         vtransfer.load_backbone("hf:nobody-xyz/no-such-video-model")
     with pytest.raises(WeightsError, match="no such folder"):

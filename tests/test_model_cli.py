@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import vtransfer.cli
 from vtransfer.cli.app import app
 from vtransfer.utils.errors import ConfigError, WeightsError
-from vtransfer.workflows.loading import inspect_backbone
+from vtransfer.loading.backbone import inspect_backbone
 from vtransfer.models.registry import backbone_names, build_backbone
 from vtransfer.weights.checkpoint import save_checkpoint
 
@@ -19,11 +19,7 @@ vtransfer.cli._register_commands()
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("VTRANSFER_HOME", str(tmp_path / "vthome"))
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
-    return tmp_path / "vthome"
+pytestmark = pytest.mark.usefixtures("home")  # conftest: an empty VTRANSFER_HOME, offline
 
 
 def invoke(*args: str):

@@ -17,18 +17,14 @@ from vtransfer.models.base import LayerGroup, Preprocessing, VideoBackbone, chec
 from vtransfer.models.registry import build_backbone, presets
 from vtransfer.models.st_adapter import STAdapter
 from vtransfer.models.structured import StructuredBackbone, structure_of
-from vtransfer.policies.peft import (
-    PolicyOptions,
-    merge_lora,
-    merge_lora_checkpoint,
-    parameter_counts,
-    prepare_model_for_policy,
-)
-from vtransfer.policies.freezing import ALL_POLICY_NAMES, apply_policy, plan_policy, resolve_policy, set_train_mode
-from vtransfer.weights.checkpoint import load_checkpoint, model_from_checkpoint, read_checkpoint_metadata, save_checkpoint
+from vtransfer.policies.peft import PolicyOptions, merge_lora, parameter_counts, prepare_model_for_policy
+from vtransfer.loading.checkpoints import merge_lora_checkpoint
+from vtransfer.policies.names import ALL_POLICY_NAMES
+from vtransfer.policies.freezing import apply_policy, plan_policy, resolve_policy, set_train_mode
+from vtransfer.loading.checkpoints import load_checkpoint, model_from_checkpoint
+from vtransfer.weights.checkpoint import read_checkpoint_metadata, save_checkpoint
 
 pytest.importorskip("peft")
-torch.set_num_threads(1)
 
 FAMILIES = ("vivit", "i3d", "effnet3d")
 #: Small clips for the tiny presets (effnet3d and I3D cost the most on a CPU).
@@ -397,11 +393,13 @@ def test_resolving_a_structural_policy_needs_the_surgery_first():
 
 def test_the_probe_trains_at_the_base_rate_and_only_its_classifier_at_the_head_rate():
     """effnet3d's 10x classifier rate applied to the probe's attention made its loss run to 40-80 on real clips."""
-    from vtransfer.engine.trainer import Trainer, TrainConfig
+    from vtransfer.engine.trainer import Trainer
+    from vtransfer.models.registry import training_defaults
+    from vtransfer.run_config import RunConfig, resolve_training
 
     model, plan = plan_policy(build_backbone("effnet3d", "tiny", num_classes=3), "attentive-probe")
     apply_policy(model, plan)
-    config = TrainConfig(epochs=1, batch_size=2).resolved("effnet3d")
+    config = resolve_training(RunConfig.from_options(epochs=1, batch_size=2), training_defaults("effnet3d"))
     source = type("S", (), {"num_batches": lambda self: 1, "batches": lambda self, epoch: iter(())})()
     trainer = Trainer(model, plan, config, torch.device("cpu"), source, lambda m: (0.0, 0.0), lambda m, r: None,
                       save_state=lambda state: None)

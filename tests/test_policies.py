@@ -7,7 +7,8 @@ import torch
 
 from vtransfer.utils.errors import ConfigError
 from vtransfer.models.registry import build_backbone
-from vtransfer.policies.freezing import POLICY_NAMES, apply_policy, frozen_modules, resolve_policy, set_train_mode
+from vtransfer.policies.names import FREEZING_POLICY_NAMES
+from vtransfer.policies.freezing import apply_policy, frozen_modules, resolve_policy, set_train_mode
 
 BACKBONES = ("slowfusion", "i3d", "vivit", "effnet3d")
 
@@ -104,7 +105,7 @@ def test_apply_policy_and_frozen_batchnorm_stays_fixed():
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", FREEZING_POLICY_NAMES)
 def test_prefix_split_equals_full_forward(name, policy):
     m = tiny(name).eval()
     plan = resolve_policy(m, policy)
@@ -137,7 +138,7 @@ def test_every_dropout_belongs_to_one_group(name):
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", FREEZING_POLICY_NAMES)
 def test_frozen_groups_are_fixed_functions_in_training(name, policy):
     """With dropout on, every fully frozen group gives the same output twice in train mode, equal to eval mode."""
     torch.manual_seed(0)

@@ -94,13 +94,9 @@ def _private_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """Three appearance and three motion classes, 4 short videos each."""
-    from vtransfer.data.demo import make_demo
-
-    root = tmp_path_factory.mktemp("recipe-data") / "target"
-    make_demo(root, class_set="target", videos_per_class=4, frames=16, size=48)
-    return root
+def data(demo_datasets) -> Path:
+    """Three appearance and three motion classes, 4 short videos each (shared, read only)."""
+    return demo_datasets("target", class_set="target", videos_per_class=4, frames=16, size=48)
 
 
 def _tiny_checkpoint(path: Path, backbone: str, **overrides) -> Path:
@@ -244,7 +240,7 @@ def test_ucf101_categories_agree_with_the_shared_transcription():
 
 
 def test_demo_recipe_mirrors_demo_settings():
-    from vtransfer.workflows.demo_run import DEMO_SETTINGS
+    from vtransfer.demo import DEMO_SETTINGS
 
     raw = tomllib.loads((RECIPES / "demo.toml").read_text())
     demo = raw["demo"]
@@ -353,8 +349,7 @@ def test_vivit_recipe_drives_finetune(data, tmp_path):
     assert r["train"]["optimizer"] == "adamw"                               # the seed paper states none: vtransfer's ViViT default
 
 
-def test_demo_recipe_replays_the_comparison(data, tmp_path, monkeypatch):
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
+def test_demo_recipe_replays_the_comparison(data, tmp_path, home):
     out = tmp_path / "cmp"
     _invoke(["compare-policies", data, "--recipe", RECIPES / "demo.toml", "--policies", "top-layer", "--frames", "4",
              "--size", "32", *FAST, "--out", out])

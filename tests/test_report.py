@@ -17,17 +17,10 @@ from rich.console import Console
 from vtransfer.reporting import plots
 from vtransfer.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from vtransfer.evaluation.metrics import EvalResult, classification_report
-from vtransfer.reporting.report import (
-    PolicyRow,
-    aggregate_seed_rows,
-    format_duration,
-    format_pct,
-    policy_table,
-    render_eval_table,
-    render_policy_table,
-    write_eval_report,
-    write_policy_table,
-)
+from vtransfer.reporting.formatting import format_duration, format_pct
+from vtransfer.reporting.policy_report import policy_table, render_policy_table, write_policy_table
+from vtransfer.reporting.report import render_eval_table, write_eval_report
+from vtransfer.workflows.compare_rows import PolicyRow, aggregate_seed_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["brush_hair", "clap", "drink", "jump", "run", "wave"]
@@ -358,3 +351,43 @@ def test_hit_k_keys_carry_their_k_and_reports_written_before_still_read(tmp_path
     mixed = write_policy_table([row, _row("all", 0, 0.5, {})], tmp_path / "mixed")  # k = 2 and k = 5
     header = next(csv.reader(mixed["csv"].open()))
     assert "test_video_hitk" in header and "test_video_hit5" not in header and "top_k" in header
+
+
+# --------------------------------------------------------------------------- HTML templates and layering
+
+
+def test_html_pages_escape_every_string_they_are_given(tmp_path):
+    hostile = "<script>alert(1)</script>"
+    classes = ["a & b", hostile, "c"]
+    result = _result(num_classes=3, classes=classes, categories={"a & b": "x<y", hostile: "x<y", "c": "z"})
+    page = write_eval_report(result, tmp_path / "rep", title=f"title {hostile}", extra={hostile: hostile})["html"]
+    text = page.read_text()
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "a &amp; b" in text and "x&lt;y" in text
+    assert text.count("<title>title &lt;script&gt;") == 1 and text.count("<h1>title &lt;script&gt;") == 1
+
+    row = _row(hostile, 0, 0.5, {"x<y": 0.4})
+    cmp = write_policy_table([row], tmp_path / "cmp", title=hostile, extra={"k": hostile},
+                             figures=[(hostile, "f.png", PNG_SIGNATURE)])["html"].read_text()
+    assert "<script>" not in cmp and cmp.count("&lt;script&gt;") >= 5
+
+
+def test_templates_ship_with_the_package():
+    from importlib.resources import files
+
+    names = {p.name for p in (files("vtransfer.reporting") / "templates").iterdir()}
+    assert {"page.html.j2", "macros.html.j2", "eval_report.html.j2", "compare.html.j2"} <= names
+
+
+def test_reporting_never_imports_workflows():
+    """Workflows use reporting; reporting draws plain data and never reaches back (not even for type checking)."""
+    import ast
+    from pathlib import Path
+
+    import vtransfer.reporting
+
+    for path in Path(vtransfer.reporting.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert not any(n.startswith("vtransfer.workflows") for n in names), f"{path.name}:{node.lineno}"

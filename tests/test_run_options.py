@@ -12,9 +12,8 @@ from typer.testing import CliRunner
 import vtransfer.cli
 from checkpoints import random_checkpoints
 from vtransfer.cli.app import app
-from vtransfer.data.demo import make_demo
 from vtransfer.run_config import FIELDS, OPTION_NAMES, RunConfig
-from vtransfer.weights.checkpoint import load_checkpoint, model_from_checkpoint
+from vtransfer.loading.checkpoints import load_checkpoint, model_from_checkpoint
 
 vtransfer.cli._register_commands()
 
@@ -23,10 +22,10 @@ FAST = ["--epochs", "2", "--batch-size", "8", "--clips-per-video", "2", "--val-c
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, demo_datasets):
     root = tmp_path_factory.mktemp("opts")
-    make_demo(root / "target", class_set="target", videos_per_class=5, frames=16, size=48, seed=2)
-    return root / "target", random_checkpoints(root / "pretrained")
+    data = demo_datasets("target", class_set="target", videos_per_class=5, frames=16, size=48, seed=2)
+    return data, random_checkpoints(root / "pretrained")
 
 
 def _run(*args: str):
@@ -102,11 +101,12 @@ def test_training_features_run_and_are_recorded(demo, tmp_path):
             resolved["grad_checkpointing"]) == (4, 0.9, 0.4, 0.8, True)
 
 
-def test_bad_values_fail_before_any_video_is_read(demo, tmp_path):
+def test_bad_values_fail_before_any_video_is_read(demo, tmp_path, no_decoding):
     data, pretrained = demo
     for extra, says in ((["--policy", "lora", "--lora-rank", "0"], "--lora-rank"),
                         (["--policy", "top-layer", "--mixup", "0.5"], "mixup"),
-                        (["--policy", "adapter", "--backbone", "slowfusion"], "adapter")):
+                        (["--policy", "adapter", "--backbone", "slowfusion"], "adapter"),
+                        (["--optimizer", "rmsprop"], "--optimizer"), (["--micro-batch", "0"], "--micro-batch")):
         result = CliRunner().invoke(app, ["finetune", str(data), "--preset", "tiny", "--out", str(tmp_path / "bad"),
                                           "--backbone", "vivit", *FAST, *extra])
         assert result.exit_code != 0 and says in str(result.exception) + result.output, (extra, result.output)

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+import vtransfer.cli
+from vtransfer.cli import data_cmds, deploy_cmds
+from vtransfer.cli.app import app
+from vtransfer.cli.run_options import run_values
 from vtransfer.data.categories import UNCATEGORISED, load_categories
 from vtransfer.data.records import DatasetIndex, VideoRecord
 from vtransfer.data.scan import load_dataset, scan_dataset
 from vtransfer.data.sniff import classify_file, container_from_bytes, sniff_container
 from vtransfer.data.splits import (
     _largest_remainder,
-    parse_ratios,
+    check_ratios,
     read_manifest,
     stratified_split,
     write_manifest,
 )
+from vtransfer.run_config import FIELDS, parse_ratios
 from vtransfer.utils.errors import ConfigError, DatasetError
+
+vtransfer.cli._register_commands()
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -215,8 +225,6 @@ def test_odd_names_round_trip_through_the_manifest(tmp_path):
 
 
 def test_largest_remainder_sums_and_rounds():
-    import random
-
     for n in range(0, 40):
         counts = _largest_remainder(n, (0.7, 0.15, 0.15), random.Random(n))
         assert sum(counts) == n
@@ -295,12 +303,70 @@ def test_group_pattern_whole_match_and_unmatched_files(tmp_path):
 def test_bad_ratios_and_pattern_are_config_errors(tmp_path):
     assert parse_ratios("70,15,15") == pytest.approx((0.7, 0.15, 0.15))
     assert parse_ratios("0.8, 0.1, 0.1") == pytest.approx((0.8, 0.1, 0.1))
-    for bad in ("0.7,0.3", "a,b,c", "0,0.5,0.5", "0.8,-0.1,0.3"):
-        with pytest.raises(ConfigError, match="--ratios"):
+    bad_values = ("0.7,0.3", "a,b,c", "0,0.5,0.5", "0.8,-0.1,0.3", "0.5,0.2,0.2", "7,1.5,1.5", "nan,0.5,0.5", "1,1,1,1")
+    for bad in bad_values:
+        with pytest.raises(ConfigError, match=f"--ratios '{re.escape(bad)}': "):
             parse_ratios(bad)
+    with pytest.raises(ConfigError, match=r"--ratios '0\.5,0\.2,0\.2': the shares sum to 0\.9; give fractions summing to 1 "
+                                          r"\(0\.7,0\.15,0\.15\) or percentages summing to 100 \(70,15,15\)"):
+        parse_ratios("0.5,0.2,0.2")
+    with pytest.raises(ConfigError, match="--ratios '2,1,1': the shares sum to 4"):  # the API follows the same rule
+        stratified_split([], (2, 1, 1))
     make_flat(tmp_path, {"a": 3, "b": 3})
     with pytest.raises(ConfigError, match="--group-pattern"):
         load_dataset(tmp_path, group_pattern="person(")
+
+
+#: Every command that takes --ratios, with what else it needs to get as far as reading it.
+RATIO_COMMANDS = {
+    "finetune": ["--out", "{tmp}/run"],
+    "pretrain": ["--out", "{tmp}/run"],
+    "compare-policies": ["--out", "{tmp}/run"],
+    "extract-features": ["--out", "{tmp}/emb", "--preset", "tiny"],  # after the backbone argument
+    "check": [],
+    "split": ["--out", "{tmp}/split.csv"],
+}
+
+
+@pytest.mark.parametrize("fractions, percentages", [("0.7,0.15,0.15", "70,15,15"), ("0.5,0.2,0.3", "50, 20, 30"),
+                                                    ("0.8,0.2,0", "80/20/0"), ("0.6,0.2,0.2", "60:20:20")])
+def test_ratios_are_fractions_or_percentages_in_every_command(fractions, percentages):
+    expected = tuple(float(x) for x in fractions.split(","))
+    # finetune, pretrain and compare-policies: the option generated from the run configuration
+    assert FIELDS["ratios"][1].metadata["parse"] is parse_ratios
+    # extract-features, check and split call the same parser
+    assert deploy_cmds.O.parse_ratios is parse_ratios and data_cmds.parse_ratios is parse_ratios
+    for text in (fractions, percentages):
+        assert parse_ratios(text) == expected  # the very floats: percentages give the split fractions give
+        assert run_values({"ratios": text})["ratios"] == expected
+        assert check_ratios(text) == check_ratios(expected)
+    assert check_ratios([float(x) for x in percentages.replace("/", ",").replace(":", ",").split(",")]) == \
+        check_ratios(expected)  # a recipe's or the API's list follows the same rule
+
+
+@pytest.mark.parametrize("command", sorted(RATIO_COMMANDS))
+def test_a_bad_ratios_value_is_refused_by_every_command_naming_it(command, tmp_path):
+    data = tmp_path / "data"
+    make_flat(data, {"a": 3, "b": 3})
+    head = [command, "i3d", str(data)] if command == "extract-features" else [command, str(data)]
+    extra = [a.format(tmp=tmp_path) for a in RATIO_COMMANDS[command]]
+    result = CliRunner().invoke(app, [*head, *extra, "--ratios", "0.5,0.2,0.2"])
+    said = " ".join((str(result.exception) + " " + result.output).split())
+    assert result.exit_code != 0, result.output
+    assert "--ratios '0.5,0.2,0.2': the shares sum to 0.9" in said, said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
+
+
+def test_cli_split_takes_percentages_as_fractions(tmp_path):
+    data = tmp_path / "data"
+    make_flat(data, {"a": 13, "b": 9, "c": 4})
+    for name, ratios in (("pct.csv", "60,25,15"), ("frac.csv", "0.6,0.25,0.15")):
+        result = CliRunner().invoke(app, ["split", str(data), "--out", str(tmp_path / name), "--ratios", ratios])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "pct.csv").read_bytes() == (tmp_path / "frac.csv").read_bytes()
+    by_api = load_dataset(data, ratios=(60, 25, 15))
+    written = read_manifest(tmp_path / "pct.csv")
+    assert [(r.path, r.split) for r in by_api.records] == [(r.path, r.split) for r in written.records]
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -468,12 +534,6 @@ def test_categories_errors_and_uncategorised(tmp_path):
 
 
 def test_cli_split_writes_manifest_and_refuses_overwrite(tmp_path):
-    import vtransfer.cli
-    from typer.testing import CliRunner
-
-    from vtransfer.cli.app import app
-
-    vtransfer.cli._register_commands()
     data = tmp_path / "data"
     make_flat(data, {"a": 10, "b": 10})
     out = tmp_path / "split.csv"
@@ -488,8 +548,6 @@ def test_cli_split_writes_manifest_and_refuses_overwrite(tmp_path):
     assert out.read_bytes() == written
     result = runner.invoke(app, ["split", str(data), "--out", str(out), "--split-seed", "4", "--overwrite", "--json"])
     assert result.exit_code == 0
-    import json
-
     payload = json.loads(result.output)
     assert payload["videos"] == 20 and payload["manifest"] == str(out)
     assert payload["counts"]["a"]["train"] == 7 and sum(payload["counts"]["a"].values()) == 10

@@ -18,7 +18,8 @@ import torch
 
 from vtransfer.utils.errors import WeightsError
 from vtransfer.models.vivit import PRESETS, ViViT
-from vtransfer.weights.scenic_vivit import decode_flax_msgpack, load_scenic_vivit_fe, read_flax_msgpack
+from vtransfer.weights.flax_msgpack import decode_flax_msgpack, read_flax_msgpack
+from vtransfer.weights.scenic_vivit import load_scenic_vivit_fe
 
 msgpack = pytest.importorskip("msgpack")
 
@@ -304,12 +305,10 @@ def test_decoder_reads_bfloat16_chunked_arrays_and_scalars_and_refuses_other_fil
         read_flax_msgpack(tmp_path / "absent")
 
 
-def test_source_names_the_file_offline_then_loads_it_from_the_cache(tmp_path, monkeypatch):
-    from vtransfer.workflows.loading import load_backbone, load_backbone_with_info
-    from vtransfer.weights.sources import BUILTIN_SOURCES
+def test_source_names_the_file_offline_then_loads_it_from_the_cache(home):
+    from vtransfer.loading.backbone import load_backbone, load_backbone_with_info
+    from vtransfer.loading.sources import BUILTIN_SOURCES
 
-    monkeypatch.setenv("VTRANSFER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
     source = BUILTIN_SOURCES["vivit:kinetics400"]
     assert source.preset == "b16x2-fe" and source.url.endswith("/vivit/kinetics_400/vivit_base_16x2_fe/checkpoint")
     with pytest.raises(WeightsError, match=r"vivit_base_16x2_fe/checkpoint .*put it at .*home/weights/"
@@ -330,8 +329,8 @@ def test_source_names_the_file_offline_then_loads_it_from_the_cache(tmp_path, mo
 
 
 def test_a_scenic_file_given_as_weights_path_is_recognised_and_loaded(tmp_path):
-    from vtransfer.workflows.loading import load_backbone_with_info
-    from vtransfer.weights.sources import summarize_weights_file
+    from vtransfer.loading.backbone import load_backbone_with_info
+    from vtransfer.loading.sources import summarize_weights_file
 
     params = scenic_fe_params(TINY_FE, num_classes=7)
     path = tmp_path / "checkpoint"  # Scenic's own file name: no extension

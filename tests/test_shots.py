@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 import vtransfer.api as api
 import vtransfer.cli
 from vtransfer.cli.app import app
-from vtransfer.data.demo import make_demo
 from vtransfer.data.splits import read_manifest
 from vtransfer.utils.errors import ConfigError
 from vtransfer.workflows.shots import parse_shots, subsample_train
@@ -22,10 +21,8 @@ FAST = dict(backbone="slowfusion", preset="tiny", size=48, epochs=2, batch_size=
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shots")
-    make_demo(root / "target", class_set="target", videos_per_class=6, frames=16, size=48, seed=1)
-    return root / "target"
+def target(demo_datasets):
+    return demo_datasets("target", class_set="target", videos_per_class=6, frames=16, size=48, seed=1)
 
 
 def test_parse_shots_sorts_and_rejects_what_is_not_a_count():
@@ -54,7 +51,7 @@ def test_subsample_keeps_val_and_test_and_draws_per_seed(target):
 def test_videos_a_draw_leaves_out_are_counted_in_one_line_not_warned_about_one_by_one(target, tmp_path):
     from vtransfer.data.scan import load_dataset
     from vtransfer.data.splits import write_manifest
-    from vtransfer.engine.trainer import screen_dataset
+    from vtransfer.data.screening import screen_dataset
 
     index = load_dataset(target, ratios=(0.5, 0.25, 0.25))
     write_manifest(tmp_path / "split-seed-0.csv", subsample_train(index, 1, 0))
@@ -97,7 +94,7 @@ def test_curve_shares_the_test_set_and_is_written(target, tmp_path):
     assert (out / "compare.html").read_text().count("data:image/png") == 2
 
 
-def test_bad_shots_fail_before_any_video_is_read(tmp_path):
+def test_bad_shots_fail_before_any_video_is_read(tmp_path, no_decoding):
     missing_videos = tmp_path / "data"
     (missing_videos / "a").mkdir(parents=True)
     (missing_videos / "a" / "x.mp4").write_bytes(b"not a video")

@@ -3,38 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import http.server
 import json
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from vtransfer.utils.errors import WeightsError
-from vtransfer.workflows.loading import load_backbone, load_backbone_with_info
+from vtransfer.loading.backbone import load_backbone, load_backbone_with_info
 from vtransfer.models.registry import build_backbone
 from vtransfer.weights import hub
 from vtransfer.weights.checkpoint import save_checkpoint
-from vtransfer.weights.sources import (
-    BUILTIN_SOURCES,
-    detect_layout,
-    kinetics400_classes,
-    list_sources,
-    register_source,
-    registered_sources,
-)
+from vtransfer.loading.sources import BUILTIN_SOURCES, detect_layout, list_sources, register_source, registered_sources
+from vtransfer.weights.source import kinetics400_classes
 
-torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "vthome"
-    monkeypatch.setenv("VTRANSFER_HOME", str(home))
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
-    return home
+pytestmark = pytest.mark.usefixtures("home")  # conftest: an empty VTRANSFER_HOME, offline
 
 
 def sha256(path: Path) -> str:
@@ -65,7 +57,7 @@ def test_offline_builtin_source_fails_fast_naming_url_and_path(home, monkeypatch
         return fail
 
     # fails fast: no network attempt, no model built first
-    monkeypatch.setattr(hub.urllib.request, "urlopen", forbidden("network access"))
+    monkeypatch.setattr(hub, "download_url_to_file", forbidden("network access"))
     monkeypatch.setattr(I3D, "__init__", forbidden("model built"))
     source = BUILTIN_SOURCES["i3d:kinetics400"]
     with pytest.raises(WeightsError) as err:
@@ -304,10 +296,6 @@ def test_register_a_foreign_file_and_refuse_bad_ones(tmp_path):
 
 
 def test_http_download_with_progress_goes_through_a_temp_file(tmp_path, monkeypatch):
-    import functools
-    import http.server
-    import threading
-
     monkeypatch.delenv("VTRANSFER_OFFLINE")
     served = tmp_path / "served"
     served.mkdir()
@@ -327,3 +315,22 @@ def test_http_download_with_progress_goes_through_a_temp_file(tmp_path, monkeypa
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_server_that_never_answers_times_out_naming_url_and_path(home, monkeypatch):
+    monkeypatch.delenv("VTRANSFER_OFFLINE")
+    monkeypatch.setattr(hub, "CONNECT_TIMEOUT_S", 0.5)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # the connection is queued, never answered
+    before = socket.getdefaulttimeout()
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/w.bin"
+        says = r"could not download http://127\.0\.0\.1:\d+/w\.bin \(no answer within 0\.5 s\)\. Offline\?"
+        with pytest.raises(WeightsError, match=says) as err:
+            hub.fetch(url, "w.bin", sha256=None)
+    finally:
+        silent.close()
+    assert str(home.resolve() / "weights" / "w.bin") in str(err.value)
+    assert list((home / "weights").iterdir()) == []  # no partial file left
+    assert socket.getdefaulttimeout() == before  # the download's timeout did not leak

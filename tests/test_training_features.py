@@ -4,6 +4,7 @@ gradient checkpointing and multi-crop test views, each tested for what it does."
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import subprocess
 import sys
@@ -25,10 +26,11 @@ from vtransfer.engine.lr_decay import layer_lr_scales, scales_by_param
 from vtransfer.evaluation.metrics import EvalResult, classification_report, views_text
 from vtransfer.engine.mixing import cutmix_clips, mix_batch, mixing_rng, mixup_clips
 from vtransfer.models.base import LayerGroup, Preprocessing, VideoBackbone, module_buffer_names, module_param_names
-from vtransfer.models.registry import build_backbone
+from vtransfer.models.registry import build_backbone, training_defaults
 from vtransfer.policies.freezing import PolicyPlan, apply_policy, resolve_policy
 from vtransfer.reporting.report import eval_tables
-from vtransfer.engine.trainer import Trainer, TrainablePart, TrainConfig, build_optimizer, micro_batches
+from vtransfer.engine.trainer import Trainer, TrainablePart, build_optimizer, micro_batches
+from vtransfer.run_config import ResolvedTraining, RunConfig, resolve_training
 
 CPU = torch.device("cpu")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -90,7 +92,7 @@ class OneBatch:
             yield self.x, self.labels, []
 
 
-def trainer(model, config: TrainConfig, source=None, plan=None, **kw) -> Trainer:
+def trainer(model, config: ResolvedTraining, source=None, plan=None, **kw) -> Trainer:
     source = source or OneBatch(None, torch.zeros(0, dtype=torch.long))
     validate = kw.pop("validate", lambda m: (0.0, 0.0))
     save_best = kw.pop("save_best", lambda m, r: None)
@@ -98,18 +100,21 @@ def trainer(model, config: TrainConfig, source=None, plan=None, **kw) -> Trainer
                    save_state=lambda s: None, **kw)
 
 
-def config(**changes) -> TrainConfig:
+def config(**changes) -> ResolvedTraining:
+    """A resolved i3d training configuration; ``momentum`` and ``label_smoothing`` (not run options) set the view's."""
+    fixed = {k: changes.pop(k) for k in ("momentum", "label_smoothing") if k in changes}
     base = dict(epochs=1, batch_size=8, lr=0.1, optimizer="sgd", weight_decay=1e-3, head_lr_scale=1.0,
                 warmup_epochs=0.0, patience=0)
-    return TrainConfig(**{**base, **changes}).resolved("i3d")
+    resolved = resolve_training(RunConfig.from_options({**base, **changes}), training_defaults("i3d"))
+    return dataclasses.replace(resolved, **fixed)
 
 
 # --------------------------------------------------------------------------- options
 
 
 def test_defaults_are_off_and_bad_values_name_the_valid_range():
-    cfg = TrainConfig().resolved("vivit")
-    assert (cfg.micro_batch, cfg.ema_decay, cfg.mixup, cfg.cutmix, cfg.layer_decay, cfg.grad_checkpointing) == (
+    t = resolve_training(RunConfig(), training_defaults("vivit")).training
+    assert (t.micro_batch, t.ema_decay, t.mixup, t.cutmix, t.layer_decay, t.grad_checkpointing) == (
         None, None, 0.0, 0.0, None, False)
     for bad, pattern in [({"micro_batch": 0}, r"--micro-batch must be at least 1"),
                          ({"ema_decay": 1.0}, r"--ema-decay must be in \[0, 1\)"),
@@ -118,7 +123,7 @@ def test_defaults_are_off_and_bad_values_name_the_valid_range():
                          ({"layer_decay": 0.0}, r"--layer-decay must be in \(0, 1\]"),
                          ({"layer_decay": 1.5}, r"--layer-decay must be in \(0, 1\]")]:
         with pytest.raises(ConfigError, match=pattern):
-            TrainConfig(**bad).resolved("vivit")
+            resolve_training(RunConfig.from_options(bad), training_defaults("vivit"))
 
 
 # --------------------------------------------------------------------------- gradient accumulation

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vtransfer.utils.errors import ConfigError, WeightsError
-from vtransfer.workflows.loading import load_backbone, load_backbone_with_info
+from vtransfer.loading.backbone import load_backbone, load_backbone_with_info
 from vtransfer.models.base import check_groups_partition
 from vtransfer.models.vivit import PRESETS, ViViT
 from vtransfer.weights.hf_vivit import load_hf_vivit, vivit_config_from_hf
@@ -185,13 +185,12 @@ def test_config_round_trip_and_bad_configs():
         model(torch.randn(1, 3, 10, 64, 64))
 
 
-def test_hub_source_checks_the_published_hash_and_names_the_file_offline(tmp_path, monkeypatch):
+def test_hub_source_checks_the_published_hash_and_names_the_file_offline(tmp_path, monkeypatch, home):
     from vtransfer.weights import hub
-    from vtransfer.weights.checkpoint import load_checkpoint, save_checkpoint
-    from vtransfer.weights.sources import BUILTIN_SOURCES
+    from vtransfer.loading.checkpoints import load_checkpoint
+    from vtransfer.weights.checkpoint import save_checkpoint
+    from vtransfer.loading.sources import BUILTIN_SOURCES
 
-    monkeypatch.setenv("VTRANSFER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("VTRANSFER_OFFLINE", "1")
     source = BUILTIN_SOURCES["vivit:kinetics400-joint"]
     assert source.url == "https://huggingface.co/google/vivit-b-16x2-kinetics400/resolve/main/pytorch_model.bin"
     with pytest.raises(WeightsError, match=r"resolve/main/pytorch_model\.bin .*put it at .*home/weights/"

@@ -9,7 +9,9 @@ The Python API mirrors the command line; the CLI is a thin skin over it::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from vtransfer.utils.version import package_version
+
+__version__ = package_version()
 
 _API = ("load_backbone", "finetune", "evaluate", "compare_policies", "pretrain", "predict")
 

@@ -21,14 +21,15 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from vtransfer.policies.names import FREEZING_POLICY_NAMES
 from vtransfer.workflows.auto_policy import AUTO
-from vtransfer.workflows.clips import adapt_preprocessing, make_clip_dataset, shared_reader
+from vtransfer.data.clips import adapt_preprocessing, make_clip_dataset, shared_reader
 from vtransfer.workflows.compare import CompareResult, comparison_setup, plan_comparison, shallow_prefixes_first
 from vtransfer.data.run_data import load_categories_for, open_dataset
 from vtransfer.utils.errors import ConfigError, DatasetError
 from vtransfer.workflows.scoring import EvalSelection, check_classes, evaluate_records, resolve_model_path, select_eval_records
 from vtransfer.workflows.pipeline import FinetuneResult
-from vtransfer.run_config import DEFAULT_POLICY, ClipConfig, DataConfig, RunConfig, run_parameters
+from vtransfer.run_config import DEFAULT_POLICY, ClipConfig, DataConfig, RunConfig, check_training, run_parameters
 from vtransfer.workflows.run_model import build_run_model, geometry_overrides
 
 # The names the sections had before the typed configuration (kept for callers of the Python API).
@@ -76,6 +77,7 @@ def finetune(
     cfg = (config or RunConfig()).replace(**options) if options else (config or RunConfig())
     if data is not None:
         cfg = cfg.replace(data=data)
+    check_training(cfg.training, cfg.clips)  # out-of-range options fail before a run folder exists
     ctx = distributed.init_from_env(resolve_device(cfg.runtime.device))
     if resume is not None:
         run_dir = runs.prepare_run_dir(Path(resume), resume=True) if ctx.is_main else Path(resume)
@@ -181,7 +183,7 @@ def evaluate(
     """
     from vtransfer.reporting.report import write_eval_report
     from vtransfer.utils.runtime import configure_threads, resolve_device
-    from vtransfer.weights.checkpoint import model_from_checkpoint
+    from vtransfer.loading.checkpoints import model_from_checkpoint
 
     if split not in ("train", "val", "test", "all"):
         raise ConfigError(f"--split {split!r}: choose train, val, test or all")
@@ -239,7 +241,7 @@ def predict(
     from vtransfer.utils.runtime import resolve_device
 
     dev = resolve_device(device)
-    from vtransfer.weights.checkpoint import model_from_checkpoint
+    from vtransfer.loading.checkpoints import model_from_checkpoint
 
     net, ckpt = model_from_checkpoint(Path(model))
     net.to(dev)
@@ -274,7 +276,7 @@ def predict(
 # -- load_backbone --------------------------------------------------------------------
 def load_backbone(name: str, weights: str | Path | None = None, num_classes: int | None = None, preset: str | None = None, **overrides):
     """A backbone in eval mode, optionally with weights (source name or file) and a new head."""
-    from vtransfer.workflows.loading import load_backbone as _load
+    from vtransfer.loading.backbone import load_backbone as _load
 
     return _load(name, weights=weights, num_classes=num_classes, preset=preset, **overrides)
 
@@ -283,7 +285,7 @@ def load_backbone(name: str, weights: str | Path | None = None, num_classes: int
 def compare_policies(
     data: str | Path,
     *,
-    policies: tuple[str, ...] | list[str] = ("scratch", "top-layer", "top-3", "temporal", "all"),
+    policies: tuple[str, ...] | list[str] = FREEZING_POLICY_NAMES,
     seeds: tuple[int, ...] | list[int] | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
@@ -332,7 +334,7 @@ def pretrain(
     backbone = finetune_options.setdefault("backbone", RunConfig().model.backbone)
     name = name or f"{backbone}:{source.name}"
     if register:  # a name that cannot be registered fails now, not after the training
-        from vtransfer.weights.sources import check_source_name
+        from vtransfer.loading.sources import check_source_name
 
         check_source_name(name)
     idx = load_dataset(source) if source.is_dir() else None
@@ -340,7 +342,7 @@ def pretrain(
             "classes": idx.classes if idx else [], "videos": len(idx.records) if idx else 0}
     res = finetune(source, policy=policy, pretrain_source=info, **finetune_options)
     if register and res.report:
-        from vtransfer.weights.sources import register_source
+        from vtransfer.loading.sources import register_source
 
         register_source(res.model_path, name)
     return res

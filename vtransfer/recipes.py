@@ -6,7 +6,7 @@ tables ``[pretrain]``, ``[finetune]``, ``[compare-policies]`` and ``[demo]``
 whose values win for that command. Options given on the command line win
 over the recipe. A key that no command knows is an error naming it; a
 ``[demo]`` table may also hold the demo's own settings (the keys of
-:data:`vtransfer.workflows.demo_run.DEMO_SETTINGS`).
+:data:`vtransfer.demo.DEMO_SETTINGS`).
 
 Relative paths in a recipe (``categories``, ``manifest``, ``split_files``,
 ``cache_dir``, and ``weights`` when it names a file) are relative to the
@@ -42,7 +42,7 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
 
 def _demo_setting_keys() -> set[str]:
     """Keys a ``[demo]`` table may hold besides command options: the demo's own settings."""
-    from vtransfer.workflows.demo_run import DEMO_SETTINGS
+    from vtransfer.demo import DEMO_SETTINGS
 
     return set(DEMO_SETTINGS)
 

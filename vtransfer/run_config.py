@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from vtransfer.policies.names import default_epochs
 from vtransfer.utils.errors import ConfigError
+from vtransfer.utils.jsonable import to_jsonable
 
 DEFAULT_POLICY = "top-3"
 
@@ -40,16 +44,42 @@ PANEL_SPEED = "Speed and resources"
 PANEL_OUTPUT = "Output"
 
 
-def parse_ratios(text: Any) -> tuple[float, float, float]:
-    """``"0.7,0.15,0.15"`` (or a list) -> (0.7, 0.15, 0.15); must be three non-negative numbers summing to 1."""
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+#: How far the shares' sum may stray from 1 (fractions) or 100 (percentages), relative to it.
+RATIOS_TOLERANCE = 1e-3
+
+
+def parse_ratios(text: Any, option: str = "--ratios") -> tuple[float, float, float]:
+    """The train,val,test shares of ``--ratios`` as fractions: the one parser of every command and the API.
+
+    ``text`` is ``"0.7,0.15,0.15"`` (fractions summing to 1) or ``"70,15,15"``
+    (percentages summing to 100), either within :data:`RATIOS_TOLERANCE`;
+    commas, spaces, ``/`` or ``:`` separate the numbers. A list or tuple (a
+    recipe's, the API's) follows the same rule. Fractions come back as given,
+    percentages divided by 100; the split scales them to sum to exactly 1.
+
+    Raises:
+        ConfigError: naming ``option`` and the value: not three numbers, a
+            negative share, a zero train share, or a sum that is neither 1 nor 100.
+    """
+    if isinstance(text, (list, tuple)):
+        items, shown = list(text), ",".join(str(x) for x in text)
+    else:
+        shown = str(text)
+        items = [p for p in re.split(r"[,\s/:]+", shown.strip()) if p]
     try:
-        parts = tuple(float(x) for x in items)
-    except ValueError as e:
-        raise ConfigError(f"--ratios {text!r}: expected three numbers like 0.7,0.15,0.15") from e
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
-        raise ConfigError(f"--ratios {text!r}: expected three non-negative fractions summing to 1")
-    return parts  # type: ignore[return-value]
+        parts = [float(x) for x in items]
+    except (TypeError, ValueError):
+        parts = []
+    if len(parts) != 3 or not all(math.isfinite(p) for p in parts):
+        raise ConfigError(f"{option} {shown!r}: expected three numbers train,val,test like 0.7,0.15,0.15 or 70,15,15")
+    if any(p < 0 for p in parts) or parts[0] <= 0:
+        raise ConfigError(f"{option} {shown!r}: the shares must be non-negative, with a positive train share")
+    total = sum(parts)
+    for scale in (1.0, 100.0):
+        if abs(total - scale) <= RATIOS_TOLERANCE * scale:
+            return tuple(p / scale for p in parts)  # type: ignore[return-value]  # x / 1.0 is x exactly
+    raise ConfigError(f"{option} {shown!r}: the shares sum to {total:g}; give fractions summing to 1 "
+                      "(0.7,0.15,0.15) or percentages summing to 100 (70,15,15)")
 
 
 def parse_pair(text: Any, option: str = "--crop-scale") -> tuple[float, float] | None:
@@ -103,7 +133,9 @@ class DataConfig:
     split_files: Optional[Path] = option(None, "UCF-101-style trainlist/testlist file or folder.", PANEL_DATA)
     split_seed: int = option(0, "Seed of the stratified train/val/test split.", PANEL_DATA)
     ratios: tuple[float, float, float] = option(
-        (0.7, 0.15, 0.15), "train,val,test fractions of the automatic split.", PANEL_DATA, metavar="TRAIN,VAL,TEST",
+        (0.7, 0.15, 0.15),
+        "train,val,test shares of the automatic split: fractions (0.7,0.15,0.15) or percentages (70,15,15).",
+        PANEL_DATA, metavar="TRAIN,VAL,TEST",
         cli_type=str, parse=parse_ratios, cli_default="0.7,0.15,0.15")
     group_pattern: Optional[str] = option(
         None, "Regex whose capture keeps related clips in one split (UCF-101: '_(g\\d+)_', KTH: '(person\\d+)').", PANEL_DATA)
@@ -194,15 +226,6 @@ class PolicyConfig:
                               PANEL_MODEL)
     auto_epochs: int = option(3, "--policy auto: epochs of each short trial.", PANEL_MODEL)
 
-    def peft_options(self):
-        """The parameter-efficient policies' options (:class:`vtransfer.policies.peft.PolicyOptions`)."""
-        from vtransfer.policies.peft import PolicyOptions
-
-        return PolicyOptions(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                             lora_targets=tuple(self.lora_targets) if self.lora_targets is not None else None,
-                             lora_dropout=self.lora_dropout, merge=self.merge, adapter_ratio=self.adapter_ratio,
-                             probe_heads=self.probe_heads, probe_dim=self.probe_dim)
-
 
 @dataclass
 class TrainingConfig:
@@ -254,6 +277,129 @@ class TrainingConfig:
     calibrate: bool = option(
         False, "Fit a temperature on the validation split's clip scores after training, store it in "
                "model.safetensors, and use it for the test report, evaluate and predict.", PANEL_TRAINING)
+
+
+#: ``--optimizer`` choices ("auto": the backbone family's).
+OPTIMIZERS = ("auto", "sgd", "adamw")
+#: ``--balance`` choices.
+BALANCE_MODES = ("none", "weights", "sampler")
+
+
+def check_ema_decay(decay: float | None) -> None:
+    """Raise :class:`ConfigError` unless ``decay`` is ``None`` (off) or in ``[0, 1)``."""
+    if decay is not None and not 0.0 <= decay < 1.0:
+        raise ConfigError(f"--ema-decay must be in [0, 1) (e.g. 0.999; leave it unset for no EMA), got {decay!r}")
+
+
+def check_mixing(mixup: float, cutmix: float) -> None:
+    """Raise :class:`ConfigError` unless both mixup/cutmix alphas are finite and >= 0 (0 = off)."""
+    for name, alpha in (("--mixup", mixup), ("--cutmix", cutmix)):
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ConfigError(f"{name} is the Beta(alpha, alpha) parameter: a number >= 0 (0 = off, e.g. 0.8), "
+                              f"got {alpha!r}")
+
+
+def check_layer_decay(decay: float | None) -> None:
+    """Raise :class:`ConfigError` unless ``decay`` is ``None`` (off) or in ``(0, 1]``."""
+    if decay is not None and not (math.isfinite(decay) and 0.0 < decay <= 1.0):
+        raise ConfigError(f"--layer-decay must be in (0, 1] (e.g. 0.75; 1 = every layer at the same lr), got {decay!r}")
+
+
+def check_training(training: TrainingConfig, clips: ClipConfig) -> None:
+    """Raise :class:`ConfigError` naming the first optimisation option out of range.
+
+    Checks the choices (``--optimizer``, ``--balance``), ``--epochs`` and
+    ``--batch-size`` at least 1 (an unset ``--epochs`` takes its policy's
+    default later), ``--micro-batch``, ``--ema-decay``, ``--mixup``/``--cutmix``,
+    ``--layer-decay`` and ``--head-lr-scale`` > 0. Cheap and data-free: runs
+    before any video is read (:func:`vtransfer.api.finetune`,
+    :func:`vtransfer.workflows.pipeline.run_finetune`, ``compare-policies``'
+    planning) and again when :func:`resolve_training` builds the trainer's view.
+    """
+    t = training
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
+    if t.balance not in BALANCE_MODES:
+        raise ConfigError(f"--balance must be one of {BALANCE_MODES}, got {t.balance!r}")
+    if t.epochs is not None and t.epochs < 1:
+        raise ConfigError("--epochs must be at least 1")
+    if clips.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    if t.micro_batch is not None and t.micro_batch < 1:
+        raise ConfigError(f"--micro-batch must be at least 1 (or unset: the whole --batch-size at once), "
+                          f"got {t.micro_batch}")
+    check_ema_decay(t.ema_decay)
+    check_mixing(t.mixup, t.cutmix)
+    check_layer_decay(t.layer_decay)
+    if t.head_lr_scale is not None and t.head_lr_scale <= 0:
+        raise ConfigError(f"--head-lr-scale must be > 0, got {t.head_lr_scale:g}")
+
+
+@dataclass(frozen=True)
+class ResolvedTraining:
+    """The optimisation a trainer runs: the training options with every backbone-dependent default filled in.
+
+    Built by :func:`resolve_training`. ``training`` holds the options as given
+    (``epochs`` filled from the policy when unset); the other fields are what
+    they resolved to: the optimiser, learning rate, weight decay and head
+    learning-rate scale of the backbone family (its ``TRAINING_DEFAULTS``)
+    where the user gave none, and the batch size of one optimiser step.
+    """
+
+    training: TrainingConfig
+    batch_size: int
+    optimizer: str  # "sgd" or "adamw", never "auto"
+    lr: float
+    weight_decay: float
+    head_lr_scale: float  # the new classifier's lr / lr
+    momentum: float = 0.9  # SGD's momentum (not a run option)
+    label_smoothing: float = 0.0  # of the cross-entropy (not a run option)
+
+    @property
+    def epochs(self) -> int:
+        """The number of epochs to train (filled from the policy when ``--epochs`` was not given)."""
+        return int(self.training.epochs)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting the trainer uses, flat (a run's ``config.json`` ``resolved.train`` table)."""
+        t = self.training
+        return {
+            "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
+            "weight_decay": self.weight_decay, "momentum": self.momentum, "warmup_epochs": t.warmup_epochs,
+            "patience": t.patience, "precision": t.precision, "seed": t.seed, "balance": t.balance,
+            "max_bad_fraction": t.max_bad_fraction, "label_smoothing": self.label_smoothing,
+            "head_lr_scale": self.head_lr_scale, "micro_batch": t.micro_batch, "ema_decay": t.ema_decay,
+            "mixup": t.mixup, "cutmix": t.cutmix, "layer_decay": t.layer_decay,
+            "grad_checkpointing": t.grad_checkpointing,
+        }
+
+
+def resolve_training(cfg: "RunConfig", family: dict[str, Any]) -> ResolvedTraining:
+    """The trainer's view of ``cfg``: :func:`check_training`, then the backbone family's defaults filled in.
+
+    ``family`` is the backbone family's ``TRAINING_DEFAULTS``
+    (:func:`vtransfer.models.registry.training_defaults`; ``vtransfer
+    backbones`` lists them: SGD+momentum for Karpathy's and I3D's CNNs, AdamW
+    for ViViT and effnet3d). It gives the optimiser for ``auto``, and the lr
+    and weight decay when unset; those are for the family's own optimiser, so
+    another optimiser gets 3e-4 / 0.05 (AdamW) or 1e-2 / 5e-4 (SGD). An unset
+    ``--epochs`` takes the policy's default (:meth:`RunConfig.with_policy_epochs`).
+    """
+    cfg = cfg.with_policy_epochs()
+    t, clips = cfg.training, cfg.clips
+    check_training(t, clips)
+    opt = family["optimizer"] if t.optimizer == "auto" else t.optimizer
+    same = opt == family["optimizer"]  # the family's lr/decay are for its own optimiser
+    lr = t.lr if t.lr is not None else (family["lr"] if same else (3e-4 if opt == "adamw" else 1e-2))
+    wd = t.weight_decay if t.weight_decay is not None else (
+        family["weight_decay"] if same else (0.05 if opt == "adamw" else 5e-4))
+    head = t.head_lr_scale if t.head_lr_scale is not None else float(family.get("head_lr_scale", 1.0))
+    if head <= 0:
+        raise ConfigError(f"--head-lr-scale must be > 0, got {head:g}")
+    given = dataclasses.replace(t, epochs=int(t.epochs), warmup_epochs=float(t.warmup_epochs),  # type: ignore[arg-type]
+                                patience=int(t.patience), seed=int(t.seed), max_bad_fraction=float(t.max_bad_fraction))
+    return ResolvedTraining(training=given, batch_size=int(clips.batch_size), optimizer=opt, lr=lr, weight_decay=wd,
+                            head_lr_scale=head)
 
 
 @dataclass
@@ -343,8 +489,6 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The flat options as JSON types (paths as text, tuples as lists): a ``config.json``'s ``options`` table."""
-        from vtransfer.utils.jsonable import to_jsonable
-
         return to_jsonable(self.options())
 
     def replace(self, **options: Any) -> "RunConfig":
@@ -355,8 +499,6 @@ class RunConfig:
         """This configuration with ``epochs`` filled from the policy's default when it is ``None``."""
         if self.training.epochs is not None:
             return self
-        from vtransfer.policies.freezing import default_epochs
-
         return self.replace(epochs=default_epochs(self.policy.policy))
 
 

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from vtransfer.cli.options import HelpGroup
+from vtransfer.utils.version import package_version
 
 app = typer.Typer(
     name="vtransfer",
@@ -45,12 +46,7 @@ def require_data(data: Path | None) -> None:
 
 def _print_version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            typer.echo(f"vtransfer {version('vtransfer')}")
-        except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-            typer.echo("vtransfer (not installed)")
+        typer.echo(f"vtransfer {package_version()}")
         raise typer.Exit()
 
 

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from vtransfer.cli.app import app, console, err_console
 from vtransfer.cli.options import HelpCommand
+from vtransfer.run_config import parse_ratios
 from vtransfer.utils.errors import VtransferError
 
 _SPLITS = ("train", "val", "test")
@@ -71,19 +72,13 @@ def _shown(path: Path, root: Path) -> str:
     return printable(path if rel.startswith(os.pardir) else rel)
 
 
-def _ratios(text: str):
-    from vtransfer.data.splits import parse_ratios
-
-    return parse_ratios(text)
-
-
 @app.command("check", cls=HelpCommand)
 def check_command(
     data: Path = typer.Argument(..., help="Dataset folder (DATA/<class>/<video> or DATA/{train,val,test}/<class>/<video>) or a manifest .csv."),
     frames: int = typer.Option(16, "--frames", min=1, help="Frames per clip; videos shorter than one clip are flagged."),
     stride: int = typer.Option(1, "--stride", min=1, help="Frame stride within a clip."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the stratified split (when DATA has no split folders)."),
-    ratios: str = typer.Option("0.7,0.15,0.15", "--ratios", help="train,val,test shares of the stratified split."),
+    ratios: str = typer.Option("0.7,0.15,0.15", "--ratios", help="train,val,test shares of the stratified split: fractions (0.7,0.15,0.15) or percentages (70,15,15)."),
     group_pattern: Optional[str] = typer.Option(None, "--group-pattern", help="Regex whose first capture group names a group kept in one split, e.g. 'person(\\d+)' or '_g(\\d+)_'."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Use the split saved in this manifest .csv (from 'vtransfer split')."),
     split_files: Optional[Path] = typer.Option(None, "--split-files", help="UCF-101 style trainlistNN.txt/testlistNN.txt (a folder or one of the files)."),
@@ -101,7 +96,7 @@ def check_command(
 
     try:
         index = load_dataset(
-            data, manifest=manifest, split_files=split_files, ratios=_ratios(ratios),
+            data, manifest=manifest, split_files=split_files, ratios=parse_ratios(ratios),
             split_seed=split_seed, group_pattern=group_pattern,
         )
         screen = err_console if as_json else console
@@ -163,7 +158,7 @@ def check_command(
 def split_command(
     data: Path = typer.Argument(..., help="Dataset folder: DATA/<class>/<video> (or with train/val/test folders)."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest .csv to write (path,class,split,group)."),
-    ratios: str = typer.Option("0.7,0.15,0.15", "--ratios", help="train,val,test shares of the stratified split."),
+    ratios: str = typer.Option("0.7,0.15,0.15", "--ratios", help="train,val,test shares of the stratified split: fractions (0.7,0.15,0.15) or percentages (70,15,15)."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the stratified split."),
     group_pattern: Optional[str] = typer.Option(None, "--group-pattern", help="Regex whose first capture group names a group kept in one split, e.g. 'person(\\d+)' or '_g(\\d+)_'."),
     split_files: Optional[Path] = typer.Option(None, "--split-files", help="UCF-101 style trainlistNN.txt/testlistNN.txt (a folder or one of the files)."),
@@ -180,7 +175,7 @@ def split_command(
         if out.exists() and not overwrite:
             raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
         index = load_dataset(
-            data, split_files=split_files, ratios=_ratios(ratios), split_seed=split_seed, group_pattern=group_pattern,
+            data, split_files=split_files, ratios=parse_ratios(ratios), split_seed=split_seed, group_pattern=group_pattern,
         )
         write_manifest(out, index)
     except VtransferError as e:

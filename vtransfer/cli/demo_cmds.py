@@ -19,10 +19,10 @@ def demo(
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe whose \\[demo] table overrides the demo's settings (see recipes/demo.toml).")] = None,
 ) -> None:
     """Make demo videos and compare every policy on them, from the ImageNet weights installed with vtransfer; no downloads."""
-    from vtransfer.workflows.demo_run import run_demo
+    from vtransfer.demo import run_demo
     from vtransfer.recipes import demo_settings
     from vtransfer.reporting.progress import RichReporter
-    from vtransfer.reporting.report import render_policy_table
+    from vtransfer.reporting.policy_report import render_policy_table
 
     t0 = time.perf_counter()
     reporter = RichReporter(console)

@@ -1,7 +1,7 @@
 """``vtransfer backbones`` and ``vtransfer inspect``: what exists and what each policy trains.
 
-Thin skins over :func:`vtransfer.workflows.loading.backbone_summary` and
-:func:`vtransfer.workflows.loading.inspect_backbone`.
+Thin skins over :func:`vtransfer.loading.backbone.backbone_summary` and
+:func:`vtransfer.loading.backbone.inspect_backbone`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def backbones_command(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
     """List the backbones: presets, parameters, input, and weight sources (and whether each is present locally)."""
-    from vtransfer.workflows.loading import backbone_summary
+    from vtransfer.loading.backbone import backbone_summary
     from vtransfer.models.registry import backbone_names
 
     rows = [backbone_summary(name) for name in backbone_names()]
@@ -86,13 +86,14 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
     """Show a backbone's layer groups (tags, parameter counts, temporal parameters) and what a policy would train."""
-    from vtransfer.workflows.loading import inspect_backbone
+    from vtransfer.loading.backbone import inspect_backbone
 
     groups = O.split_list(train)
+    from vtransfer.policies.peft import PolicyOptions
     from vtransfer.run_config import PolicyConfig
 
-    options = PolicyConfig(lora_rank=lora_rank, lora_targets=O.split_list(lora_targets), adapter_ratio=adapter_ratio,
-                           probe_dim=probe_dim).peft_options()
+    options = PolicyOptions.from_config(PolicyConfig(lora_rank=lora_rank, lora_targets=O.split_list(lora_targets),
+                                                     adapter_ratio=adapter_ratio, probe_dim=probe_dim))
     info = inspect_backbone(backbone, preset, policy, groups, num_classes, policy_options=options)
     if as_json:
         typer.echo(json.dumps(info, indent=2))

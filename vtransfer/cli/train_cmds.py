@@ -11,6 +11,7 @@ import typer
 from vtransfer.cli import options as O
 from vtransfer.cli.app import app, console, require_data
 from vtransfer.cli.run_options import run_values, with_run_options
+from vtransfer.policies.names import FREEZING_POLICY_NAMES
 
 def _with_recipe(ctx: typer.Context, command: str, params: dict[str, Any]) -> dict[str, Any]:
     """Apply ``--recipe`` values to options not given on the command line."""
@@ -118,7 +119,7 @@ def pretrain(
 def compare_policies(
     ctx: typer.Context,
     data: O.Data,
-    policies: Annotated[str, typer.Option("--policies", metavar="POLICY[,POLICY...]", help="Comma-separated policies to compare.")] = "scratch,top-layer,top-3,temporal,all",
+    policies: Annotated[str, typer.Option("--policies", metavar="POLICY[,POLICY...]", help="Comma-separated policies to compare.")] = ",".join(FREEZING_POLICY_NAMES),
     seeds: Annotated[Optional[str], typer.Option("--seeds", metavar="SEED[,SEED...]", help="Comma-separated seeds; each policy runs once per seed, the table shows mean ± std (default 0; --seed N is the same as --seeds N).", show_default=False)] = None,
     shots: Annotated[Optional[str], typer.Option("--shots", metavar="K[,K...]", help="Also draw a learning curve: every policy again with K labelled training videos per class (e.g. 1,2,5,10,all; 'all' is the table itself), on the same validation and test videos; written as shots.png/csv/json and shown in compare.html.", show_default=False)] = None,
     out: O.Out = None,
@@ -131,7 +132,7 @@ def compare_policies(
     require_data(data)
     import vtransfer.api as api
     from vtransfer.reporting.progress import RichReporter
-    from vtransfer.reporting.report import render_policy_table
+    from vtransfer.reporting.policy_report import render_policy_table
 
     p = _with_recipe(ctx, "compare-policies", dict(data=data, policies=policies, seeds=seeds, shots=shots, out=out,
                                                    overwrite=overwrite, json_out=json_out, recipe=recipe, **run))
@@ -156,10 +157,10 @@ def compare_policies(
         style = "bold red" if key == "architecture mismatch" else "bold"
         console.print(f"[{style}]{key}:[/] {value}", highlight=False)
     if res.curve:
-        from vtransfer.reporting.report import _rich_table
+        from vtransfer.reporting.tables import rich_table
         from vtransfer.workflows.shots import curve_table
 
-        console.print(_rich_table(curve_table(res.curve)))
+        console.print(rich_table(curve_table(res.curve)))
     for policy, why in res.skipped.items():
         console.print(f"[yellow]skipped {policy}:[/] {why}")
     console.print(f"[bold]results:[/] {res.out_dir}")

@@ -1,6 +1,6 @@
 """``vtransfer weights list|add|fetch``: the weight sources and the local cache.
 
-Thin skins over :mod:`vtransfer.weights.sources` and :mod:`vtransfer.weights.hub`.
+Thin skins over :mod:`vtransfer.loading.sources` and :mod:`vtransfer.weights.hub`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def list_command(
 ) -> None:
     """List built-in and registered weight sources and whether each file is present locally."""
     from vtransfer.weights.hub import weights_dir
-    from vtransfer.weights.sources import list_sources
+    from vtransfer.loading.sources import list_sources
 
     rows = list_sources(backbone)
     if as_json:
@@ -71,7 +71,7 @@ def add_command(
     as_json: bool = typer.Option(False, "--json", help="Print the stored entry as JSON."),
 ) -> None:
     """Register a local weights file under a name, after validating it (its sha256 is recorded and checked on use)."""
-    from vtransfer.weights.sources import register_source, sources_file
+    from vtransfer.loading.sources import register_source, sources_file
 
     entry = register_source(file, name)
     if as_json:
@@ -93,7 +93,7 @@ def fetch_command(
 ) -> None:
     """Download a built-in source into the cache now (and check its sha256)."""
     from vtransfer.utils.errors import WeightsError
-    from vtransfer.weights.sources import BUILTIN_SOURCES
+    from vtransfer.loading.sources import BUILTIN_SOURCES
 
     source = BUILTIN_SOURCES.get(name)
     if source is None:

@@ -11,6 +11,15 @@ The manifest is a CSV file with the columns ``path,class,split,group``. Paths
 inside the manifest's folder are stored relative to it (the data can move
 with its manifest); other paths are stored absolute (the manifest can move
 alone). Writing a manifest that was just read gives the same bytes.
+
+The split is hand-written rather than scikit-learn's on purpose. Its
+splitters draw with NumPy and size a split over the whole set
+(``StratifiedShuffleSplit`` rounds ``test_size`` globally, then spreads it
+over the classes), so they would put other videos, in other per-class counts,
+in train/val/test than every earlier run and ``vtransfer demo`` used; they
+refuse a class of one video; and none combines stratification, groups shared
+across classes and arbitrary ratios (``StratifiedGroupKFold`` makes 1/k folds
+and needs at least k groups, ``GroupShuffleSplit`` does not stratify).
 """
 
 from __future__ import annotations
@@ -21,12 +30,13 @@ import os
 import random
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
-from vtransfer.utils.atomic import atomic_write_bytes
 from vtransfer.data.records import SPLITS, DatasetIndex, SkippedFile, VideoRecord
+from vtransfer.run_config import parse_ratios
+from vtransfer.utils.atomic import atomic_write_bytes
 from vtransfer.utils.errors import ConfigError, DatasetError
 
 DEFAULT_RATIOS: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -41,31 +51,18 @@ _MAX_NAMED = 10
 # ----------------------------------------------------------------------------- options
 
 
-def check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
-    """Validate train/val/test ratios and scale them to sum to 1.
+def check_ratios(ratios: Sequence[float] | str) -> tuple[float, float, float]:
+    """Train/val/test ratios checked by :func:`~vtransfer.run_config.parse_ratios`'s rule, scaled to sum to exactly 1.
+
+    Fractions summing to 1 and percentages summing to 100 are accepted
+    (``(0.7, 0.15, 0.15)`` and ``(70, 15, 15)`` give the same split).
 
     Raises:
-        ConfigError: not three numbers, a negative one, or a zero train share.
+        ConfigError: not three numbers, a negative one, a zero train share, or a sum that is neither 1 nor 100.
     """
-    try:
-        values = tuple(float(r) for r in ratios)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"--ratios must be three numbers train,val,test (got {ratios!r})") from e
-    if len(values) != 3:
-        raise ConfigError(f"--ratios must be three numbers train,val,test (got {len(values)})")
-    if any(v < 0 or v != v for v in values) or values[0] <= 0:
-        raise ConfigError(f"--ratios must be non-negative with a positive train share (got {values})")
+    values = parse_ratios(ratios if isinstance(ratios, str) else tuple(ratios))
     total = sum(values)
     return (values[0] / total, values[1] / total, values[2] / total)
-
-
-def parse_ratios(text: str) -> tuple[float, float, float]:
-    """Parse ``"0.7,0.15,0.15"`` (or ``"70,15,15"``) into normalised ratios."""
-    parts = [p for p in re.split(r"[,\s/:]+", text.strip()) if p]
-    try:
-        return check_ratios([float(p) for p in parts])
-    except ValueError as e:
-        raise ConfigError(f"--ratios must be three numbers like 0.7,0.15,0.15 (got {text!r})") from e
 
 
 def compile_group_pattern(pattern: str) -> re.Pattern[str]:

@@ -18,7 +18,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from vtransfer.models.base import Preprocessing
+from vtransfer.data.preprocessing import Preprocessing
 
 ClipTransform = Callable[..., torch.Tensor]
 
@@ -137,7 +137,7 @@ def normalize_clips(
     """uint8 ``B x T x C x H x W`` -> float ``B x C x T x H x W`` with ``(x/255 - mean) / std``.
 
     This is the per-backbone normalisation hook: the backbone's
-    :class:`~vtransfer.models.base.Preprocessing` supplies mean and std
+    :class:`~vtransfer.data.preprocessing.Preprocessing` supplies mean and std
     (I3D's [-1, 1] range is mean = std = 0.5). The arithmetic runs in
     float32 and the result is cast to ``dtype``. Works on any device.
     """

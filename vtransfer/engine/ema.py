@@ -21,14 +21,8 @@ from typing import Any, Iterator
 
 import torch
 
-from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import VideoBackbone
-
-
-def validate_ema_decay(decay: float | None) -> None:
-    """Raise :class:`ConfigError` unless ``decay`` is ``None`` (off) or in ``[0, 1)``."""
-    if decay is not None and not 0.0 <= decay < 1.0:
-        raise ConfigError(f"--ema-decay must be in [0, 1) (e.g. 0.999; leave it unset for no EMA), got {decay!r}")
+from vtransfer.run_config import check_ema_decay
 
 
 def shadowed_names(model: VideoBackbone) -> list[str]:
@@ -48,7 +42,7 @@ class WeightEma:
     """
 
     def __init__(self, model: VideoBackbone, decay: float, warmup: bool = True):
-        validate_ema_decay(decay)
+        check_ema_decay(decay)
         self.decay = float(decay)
         self.warmup = warmup
         self.names = shadowed_names(model)

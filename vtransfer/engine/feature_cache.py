@@ -262,19 +262,24 @@ def resolve_views(cached_views: int | None, epochs: int, prefix_groups: int) -> 
 
 
 def build_prefix_source(*, model, plan, train_records, class_to_idx, labels, opts, config, device, reader, balance_sampler: bool):
-    """Choose how training batches are produced: cached prefix features or live decoding."""
-    from vtransfer.workflows.clips import make_clip_dataset
+    """Choose how training batches are produced: cached prefix features or live decoding.
+
+    ``opts`` are the run's clip options, ``config`` its resolved training
+    (:class:`vtransfer.run_config.ResolvedTraining`: epochs, seed, precision).
+    """
+    from vtransfer.data.clips import make_clip_dataset
 
     k = plan.first_trainable_group
     views = resolve_views(opts.cached_views, config.epochs, k)
-    train_ds = make_clip_dataset(train_records, class_to_idx, model.preprocessing, "train", opts, seed=config.seed,
+    seed, precision = config.training.seed, config.training.precision
+    train_ds = make_clip_dataset(train_records, class_to_idx, model.preprocessing, "train", opts, seed=seed,
                                  reader=reader, views=views or None)
     if views > 0:
         from vtransfer.policies.freezing import set_train_mode
 
         set_train_mode(model, True)  # frozen prefix modules are in eval mode
-        store = get_store(model, train_ds, k, opts.batch_size, opts.workers, device, config.precision)
-        return CachedPrefixSource(store, labels, views, opts.batch_size, config.seed, device, balance_sampler,
+        store = get_store(model, train_ds, k, opts.batch_size, opts.workers, device, precision)
+        return CachedPrefixSource(store, labels, views, opts.batch_size, seed, device, balance_sampler,
                                   paths=[r.path for r in train_records])
-    return LivePrefixSource(train_ds, labels, model, k, opts.batch_size, opts.workers, device, config.precision,
-                            seed=config.seed, balance_sampler=balance_sampler)
+    return LivePrefixSource(train_ds, labels, model, k, opts.batch_size, opts.workers, device, precision,
+                            seed=seed, balance_sampler=balance_sampler)

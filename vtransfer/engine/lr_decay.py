@@ -13,21 +13,13 @@ groups are, and the rule applies to them unchanged. Frozen groups count in
 
 from __future__ import annotations
 
-import math
-
-from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import VideoBackbone
-
-
-def validate_layer_decay(decay: float | None) -> None:
-    """Raise :class:`ConfigError` unless ``decay`` is ``None`` (off) or in ``(0, 1]``."""
-    if decay is not None and not (math.isfinite(decay) and 0.0 < decay <= 1.0):
-        raise ConfigError(f"--layer-decay must be in (0, 1] (e.g. 0.75; 1 = every layer at the same lr), got {decay!r}")
+from vtransfer.run_config import check_layer_decay
 
 
 def layer_lr_scales(model: VideoBackbone, decay: float) -> dict[str, float]:
     """``{parameter name: decay ** (n_groups - 1 - group index)}`` for every parameter of ``model``."""
-    validate_layer_decay(decay)
+    check_layer_decay(decay)
     groups = model.layer_groups()
     last = len(groups) - 1
     return {name: float(decay) ** (last - i) for i, g in enumerate(groups) for name in g.params}

@@ -45,14 +45,6 @@ class MixedBatch:
     box: tuple[int, int, int, int] | None = None  # cutmix: (top, left, height, width), the same in every frame
 
 
-def validate_mixing(mixup: float, cutmix: float) -> None:
-    """Raise :class:`ConfigError` unless both alphas are finite and >= 0 (0 = off)."""
-    for name, alpha in (("--mixup", mixup), ("--cutmix", cutmix)):
-        if not (np.isfinite(alpha) and alpha >= 0):
-            raise ConfigError(f"{name} is the Beta(alpha, alpha) parameter: a number >= 0 (0 = off, e.g. 0.8), "
-                              f"got {alpha!r}")
-
-
 def check_mixing_applies(mixup: float, cutmix: float, first_trainable_group: int, policy: str) -> None:
     """Raise :class:`ConfigError` when mixup/cutmix is on but the policy freezes a prefix of the model.
 

@@ -12,10 +12,12 @@ counted, recorded per video (``bad_videos``, written to the run folder by the
 caller's ``on_bad_videos``) and announced by the reporter; only when more than
 ``max_bad_fraction`` of an epoch's clips fail does the run stop, with a
 message naming the files. Videos that cannot be read at all are removed before
-training by :func:`screen_videos`, under the same limit.
+training by :func:`vtransfer.data.screening.screen_dataset`, under the same limit.
 
-Optional training features, all off by default (:class:`TrainConfig`):
-gradient accumulation (``micro_batch``: the batch of one optimiser step is
+The trainer runs a :class:`vtransfer.run_config.ResolvedTraining`: the run's
+training options with the backbone family's defaults filled in
+(:func:`vtransfer.run_config.resolve_training`). Optional training features,
+all off by default: gradient accumulation (``micro_batch``: the batch of one optimiser step is
 still ``batch_size``), an EMA of the weights (:mod:`vtransfer.engine.ema`), mixup and
 cutmix on clips (:mod:`vtransfer.engine.mixing`), layer-wise learning-rate decay
 (:mod:`vtransfer.engine.lr_decay`) and gradient checkpointing
@@ -27,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
@@ -36,83 +37,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from vtransfer.utils.distributed import all_reduce_sums, gather_objects, wrap_trainable
-from vtransfer.engine.ema import WeightEma, validate_ema_decay
-from vtransfer.utils.errors import ConfigError, VtransferError
+from vtransfer.data.screening import describe_bad_videos, summarize_decode_errors
+from vtransfer.engine.ema import WeightEma
 from vtransfer.engine.grad_checkpoint import forward_groups_checkpointed
-from vtransfer.engine.lr_decay import scales_by_param, validate_layer_decay
+from vtransfer.engine.lr_decay import scales_by_param
+from vtransfer.engine.mixing import check_mixing_applies, mix_batch, mixing_rng
 from vtransfer.evaluation.metrics import NonFiniteScores
-from vtransfer.engine.mixing import check_mixing_applies, mix_batch, mixing_rng, validate_mixing
 from vtransfer.models.base import VideoBackbone
-from vtransfer.policies.peft import structure_params
 from vtransfer.policies.freezing import PolicyPlan, set_train_mode
+from vtransfer.policies.peft import structure_params
+from vtransfer.run_config import ResolvedTraining
+from vtransfer.utils.distributed import all_reduce_sums, gather_objects, wrap_trainable
+from vtransfer.utils.errors import ConfigError, VtransferError
 from vtransfer.utils.runtime import autocast
 
-OPTIMIZERS = ("auto", "sgd", "adamw")
 #: An epoch whose mean training loss exceeds this many times the first epoch's stops the run as diverged.
 DIVERGENCE_FACTOR = 10.0
 
 
 class TrainingDiverged(VtransferError):
     """The training loss became non-finite or grew far beyond its first epoch's value."""
-BALANCE_MODES = ("none", "weights", "sampler")
-
-
-@dataclass
-class TrainConfig:
-    """Options of one fine-tuning run (defaults are per backbone where ``None``)."""
-
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float | None = None
-    optimizer: str = "auto"
-    weight_decay: float | None = None
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    patience: int = 5
-    precision: str = "fp32"
-    seed: int = 0
-    balance: str = "none"
-    max_bad_fraction: float = 0.2
-    label_smoothing: float = 0.0
-    head_lr_scale: float | None = None  # the new classifier's lr / lr (None: the backbone family's default)
-    # Clips per forward/backward pass; gradients of ceil(batch_size / micro_batch) passes are summed before one
-    # optimiser step, so batch_size stays the batch of a step and the lr schedule is unchanged (None: one pass).
-    micro_batch: int | None = None
-    ema_decay: float | None = None  # validate and save an EMA of the weights (decay warms up, vtransfer.engine.ema; None: off)
-    mixup: float = 0.0  # Beta(alpha, alpha) of mixup on input clips (0: off)
-    cutmix: float = 0.0  # Beta(alpha, alpha) of video cutmix on input clips (0: off)
-    layer_decay: float | None = None  # lr of layer group i = lr * layer_decay ** (groups - 1 - i) (None: off)
-    grad_checkpointing: bool = False  # recompute each trainable layer group's activations in the backward pass
-
-    def resolved(self, backbone: str) -> "TrainConfig":
-        """Fill the backbone family's defaults (its ``TRAINING_DEFAULTS``: SGD+momentum for Karpathy's and I3D's CNNs, AdamW for ViViT and effnet3d)."""
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.balance not in BALANCE_MODES:
-            raise ConfigError(f"--balance must be one of {BALANCE_MODES}, got {self.balance!r}")
-        if self.epochs < 1:
-            raise ConfigError("--epochs must be at least 1")
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be at least 1")
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise ConfigError(f"--micro-batch must be at least 1 (or unset: the whole --batch-size at once), "
-                              f"got {self.micro_batch}")
-        validate_ema_decay(self.ema_decay)
-        validate_mixing(self.mixup, self.cutmix)
-        validate_layer_decay(self.layer_decay)
-        from vtransfer.models.registry import training_defaults
-
-        family = training_defaults(backbone)
-        opt = family["optimizer"] if self.optimizer == "auto" else self.optimizer
-        same = opt == family["optimizer"]  # the family's lr/decay are for its own optimiser
-        lr = self.lr if self.lr is not None else (family["lr"] if same else (3e-4 if opt == "adamw" else 1e-2))
-        wd = self.weight_decay if self.weight_decay is not None else (
-            family["weight_decay"] if same else (0.05 if opt == "adamw" else 5e-4))
-        head = self.head_lr_scale if self.head_lr_scale is not None else float(family.get("head_lr_scale", 1.0))
-        if head <= 0:
-            raise ConfigError(f"--head-lr-scale must be > 0, got {head:g}")
-        return TrainConfig(**{**asdict(self), "optimizer": opt, "lr": lr, "weight_decay": wd, "head_lr_scale": head})
 
 
 @dataclass
@@ -149,100 +93,17 @@ class PrefixSource(Protocol):
 class Reporter(Protocol):
     """Receives progress (the CLI shows Rich bars; the API default prints nothing)."""
 
-    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None: ...
-    def batch_end(self, loss: float, acc: float) -> None: ...
-    def epoch_end(self, record: EpochRecord, improved: bool) -> None: ...
-    def message(self, text: str) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+        """Epoch ``epoch`` of ``epochs`` begins; it has ``batches`` batches."""
 
+    def batch_end(self, loss: float, acc: float) -> None:
+        """A training batch finished with this mean loss and accuracy."""
 
-def summarize_decode_errors(errors: list[tuple[str, str]], epoch: int) -> list[dict[str, Any]]:
-    """``(path, reason)`` pairs of failed clips -> one ``{path, reason, epoch, count}`` per video, sorted by path.
+    def epoch_end(self, record: EpochRecord, improved: bool) -> None:
+        """An epoch finished (``improved``: its validation accuracy is the best so far)."""
 
-    Paths are made printable (undecodable bytes as ``\\xNN``) so the entries are valid UTF-8 JSON.
-    """
-    from vtransfer.data.check import printable
-
-    counts = Counter((printable(path), str(reason)) for path, reason in errors)
-    return [{"path": path, "reason": reason, "epoch": epoch, "count": n} for (path, reason), n in sorted(counts.items())]
-
-
-def describe_bad_videos(entries: list[dict[str, Any]], limit: int = 10, root: str | None = None) -> str:
-    """A human list of bad files: ``a.mp4 (reason), b.mp4 (reason) and N more`` (paths relative to ``root``)."""
-
-    def name(path: str) -> str:
-        return path[len(root) + 1:] if root and path.startswith(root.rstrip("/") + "/") else path
-
-    shown = ", ".join(f"{name(e['path'])} ({e['reason']})" for e in entries[:limit])
-    return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
-
-
-def screen_dataset(index, max_bad_fraction: float, workers: int = 2, reporter: "Reporter | None" = None):
-    """Report the files a run will not use, and drop the videos that cannot be decoded, before training.
-
-    Files the scanner skipped (``index.skipped``: zero-byte, text, images,
-    symlink loops, ...) are listed. Every video is then probed and decoded at
-    its start and end as ``vtransfer check`` does
-    (:func:`vtransfer.data.check.check_dataset`); unreadable ones are removed
-    from every split, so neither training nor evaluation ever sees them. The
-    reporter gets one warning line for each kind of problem.
-
-    Returns ``(index, skipped, unreadable)``: the index without unreadable
-    videos (classes unchanged), ``[{path, reason}]`` of skipped files, and
-    ``[{path, reason, epoch: 0, count: 1}]`` of unreadable videos.
-
-    Raises:
-        DatasetError: more than ``max_bad_fraction`` of the train split is unreadable
-            (names the first files and the reasons).
-    """
-    from vtransfer.data.check import check_dataset, drop_unreadable, printable
-    from vtransfer.utils.errors import DatasetError
-
-    reporter = reporter or QuietReporter()
-    from vtransfer.data.sniff import VIDEO_EXTENSIONS
-
-    skipped = [{"path": printable(s.path), "reason": s.reason} for s in index.skipped]
-    # Notes and CSVs beside the class folders (README, categories.csv) are expected: listed, not warned about.
-    # Videos the manifest leaves out (a few-shot draw) were chosen: one line says how many.
-    notable = [s for s, raw in zip(skipped, index.skipped) if not raw.left_out
-               and not (raw.path.parent == index.root and raw.path.suffix.lower() not in VIDEO_EXTENSIONS)]
-    left_out = [raw for raw in index.skipped if raw.left_out]
-    if left_out:
-        reporter.message(f"{len(left_out)} video(s) in {printable(index.root)} are not used: {left_out[0].reason}")
-    if notable:
-        reporter.message(f"warning: {len(notable)} file(s) in {printable(index.root)} are not used: "
-                         f"{describe_bad_videos(notable, root=printable(index.root))}")
-    report = _checked(index, workers, check_dataset)
-    unreadable = summarize_decode_errors([(u.path, u.reason) for u in report.unreadable], epoch=0)
-    if not unreadable:
-        return index, skipped, unreadable
-    train = [r for r in index.records if r.split == "train"]
-    bad_train = [u for u in report.unreadable if u.split == "train"]
-    if train and (len(bad_train) == len(train) or len(bad_train) / len(train) > max_bad_fraction):
-        raise DatasetError(
-            f"{len(bad_train)} of {len(train)} training videos in {printable(index.root)} cannot be decoded "
-            f"(more than --max-bad-fraction {max_bad_fraction:g}): {describe_bad_videos(unreadable)}; "
-            "run `vtransfer check` for the full list"
-        )
-    reporter.message(f"warning: {len(unreadable)} video(s) in {printable(index.root)} cannot be decoded and are "
-                     f"left out of every split: {describe_bad_videos(unreadable, root=printable(index.root))}")
-    for warning in report.warnings:
-        reporter.message(f"warning: {warning}")
-    return drop_unreadable(index, report), skipped, unreadable
-
-
-# check results of this process, so the runs of one compare-policies screen the videos once
-_CHECKS: dict[tuple, Any] = {}
-
-
-def _checked(index, workers: int, check_dataset):
-    """``check_dataset(index)``, reused while no file (path, size, mtime) or split has changed."""
-    from vtransfer.utils.hashing import file_stamp
-
-    key = tuple((str(r.path), r.split, *file_stamp(r.path)) for r in index.records)
-    if key not in _CHECKS:
-        _CHECKS.clear()
-        _CHECKS[key] = check_dataset(index, workers=max(1, workers))
-    return _CHECKS[key]
+    def message(self, text: str) -> None:
+        """One line for the user (warnings, early stop)."""
 
 
 class QuietReporter:
@@ -261,7 +122,7 @@ class QuietReporter:
         """Ignore."""
 
 
-def build_optimizer(params: list[nn.Parameter], config: TrainConfig, fused: bool | None = None,
+def build_optimizer(params: list[nn.Parameter], config: ResolvedTraining, fused: bool | None = None,
                     head: list[nn.Parameter] | None = None,
                     lr_scales: Mapping[int, float] | None = None) -> torch.optim.Optimizer:
     """SGD with momentum or AdamW over the trainable parameters (no decay on biases and norms).
@@ -386,7 +247,7 @@ class Trainer:
         self,
         model: VideoBackbone,
         plan: PolicyPlan,
-        config: TrainConfig,
+        config: ResolvedTraining,
         device: torch.device,
         source: PrefixSource,
         validate: Callable[[VideoBackbone], tuple[float, float]],
@@ -399,7 +260,8 @@ class Trainer:
     ):
         self.model = model
         self.plan = plan
-        self.config = config
+        self.config = config  # the resolved values (optimiser, lr, epochs, ...)
+        self.options = options = config.training  # the training options as given (mixup, seed, precision, ...)
         self.device = device
         self.source = source
         self.validate = validate
@@ -409,10 +271,10 @@ class Trainer:
         self.train_size = train_size
         self.on_bad_videos = on_bad_videos
         self.num_groups = len(model.layer_groups())
-        check_mixing_applies(config.mixup, config.cutmix, plan.first_trainable_group, plan.policy)
-        self.mixing = config.mixup > 0 or config.cutmix > 0
-        self._mix_rng = mixing_rng(config.seed, 0)  # replaced at the start of every epoch
-        part = TrainablePart(model, plan.first_trainable_group, grad_checkpointing=config.grad_checkpointing)
+        check_mixing_applies(options.mixup, options.cutmix, plan.first_trainable_group, plan.policy)
+        self.mixing = options.mixup > 0 or options.cutmix > 0
+        self._mix_rng = mixing_rng(options.seed, 0)  # replaced at the start of every epoch
+        part = TrainablePart(model, plan.first_trainable_group, grad_checkpointing=options.grad_checkpointing)
         self.step_module = wrap_trainable(part, device)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -424,12 +286,12 @@ class Trainer:
         added = set(structure_params(model, plan.policy)) if getattr(plan, "structure", None) else set()
         head = [] if plan.reinit else [named[n] for n in model.layer_groups()[-1].params
                                        if named[n].requires_grad and n not in added]
-        scales = scales_by_param(model, config.layer_decay) if config.layer_decay is not None else None
+        scales = scales_by_param(model, options.layer_decay) if options.layer_decay is not None else None
         self.optimizer = build_optimizer(params, config, head=head, lr_scales=scales)
-        self.ema = WeightEma(model, config.ema_decay) if config.ema_decay is not None else None
+        self.ema = WeightEma(model, options.ema_decay) if options.ema_decay is not None else None
         steps_per_epoch = max(1, source.num_batches())
         total = steps_per_epoch * config.epochs
-        warmup = int(round(config.warmup_epochs * steps_per_epoch))
+        warmup = int(round(options.warmup_epochs * steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total, min(warmup, total - 1)))
         weight = loss_weights.to(device) if loss_weights is not None else None
         self.loss_weights = weight
@@ -475,7 +337,7 @@ class Trainer:
             if "ema" in state:
                 self.ema.load_state_dict(state["ema"])
             else:  # a run saved without EMA: the shadow starts from the resumed weights
-                self.ema = WeightEma(self.model, self.config.ema_decay)
+                self.ema = WeightEma(self.model, self.options.ema_decay)
         if self.state.bad_videos and self.on_bad_videos is not None:
             self.on_bad_videos(list(self.state.bad_videos))  # the run folder's list survives a resume
 
@@ -483,7 +345,7 @@ class Trainer:
     def train_step(self, prefix_out: Any, labels: torch.Tensor) -> tuple[float, int]:
         """One optimisation step on a batch; returns (the batch's mean loss, number correct).
 
-        With ``config.micro_batch`` the batch runs forward and backward in
+        With ``micro_batch`` the batch runs forward and backward in
         slices of that many rows; each slice's loss is its summed loss over the
         whole batch's denominator (the row count, or the sum of the class
         weights of the labels), so the accumulated gradient is the whole
@@ -493,13 +355,13 @@ class Trainer:
         """
         targets: torch.Tensor = labels
         if self.mixing:
-            mixed = mix_batch(prefix_out, labels, self.model.num_classes, mixup=self.config.mixup,
-                              cutmix=self.config.cutmix, rng=self._mix_rng)
+            mixed = mix_batch(prefix_out, labels, self.model.num_classes, mixup=self.options.mixup,
+                              cutmix=self.options.cutmix, rng=self._mix_rng)
             prefix_out, targets = mixed.clips, mixed.targets
-        chunks = micro_batches(labels.shape[0], self.config.micro_batch)
+        chunks = micro_batches(labels.shape[0], self.options.micro_batch)
         self.optimizer.zero_grad(set_to_none=True)
         if len(chunks) == 1:
-            with autocast(self.device, self.config.precision):
+            with autocast(self.device, self.options.precision):
                 logits = self.step_module(prefix_out)
                 loss = self.criterion(logits.float(), targets)
             loss.backward()
@@ -511,7 +373,7 @@ class Trainer:
                 last = k == len(chunks) - 1
                 no_sync = getattr(self.step_module, "no_sync", None)  # DDP: all-reduce only the last slice
                 with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                    with autocast(self.device, self.config.precision):
+                    with autocast(self.device, self.options.precision):
                         logits = self.step_module(take_rows(prefix_out, rows))
                         loss = self.criterion_sum(logits.float(), targets[rows]) / denominator
                     loss.backward()
@@ -583,19 +445,19 @@ class Trainer:
 
     def _reported_lr(self) -> float:
         """The lr of the epoch's record: the first parameter group's; with layer decay, ``lr`` x the schedule."""
-        if self.config.layer_decay is None:
+        if self.options.layer_decay is None:
             return self.optimizer.param_groups[0]["lr"]
         return self.config.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
 
     def _fit(self, stop_after: int | None) -> FitState:
-        cfg = self.config
+        cfg, options = self.config, self.options
         done_this_call = 0
         while self.state.epoch < cfg.epochs and not self.state.stopped_early:
             if stop_after is not None and done_this_call >= stop_after:
                 break
             epoch = self.state.epoch + 1
             t0 = time.perf_counter()
-            self._mix_rng = mixing_rng(cfg.seed, epoch)
+            self._mix_rng = mixing_rng(options.seed, epoch)
             set_train_mode(self.model, True, self.plan.policy)
             self.reporter.epoch_start(epoch, cfg.epochs, self.source.num_batches())
             loss_sum, correct, seen, bad = 0.0, 0, 0, 0
@@ -619,10 +481,10 @@ class Trainer:
             epoch_errors = [e for errs in gather_objects(epoch_errors) for e in errs]
             attempted = seen + bad
             entries = self._record_bad_clips(epoch, epoch_errors) if epoch_errors else []
-            if attempted and bad / attempted > cfg.max_bad_fraction:
+            if attempted and bad / attempted > options.max_bad_fraction:
                 raise VtransferError(
                     f"epoch {epoch}: {bad} of {attempted} training clips failed to decode "
-                    f"(more than --max-bad-fraction {cfg.max_bad_fraction:g}): {describe_bad_videos(entries)}; "
+                    f"(more than --max-bad-fraction {options.max_bad_fraction:g}): {describe_bad_videos(entries)}; "
                     "stopped rather than train on what is left. The list is in bad_videos.json in the run "
                     "folder; repair those files and --resume the run, or start a new run without them"
                 )
@@ -660,9 +522,9 @@ class Trainer:
                     self.save_best(self.model, record)
             self.state.epoch = epoch
             self.state.history.append(record.to_dict())
-            if cfg.patience > 0 and epoch - self.state.best_epoch >= cfg.patience:
+            if options.patience > 0 and epoch - self.state.best_epoch >= options.patience:
                 self.state.stopped_early = True
-                self.reporter.message(f"early stop: no val improvement for {cfg.patience} epochs")
+                self.reporter.message(f"early stop: no val improvement for {options.patience} epochs")
             self.save_state(self.state_dict())
             self.reporter.epoch_end(record, improved)
             done_this_call += 1

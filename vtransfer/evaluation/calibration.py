@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vtransfer.evaluation.metrics import _as_numpy, _check_labels, _check_probs
+from vtransfer.evaluation.arrays import as_numpy, check_labels, check_probs
 
 DEFAULT_BINS = 15
 """Confidence bins of the ECE and the reliability diagram (Guo et al. use 15)."""
@@ -124,8 +124,8 @@ def expected_calibration_error(probs: Any, labels: Any, bins: int = DEFAULT_BINS
     Raises:
         ValueError: on bad shapes, labels out of range, no rows, ``bins < 1`` or an unknown level.
     """
-    probs = _check_probs(probs, "probs")
-    labels = _check_labels(labels, probs.shape[0], probs.shape[1], "labels")
+    probs = check_probs(probs, "probs")
+    labels = check_labels(labels, probs.shape[0], probs.shape[1], "labels")
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
     if level not in LEVELS:
@@ -155,7 +155,7 @@ def expected_calibration_error(probs: Any, labels: Any, bins: int = DEFAULT_BINS
 
 def log_probabilities(probs: Any) -> np.ndarray:
     """``log(probs)`` as float64, floored so that underflowed zeros stay finite."""
-    probs = _check_probs(probs, "probs")
+    probs = check_probs(probs, "probs")
     with np.errstate(divide="ignore"):
         return np.maximum(np.log(probs), _LOG_FLOOR)
 
@@ -184,7 +184,7 @@ def apply_temperature(probs: Any, temperature: float) -> np.ndarray:
         ValueError: bad shapes, non-finite values or ``T <= 0``.
     """
     t = _check_temperature(temperature)
-    probs = _check_probs(probs, "probs")
+    probs = check_probs(probs, "probs")
     if t == 1.0:
         return probs.copy()
     return np.exp(_log_softmax(log_probabilities(probs) / t))
@@ -192,8 +192,8 @@ def apply_temperature(probs: Any, temperature: float) -> np.ndarray:
 
 def negative_log_likelihood(probs: Any, labels: Any) -> float:
     """Mean ``-log p(true class)`` of ``[N, C]`` probabilities (floored like :func:`log_probabilities`)."""
-    probs = _check_probs(probs, "probs")
-    labels = _check_labels(labels, probs.shape[0], probs.shape[1], "labels")
+    probs = check_probs(probs, "probs")
+    labels = check_labels(labels, probs.shape[0], probs.shape[1], "labels")
     if probs.shape[0] == 0:
         raise ValueError("cannot compute a likelihood on zero predictions")
     return float(-np.mean(log_probabilities(probs)[np.arange(probs.shape[0]), labels]))
@@ -238,8 +238,8 @@ def fit_temperature(
     Raises:
         ValueError: on bad shapes, non-finite scores, no rows or bad bounds.
     """
-    scores = _check_probs(log_probs, "log_probs")
-    labels = _check_labels(labels, scores.shape[0], scores.shape[1], "labels")
+    scores = check_probs(log_probs, "log_probs")
+    labels = check_labels(labels, scores.shape[0], scores.shape[1], "labels")
     if scores.shape[0] == 0:
         raise ValueError("cannot fit a temperature on zero predictions")
     lo_t, hi_t = (float(b) for b in bounds)
@@ -312,10 +312,10 @@ def calibrate_on_validation(
     Raises:
         ValueError: no clips, or clip/video indices that do not match ``video_labels``.
     """
-    probs = _check_probs(val_preds.probs, "val_preds.probs")
-    labels = _as_numpy(video_labels)
-    labels = _check_labels(labels, labels.shape[0] if labels.ndim == 1 else -1, probs.shape[1], "video_labels")
-    video = _check_labels(val_preds.video, probs.shape[0], max(labels.shape[0], 1), "val_preds.video")
+    probs = check_probs(val_preds.probs, "val_preds.probs")
+    labels = as_numpy(video_labels)
+    labels = check_labels(labels, labels.shape[0] if labels.ndim == 1 else -1, probs.shape[1], "video_labels")
+    video = check_labels(val_preds.video, probs.shape[0], max(labels.shape[0], 1), "val_preds.video")
     if probs.shape[0] == 0:
         raise ValueError("cannot fit a temperature: the validation split has no clips")
     clip_labels = labels[video]

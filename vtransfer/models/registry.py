@@ -15,7 +15,7 @@ A module may serve several names (torchvision's ``r3d_18``, ``mc3_18`` and
 name to a :class:`BackboneEntry` in ``BACKBONES``, and the registry reads
 the constants from that entry instead of the module. A family module may
 also declare ``WEIGHT_SOURCES`` and ``FOREIGN_LAYOUTS``, which
-:mod:`vtransfer.weights.sources` collects on first use (see
+:mod:`vtransfer.loading.sources` collects on first use (see
 :func:`family_module`).
 
 Names with a prefix in ``_PREFIXES`` stand for a whole open family:
@@ -153,3 +153,12 @@ def memory_format(name: str, device: Any, precision: str) -> Any:
 def geometry_keys(name: str) -> dict[str, str]:
     """Constructor keyword for each clip-geometry option (``frames``, ``stride``, ``size``) the family accepts."""
     return dict(getattr(backbone_module(name), "GEOMETRY_KEYS", {}))
+
+
+def preferred_memory_format(backbone: str, precision: str, device: torch.device) -> torch.memory_format:
+    """The memory format backbone family ``backbone`` declares for ``device`` and ``precision``.
+
+    Each family measures its own choice (``benchmarks/bench_step.py``); see
+    ``preferred_memory_format`` in its module (contiguous when it declares none).
+    """
+    return memory_format(backbone, device, precision)

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtransfer.utils.errors import ConfigError
+from vtransfer.weights.source import NO_PUBLIC_WEIGHTS, WeightSource
 from vtransfer.models.base import (LayerGroup, Preprocessing, State, VideoBackbone, fresh_linear_classifier,
                                    init_relu_network, module_param_names)
 
@@ -333,3 +334,17 @@ TRAINING_DEFAULTS = {"optimizer": "sgd", "lr": 1e-2, "weight_decay": 5e-4}
 
 #: Constructor keyword of each clip-geometry option (``--frames``, ``--stride``, ``--size``).
 GEOMETRY_KEYS = {"size": "input_size", "stride": "frame_stride"}
+
+
+# -- pretrained weights (collected by vtransfer.loading.sources) -------------------------------
+
+WEIGHT_SOURCES = (
+    WeightSource(
+            name="slowfusion:sports1m",
+            backbone="slowfusion",
+            dataset={"name": "Sports-1M", "num_classes": 487, "size": "about 1.1M videos"},
+            available=False,
+            note="Karpathy et al. (2014) never published their Sports-1M model: "
+            + NO_PUBLIC_WEIGHTS.format(backbone="slowfusion"),
+        ),
+)

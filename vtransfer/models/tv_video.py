@@ -18,7 +18,7 @@ num_classes=...)``). What they share lives here:
   and resize from ``transforms()``, clip length and frame rate from the
   evaluation settings in ``meta["_docs"]``, the smallest accepted input from
   ``meta["min_size"]`` / ``meta["min_temporal_size"]``, and URL, hash prefix,
-  class names and accuracy for the :class:`~vtransfer.weights.sources.WeightSource`
+  class names and accuracy for the :class:`~vtransfer.weights.source.WeightSource`
   of each enum member (:func:`kinetics_weight_sources`).
 
 **Temporal parameters** follow the rule of the other CNN families (I3D,
@@ -118,10 +118,10 @@ def small_preset(weights: WeightsEnum, frames: int, size: int) -> dict[str, Any]
 
 
 def kinetics_weight_sources(backbone: str, enum: type[WeightsEnum], preset: str) -> list[Any]:
-    """One :class:`~vtransfer.weights.sources.WeightSource` per exposed member of ``enum``, all from its metadata."""
+    """One :class:`~vtransfer.weights.source.WeightSource` per exposed member of ``enum``, all from its metadata."""
     from torch.hub import HASH_REGEX
 
-    from vtransfer.weights.sources import WeightSource
+    from vtransfer.weights.source import WeightSource
 
     sources = []
     for member in enum:  # aliases (DEFAULT) are not iterated
@@ -151,7 +151,7 @@ def kinetics_weight_sources(backbone: str, enum: type[WeightsEnum], preset: str)
             num_classes=len(member.meta["categories"]),
             preprocessing={"mean": geo["mean"], "std": geo["std"]},
             dataset=dataset,
-            classes="vtransfer.weights.sources:kinetics400_classes",
+            classes="vtransfer.weights.source:kinetics400_classes",
             note=(
                 f"torchvision's {enum.__name__}.{member.name}: Kinetics-400 acc@1 {accuracy['acc@1']:.1f}%, "
                 f"acc@5 {accuracy['acc@5']:.1f}% as torchvision reports them. {member.meta.get('_docs', '')}"

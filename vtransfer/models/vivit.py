@@ -77,6 +77,8 @@ from torch import nn
 from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import LayerGroup, Preprocessing, State, VideoBackbone, as_pair, module_param_names
 from vtransfer.models.peft_sites import AdapterSite, ProbeTap
+from vtransfer.weights.scenic_vivit import FlaxMsgpackSource
+from vtransfer.weights.source import NO_PUBLIC_WEIGHTS, ForeignLayout, WeightSource
 
 VARIANTS = ("factorised", "joint")
 PATCH_EMBEDS = ("conv", "ln_linear_ln")
@@ -756,8 +758,6 @@ SCENIC_FE_URL = "https://storage.googleapis.com/scenic-bucket/vivit/kinetics_400
 
 def _weight_sources() -> list[Any]:
     """``vivit:kinetics400`` (Scenic's ViViT-B/16x2 FE) and ``vivit:kinetics400-joint`` (the HF port of model 1)."""
-    from vtransfer.weights.scenic_vivit import FlaxMsgpackSource
-    from vtransfer.weights.sources import WeightSource
 
     kinetics = {"name": "Kinetics-400", "num_classes": 400, "size": "about 240k training clips (10 s each)"}
     return [
@@ -773,7 +773,7 @@ def _weight_sources() -> list[Any]:
                      "published_accuracy": {"acc@1": 78.4, "views": "4x3"},
                      "config": "google-research/scenic scenic/projects/vivit/configs/kinetics400/"
                                "vivit_base_factorised_encoder.py"},
-            classes="vtransfer.weights.sources:kinetics400_classes",
+            classes="vtransfer.weights.source:kinetics400_classes",
             note=(
                 "Scenic's own ViViT-B/16x2 factorised encoder trained on Kinetics-400 (78.4% top-1 with 4x3 views, "
                 "scenic/projects/vivit/README.md), a Flax msgpack train state read without JAX; input [-1, 1]. "
@@ -792,7 +792,7 @@ def _weight_sources() -> list[Any]:
             num_classes=400,
             dataset={**kinetics, "init": "ImageNet-21k ViT-B/16", "repo": HF_JOINT_REPO,
                      "published_accuracy": {"acc@1": 79.9, "views": "4x3", "of": "Scenic's ViViT-B/16x2 checkpoint"}},
-            classes="vtransfer.weights.sources:kinetics400_classes",
+            classes="vtransfer.weights.source:kinetics400_classes",
             note=(
                 f"ViViT-B/16x2 model 1 (joint space-time attention) trained on Kinetics-400, as Hugging Face hosts "
                 f"it ({HF_JOINT_REPO}, converted from Scenic, whose README gives 79.9% top-1 with 4x3 views); "
@@ -803,8 +803,6 @@ def _weight_sources() -> list[Any]:
 
 
 def _foreign_layouts() -> list[Any]:
-    from vtransfer.weights.sources import ForeignLayout
-
     return [
         ForeignLayout(
             name="hf-vivit",
@@ -830,8 +828,53 @@ def _foreign_layouts() -> list[Any]:
     ]
 
 
-WEIGHT_SOURCES = _weight_sources()
-FOREIGN_LAYOUTS = _foreign_layouts()
+WEIGHT_SOURCES = (
+    WeightSource(
+            name="vivit:imagenet",
+            backbone="vivit",
+            preset="vivit-b",
+            url="https://download.pytorch.org/models/vit_b_16-c867db91.pth",
+            filename="vit_b_16-c867db91.pth",
+            sha256_prefix="c867db91",
+            converter="vtransfer.weights.vit_init:init_vivit_from_torchvision_vit",
+            dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
+            note=(
+                "spatial transformer from torchvision's ImageNet ViT-B/16 with central-frame tubelet "
+                "initialisation; the temporal transformer and the classifier start fresh."
+            ),
+        ),
+    WeightSource(
+            name="vivit:ucf101",
+            backbone="vivit",
+            preset="vivit-seed",
+            dataset={"name": "UCF-101", "num_classes": 101, "size": "13,320 videos"},
+            available=False,
+            note="the seed paper's UCF-101 ViViT was not published: " + NO_PUBLIC_WEIGHTS.format(backbone="vivit"),
+        ),
+    *_weight_sources(),
+)
+FOREIGN_LAYOUTS = (
+    ForeignLayout(
+            name="vit-pytorch-vivit",
+            backbone="vivit",
+            converter="vtransfer.weights.vit_pytorch_import:load_vit_pytorch_vivit",
+            required_keys=("pos_embedding", "mlp_head.weight"),
+            required_prefixes=("to_patch_embedding.", "spatial_transformer.layers.", "temporal_transformer.layers."),
+            head_key="mlp_head.weight",
+            description="the vit-pytorch package's ViViT (factorised encoder)",
+            default_preset="vivit-seed",
+        ),
+    ForeignLayout(
+            name="torchvision-vit",
+            backbone="vivit",
+            converter="vtransfer.weights.vit_init:init_vivit_from_torchvision_vit",
+            required_keys=("conv_proj.weight", "class_token", "encoder.pos_embedding"),
+            head_key=None,
+            description="torchvision's ViT (2D, spatial transformer initialisation)",
+            default_preset="vivit-b",
+        ),
+    *_foreign_layouts(),
+)
 
 
 # -- where the parameter-efficient policies go in (vtransfer.models.peft_sites) ----------------------

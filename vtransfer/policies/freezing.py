@@ -40,33 +40,10 @@ from torch import nn
 from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import VideoBackbone
 from vtransfer.models.structured import structure_of
-from vtransfer.policies.peft import (
-    PEFT_POLICY_NAMES,
-    STRUCTURAL_POLICIES,
-    PolicyOptions,
-    bitfit_params,
-    prepare_model_for_policy,
-    structure_params,
-)
-
-#: The freezing policies, which every part of the pipeline handles today.
-FREEZING_POLICY_NAMES = ("scratch", "top-layer", "top-3", "temporal", "all")
-POLICY_NAMES = FREEZING_POLICY_NAMES
-#: Every policy :func:`resolve_policy` knows (the parameter-efficient ones need
-#: :func:`vtransfer.policies.peft.prepare_model_for_policy` first).
-ALL_POLICY_NAMES = FREEZING_POLICY_NAMES + PEFT_POLICY_NAMES
-
-#: Epochs when the user gives none. ``top-layer`` trains only a fresh classifier, on cached
-#: features where an epoch costs next to nothing, and it needs more steps than 10 epochs of a
-#: small dataset give (42 videos: 60 steps); measured on real_actions, 30 epochs took its test
-#: accuracy from 0.74 to 0.93 (mean of 3 seeds).
-DEFAULT_EPOCHS = {"top-layer": 30, "attentive-probe": 30}
-OTHER_POLICIES_EPOCHS = 10
+from vtransfer.policies.names import ALL_POLICY_NAMES, default_epochs, FREEZING_POLICY_NAMES, PEFT_POLICY_NAMES, STRUCTURAL_POLICIES
+from vtransfer.policies.peft import PolicyOptions, bitfit_params, prepare_model_for_policy, structure_params
 
 
-def default_epochs(policy: str) -> int:
-    """The number of epochs a run of ``policy`` trains for when ``--epochs`` is not given."""
-    return DEFAULT_EPOCHS.get(policy, OTHER_POLICIES_EPOCHS)
 CUSTOM_POLICY = "custom"
 
 
@@ -154,7 +131,7 @@ def resolve_policy(model: VideoBackbone, policy: str, train_groups: list[str] | 
         temporal = [p for g in groups[:-1] for p in g.temporal_params]
         if not temporal:
             why = getattr(model, "no_temporal_reason", None)
-            others = ", ".join(p for p in POLICY_NAMES if p != "temporal")
+            others = ", ".join(p for p in FREEZING_POLICY_NAMES if p != "temporal")
             raise ConfigError(
                 f"policy 'temporal': backbone {model.backbone_name!r} with this configuration has no "
                 f"parameters that mix information across time{' alone (' + why + ')' if why else ''}; "

@@ -42,11 +42,10 @@ from vtransfer.utils.errors import ConfigError
 from vtransfer.models.attentive_probe import AttentiveProbe
 from vtransfer.models.base import VideoBackbone
 from vtransfer.models.st_adapter import STAdapter
+from vtransfer.run_config import PolicyConfig
+from vtransfer.policies.names import PEFT_POLICY_NAMES, STRUCTURAL_POLICIES
 from vtransfer.models.structured import GroupEdits, make_structured, remove_structure, structure_of
 
-#: Policies that add modules to the model (the structure kind has the policy's name).
-STRUCTURAL_POLICIES = ("lora", "adapter", "attentive-probe")
-PEFT_POLICY_NAMES = ("bitfit",) + STRUCTURAL_POLICIES
 NORM_TYPES = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t)
 ADAPTER_PREFIX = "st_adapters"
 PROBE_MODULE = "attentive_probe"
@@ -101,6 +100,14 @@ class PolicyOptions:
         if self.merge and policy is not None and policy != "lora":
             raise ConfigError(f"--merge folds LoRA updates into the weights: it applies to --policy lora only, not {policy!r}")
         return self
+
+    @classmethod
+    def from_config(cls, config: PolicyConfig) -> "PolicyOptions":
+        """The options a run's policy section asks for."""
+        return cls(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                   lora_targets=tuple(config.lora_targets) if config.lora_targets is not None else None,
+                   lora_dropout=config.lora_dropout, merge=config.merge, adapter_ratio=config.adapter_ratio,
+                   probe_heads=config.probe_heads, probe_dim=config.probe_dim)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable options (``lora_targets`` as a list)."""
@@ -179,25 +186,6 @@ def merge_lora(model: VideoBackbone) -> VideoBackbone:
         raise ConfigError(f"{model.backbone_name}: the model carries no LoRA layers to merge")
     lora.fold_lora(model)
     return remove_structure(model)
-
-
-def merge_lora_checkpoint(path: str | Path) -> VideoBackbone:
-    """Rewrite the LoRA checkpoint ``path`` with the updates merged (it then loads without peft); return the model.
-
-    Metadata written by :func:`~vtransfer.weights.checkpoint.save_checkpoint`
-    (classes, source, training, extra, temperature) is kept;
-    ``training["lora_merged"]`` records what was folded in.
-    """
-    from vtransfer.weights.checkpoint import model_from_checkpoint, save_checkpoint
-
-    model, ckpt = model_from_checkpoint(path)
-    structure = structure_of(model)
-    merge_lora(model)
-    temperature = getattr(ckpt, "temperature", None)  # a calibrated model stays calibrated
-    save_checkpoint(path, model, classes=ckpt.classes, source=ckpt.source,
-                    training={**ckpt.training, "lora_merged": structure}, extra=ckpt.metadata.get("extra"),
-                    **({"temperature": temperature} if temperature is not None else {}))
-    return model
 
 
 # -- adapter --------------------------------------------------------------------------------

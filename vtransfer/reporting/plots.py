@@ -32,18 +32,23 @@ DPI = 110
 _MISSING_COLOUR = "#bbbbbb"
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    """A figure attached to its own Agg canvas."""
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of ``width`` x ``height`` inches attached to its own Agg canvas (no ``pyplot``, headless-safe)."""
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
 def _to_png(fig: Figure, dpi: int = DPI) -> bytes:
-    """Render ``fig`` to PNG bytes."""
+    """Render ``fig`` to PNG bytes: the one place every plot becomes bytes (tests swap it for a stub)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
     return buf.getvalue()
+
+
+def to_png(fig: Figure, dpi: int = DPI) -> bytes:
+    """Render a figure from :func:`new_figure` to PNG bytes (white background, cropped to its content)."""
+    return _to_png(fig, dpi)
 
 
 def write_png(data: bytes, path: str | Path) -> Path:
@@ -95,7 +100,7 @@ def training_curves_png(history: Sequence[Mapping[str, Any]], *, title: str | No
             return None
         return np.array([np.nan if v is None else scale * float(v) for v in vals])
 
-    fig = _new_figure(11.0, 4.0)
+    fig = new_figure(11.0, 4.0)
     ax_loss, ax_acc = fig.subplots(1, 2)
     marker = "o" if len(history) <= 30 else None
 
@@ -179,7 +184,7 @@ def confusion_png(
     masked = np.ma.masked_where(np.repeat(support == 0, n, axis=1), norm)
 
     side = min(max(5.0, 0.16 * n + 3.0), 20.0)
-    fig = _new_figure(side + 1.2, side)
+    fig = new_figure(side + 1.2, side)
     ax = fig.add_subplot(1, 1, 1)
     cmap = matplotlib.colormaps["Blues"].with_extremes(bad=_MISSING_COLOUR)
     # Without per-cell numbers, a square-root colour scale keeps rare confusions (1 of 10 videos) visible.
@@ -266,7 +271,7 @@ def per_class_accuracy_png(
     names = [classes[i] for i in order]
     bar_colours = [colours.get(cats[i], "tab:blue") if cats[i] else "tab:blue" for i in order]
 
-    fig = _new_figure(8.0, max(2.5, 0.2 * n + 1.2))
+    fig = new_figure(8.0, max(2.5, 0.2 * n + 1.2))
     ax = fig.add_subplot(1, 1, 1)
     y = np.arange(n)
     ax.barh(y, np.nan_to_num(acc), color=bar_colours, height=0.75)
@@ -333,7 +338,7 @@ def category_bars_png(
     n_groups, n_series = len(groups), len(names)
     width = 0.8 / n_series
     x = np.arange(n_groups)
-    fig = _new_figure(max(6.0, 0.35 * n_groups * n_series + 2.5), 4.5)
+    fig = new_figure(max(6.0, 0.35 * n_groups * n_series + 2.5), 4.5)
     ax = fig.add_subplot(1, 1, 1)
     cmap = matplotlib.colormaps["tab10" if n_series <= 10 else "tab20"]
     annotate = n_groups * n_series <= 40
@@ -394,7 +399,7 @@ def reliability_png(
     count = np.asarray(counts, dtype=np.int64)
     left, width = 100 * lo, 100 * (hi - lo)
 
-    fig = _new_figure(5.5, 6.2)
+    fig = new_figure(5.5, 6.2)
     ax, ax_n = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
     filled = count > 0
     ax.bar(left[filled], acc[filled], width=width[filled], align="edge", color="tab:blue", edgecolor="white",

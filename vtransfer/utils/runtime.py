@@ -125,14 +125,3 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         if torch.backends.cudnn.is_available():
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-
-
-def preferred_memory_format(backbone: str, precision: str, device: torch.device) -> torch.memory_format:
-    """The memory format backbone family ``backbone`` declares for ``device`` and ``precision``.
-
-    Each family measures its own choice (``benchmarks/bench_step.py``); see
-    ``preferred_memory_format`` in its module (contiguous when it declares none).
-    """
-    from vtransfer.models.registry import memory_format
-
-    return memory_format(backbone, device, precision)

@@ -38,7 +38,7 @@ import torch
 from vtransfer.utils.atomic import atomic_write_bytes
 from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.utils.jsonable import to_jsonable
-from vtransfer.models.base import Preprocessing, VideoBackbone
+from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.weights.keymatch import state_dict_problems
 
 FORMAT_NAME = "vtransfer-checkpoint"
@@ -100,7 +100,7 @@ def _tensors_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build_metadata(
-    model: VideoBackbone,
+    model: torch.nn.Module,
     *,
     classes: list[str],
     source: dict[str, Any] | None = None,
@@ -109,13 +109,13 @@ def build_metadata(
     temperature: float | None = None,
 ) -> dict[str, Any]:
     """The metadata document :func:`save_checkpoint` writes for ``model`` (``temperature`` only when given)."""
-    from vtransfer import __version__
+    from vtransfer.utils.version import package_version
 
     desc = model.describe()
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "vtransfer_version": __version__,
+        "vtransfer_version": package_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backbone": desc["backbone"],
         "config": desc["config"],
@@ -132,7 +132,7 @@ def build_metadata(
 
 def save_checkpoint(
     path: str | Path,
-    model: VideoBackbone,
+    model: torch.nn.Module,
     *,
     classes: list[str],
     source: dict[str, Any] | None = None,
@@ -202,7 +202,7 @@ def set_checkpoint_temperature(path: str | Path, temperature: float | None) -> P
     """
     from safetensors.torch import save
 
-    path, meta, state = _read_checkpoint(path)
+    path, meta, state = read_checkpoint_file(path)
     if temperature is not None and _temperature_problem(temperature):
         raise ConfigError(f"{path}: {_temperature_problem(temperature)}")
     meta = {k: v for k, v in meta.items() if k != "temperature"}
@@ -278,7 +278,7 @@ def safetensors_metadata(path: str | Path, strict: bool = False) -> dict[str, st
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         if strict and path.is_file() and _file_kind(path) == "safetensors":
-            raise _fail(path, f"corrupt safetensors data: {e}") from e
+            raise checkpoint_error(path, f"corrupt safetensors data: {e}") from e
         return None
 
 
@@ -302,7 +302,7 @@ def is_vtransfer_checkpoint(path: str | Path) -> bool:
 # -- loading and validation ----------------------------------------------------------
 
 
-def _fail(path: Path, problem: str) -> WeightsError:
+def checkpoint_error(path: Path, problem: str) -> WeightsError:
     return WeightsError(f"{path}: {problem}")
 
 
@@ -320,38 +320,36 @@ def _not_a_checkpoint_reason(path: Path) -> str:
 
 def _validate_metadata(path: Path, meta: dict[str, Any]) -> None:
     """Check the metadata document's shape; raise WeightsError naming the problem."""
-    from vtransfer.models.registry import backbone_names, is_backbone_name
-
     missing = [k for k in _REQUIRED_FIELDS if k not in meta]
     if missing:
-        raise _fail(path, f"checkpoint metadata lacks field(s): {', '.join(missing)}")
+        raise checkpoint_error(path, f"checkpoint metadata lacks field(s): {', '.join(missing)}")
     if meta["format"] != FORMAT_NAME:
-        raise _fail(path, f"metadata format is {meta['format']!r}, expected {FORMAT_NAME!r}")
+        raise checkpoint_error(path, f"metadata format is {meta['format']!r}, expected {FORMAT_NAME!r}")
     version = meta["format_version"]
     if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
-        raise _fail(
+        raise checkpoint_error(
             path,
             f"checkpoint format version {version!r} is not supported by this vtransfer "
             f"(reads versions 1..{FORMAT_VERSION}); upgrade vtransfer",
         )
-    if not isinstance(meta["backbone"], str) or not is_backbone_name(meta["backbone"]):
-        raise _fail(path, f"unknown backbone {meta['backbone']!r}; known backbones: {', '.join(backbone_names())}")
+    if not isinstance(meta["backbone"], str):
+        raise checkpoint_error(path, f"metadata 'backbone' must be a backbone name, got {meta['backbone']!r}")
     if not isinstance(meta["config"], dict):
-        raise _fail(path, "metadata 'config' must be an object of constructor arguments")
+        raise checkpoint_error(path, "metadata 'config' must be an object of constructor arguments")
     pre = meta["preprocessing"]
     if not isinstance(pre, dict) or any(k not in pre for k in _PREPROCESSING_FIELDS):
         need = ", ".join(_PREPROCESSING_FIELDS)
-        raise _fail(path, f"metadata 'preprocessing' must have the fields {need}")
+        raise checkpoint_error(path, f"metadata 'preprocessing' must have the fields {need}")
     classes = meta["classes"]
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise _fail(path, "metadata 'classes' must be a list of class names")
+        raise checkpoint_error(path, "metadata 'classes' must be a list of class names")
     if "num_classes" in meta and meta["num_classes"] != len(classes):
-        raise _fail(path, f"metadata lists {len(classes)} classes but says num_classes={meta['num_classes']}")
+        raise checkpoint_error(path, f"metadata lists {len(classes)} classes but says num_classes={meta['num_classes']}")
     for key in ("source", "training", "extra", "structure"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
-            raise _fail(path, f"metadata {key!r} must be an object")
+            raise checkpoint_error(path, f"metadata {key!r} must be an object")
     if meta.get("temperature") is not None and _temperature_problem(meta["temperature"]):
-        raise _fail(path, f"metadata {_temperature_problem(meta['temperature'])}")
+        raise checkpoint_error(path, f"metadata {_temperature_problem(meta['temperature'])}")
 
 
 def describe_state_mismatch(
@@ -361,47 +359,47 @@ def describe_state_mismatch(
     return "; ".join(state_dict_problems(expected, found, limit)) or None
 
 
-def _read_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+def read_checkpoint_file(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
     """Path, validated metadata and raw tensors of a checkpoint (architecture not yet checked)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
-        raise _fail(path, "no such checkpoint file")
+        raise checkpoint_error(path, "no such checkpoint file")
     raw = (safetensors_metadata(path, strict=True) or {}).get(METADATA_KEY)
     if raw is None:
-        raise _fail(path, _not_a_checkpoint_reason(path))
+        raise checkpoint_error(path, _not_a_checkpoint_reason(path))
     try:
         meta = json.loads(raw)
     except ValueError as e:
-        raise _fail(path, f"vtransfer metadata is not valid JSON: {e}") from e
+        raise checkpoint_error(path, f"vtransfer metadata is not valid JSON: {e}") from e
     if not isinstance(meta, dict):
-        raise _fail(path, "vtransfer metadata must be a JSON object")
+        raise checkpoint_error(path, "vtransfer metadata must be a JSON object")
     _validate_metadata(path, meta)
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _fail(path, f"corrupt safetensors data: {e}") from e
+        raise checkpoint_error(path, f"corrupt safetensors data: {e}") from e
     return path, meta, state
 
 
-def _checkpoint_against_model(
-    path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], model: VideoBackbone
+def checkpoint_against_model(
+    path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], model: torch.nn.Module
 ) -> Checkpoint:
     """Check tensors and classes against ``model`` (built from the stored config); wrap as :class:`Checkpoint`."""
     backbone = meta["backbone"]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problem = describe_state_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
     if problem:
-        raise _fail(path, f"tensors do not match a {backbone} built from the stored config: {problem}")
+        raise checkpoint_error(path, f"tensors do not match a {backbone} built from the stored config: {problem}")
     classes = list(meta["classes"])
     if len(classes) != model.num_classes:
-        raise _fail(path, f"{len(classes)} class names but the classifier has {model.num_classes} outputs")
+        raise checkpoint_error(path, f"{len(classes)} class names but the classifier has {model.num_classes} outputs")
     try:
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise _fail(path, f"metadata 'preprocessing' is malformed: {e}") from e
+        raise checkpoint_error(path, f"metadata 'preprocessing' is malformed: {e}") from e
     return Checkpoint(
         path=path,
         state_dict=state,
@@ -414,96 +412,6 @@ def _checkpoint_against_model(
         training=dict(meta.get("training") or {}),
         temperature=None if meta.get("temperature") is None else float(meta["temperature"]),
     )
-
-
-def _build(path: Path, backbone: str, config: dict[str, Any], *, meta_device: bool,
-           structure: dict[str, Any] | None = None) -> VideoBackbone:
-    """Rebuild the stored architecture (and its policy ``structure``); on the meta device only shapes are made."""
-    from vtransfer.models.registry import build_from_config
-
-    if meta_device:
-        try:
-            with torch.device("meta"):
-                return _with_structure(path, build_from_config(backbone, config), structure)
-        except WeightsError:
-            raise
-        except Exception:  # noqa: BLE001 - retry on the CPU: a constructor may compute on tensors
-            pass
-    try:
-        model = build_from_config(backbone, config)
-    except Exception as e:  # noqa: BLE001 - any constructor failure means the stored config is bad
-        raise _fail(path, f"metadata config does not build a {backbone}: {type(e).__name__}: {e}") from e
-    return _with_structure(path, model, structure)
-
-
-def _with_structure(path: Path, model: VideoBackbone, structure: dict[str, Any] | None) -> VideoBackbone:
-    """Redo the policy-time surgery (LoRA layers, ST-Adapters, a probe) the metadata records."""
-    if not structure:
-        return model
-    from vtransfer.policies.peft import restore_structure
-
-    try:
-        return restore_structure(model, structure)
-    except ImportError as e:
-        raise _fail(path, f"holds {structure.get('kind')!r} layers that need a package not installed ({e}); "
-                          "pip install peft, or save the model with its LoRA merged") from e
-    except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise _fail(path, f"metadata structure {structure.get('kind')!r} does not apply to the stored "
-                          f"{model.backbone_name}: {e}") from e
-
-
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a vtransfer checkpoint. Never unpickles.
-
-    Validates: the file is safetensors with vtransfer metadata; required
-    fields are present; the backbone is known; its config rebuilds the
-    architecture; every tensor name and shape matches that architecture; the
-    class list matches the head size.
-
-    Raises:
-        WeightsError: naming the file and the problem.
-    """
-    path, meta, state = _read_checkpoint(path)
-    shape_model = _build(path, meta["backbone"], meta["config"], meta_device=True, structure=meta.get("structure"))
-    return _checkpoint_against_model(path, meta, state, shape_model)
-
-
-def _merge_preprocessing(
-    path: Path, meta: dict[str, Any], built: Preprocessing, stored: Preprocessing, overridden: bool
-) -> Preprocessing:
-    """The stored preprocessing, except fields that config overrides changed (3-way merge)."""
-    if not overridden:
-        return stored
-    default = _build(path, meta["backbone"], meta["config"], meta_device=True).preprocessing
-    changed = {k: v for k, v in vars(built).items() if getattr(default, k) != v}
-    return stored.replace(**changed) if changed else stored
-
-
-def model_from_checkpoint(
-    path: str | Path, num_classes: int | None = None, *, config_overrides: dict[str, Any] | None = None
-) -> tuple[VideoBackbone, Checkpoint]:
-    """Rebuild the model stored in ``path``, load its weights, put it in eval mode.
-
-    Performs every check of :func:`load_checkpoint`. ``config_overrides``
-    change constructor arguments that leave the weights' shapes alone (e.g.
-    ``dropout``); one that changes a shape is a :class:`WeightsError`. If
-    ``num_classes`` is given and differs from the stored head, the classifier
-    is replaced by a fresh one of that size. The returned :class:`Checkpoint`
-    describes the file as stored.
-    """
-    path, meta, state = _read_checkpoint(path)
-    config = {**meta["config"], **{k: v for k, v in (config_overrides or {}).items() if v is not None}}
-    model = _build(path, meta["backbone"], config, meta_device=False, structure=meta.get("structure"))
-    ckpt = _checkpoint_against_model(path, meta, state, model)
-    try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as e:
-        raise _fail(path, f"weights do not load into {ckpt.backbone}: {e}") from e
-    model.preprocessing = _merge_preprocessing(path, meta, model.preprocessing, ckpt.preprocessing, config != meta["config"])
-    if num_classes is not None and num_classes != model.num_classes:
-        model.reset_classifier(num_classes)
-    model.eval()
-    return model, ckpt
 
 
 # -- foreign files -------------------------------------------------------------------
@@ -520,10 +428,10 @@ def _unwrap_state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
             else:
                 break
     if not isinstance(obj, dict) or not obj:
-        raise _fail(path, "does not contain a state dict (a mapping of names to tensors)")
+        raise checkpoint_error(path, "does not contain a state dict (a mapping of names to tensors)")
     bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise _fail(path, f"entries that are not tensors: {', '.join(bad[:_MAX_LISTED])}")
+        raise checkpoint_error(path, f"entries that are not tensors: {', '.join(bad[:_MAX_LISTED])}")
     state = {str(k): v for k, v in obj.items()}
     # Strip the DataParallel/DDP prefix so key maps see the model's own names.
     if all(k.startswith("module.") for k in state):
@@ -545,7 +453,7 @@ def read_foreign_state_dict(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise _fail(path, "no such weights file")
+        raise checkpoint_error(path, "no such weights file")
     if safetensors_metadata(path) is not None:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -553,14 +461,14 @@ def read_foreign_state_dict(path: str | Path) -> dict[str, Any]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise _fail(path, f"corrupt safetensors data: {e}") from e
+            raise checkpoint_error(path, f"corrupt safetensors data: {e}") from e
     kind = _file_kind(path)
     if kind == "msgpack":
-        from vtransfer.weights.scenic_vivit import flatten_tree, read_flax_msgpack
+        from vtransfer.weights.flax_msgpack import flatten_tree, read_flax_msgpack
 
         return flatten_tree(read_flax_msgpack(path))
     if kind == "unknown":
-        raise _fail(
+        raise checkpoint_error(
             path,
             "is not a recognised weights file (expected a vtransfer .safetensors checkpoint, "
             "a safetensors state dict, a PyTorch .pt/.pth/.bin state dict or a Flax msgpack checkpoint)",
@@ -569,7 +477,7 @@ def read_foreign_state_dict(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, zip errors...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _fail(
+        raise checkpoint_error(
             path,
             "refused: not a plain tensor file that can be read safely (torch.load with weights_only=True "
             f"rejected it: {first_line}). vtransfer never unpickles arbitrary objects, which could run code; "

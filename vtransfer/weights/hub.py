@@ -3,9 +3,9 @@
 The cache lives in ``$VTRANSFER_HOME`` (default ``~/.cache/vtransfer``);
 weight files go to ``<home>/weights/<filename>``. :func:`fetch` returns the
 cached file when it is there (after checking its hash), and otherwise
-downloads it to a temporary file beside the destination, checks the hash and
-only then renames it into place, so a half-downloaded or tampered file is
-never used.
+downloads it (with ``torch.hub.download_url_to_file``) to a temporary file
+beside the destination, checks the hash and only then renames it into place,
+so a half-downloaded or tampered file is never used.
 
 ``VTRANSFER_OFFLINE=1`` makes :func:`fetch` fail at once instead of trying
 the network; the error always names the URL and the exact path where the
@@ -18,21 +18,25 @@ checked against it.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import socket
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+from rich.console import Console
+from torch.hub import download_url_to_file
 
 from vtransfer.utils.errors import WeightsError
 from vtransfer.utils.hashing import file_sha256
 
 CONNECT_TIMEOUT_S = 10.0
 """Seconds to wait for a server to answer (and between reads) before giving up."""
-
-_CHUNK = 1 << 20
 
 
 def vtransfer_home() -> Path:
@@ -55,8 +59,6 @@ def cached_path(filename: str) -> Path:
 
 def package_file(module: str, relative: str) -> Path | None:
     """``relative`` inside installed package ``module`` (found without importing it), or ``None``."""
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
@@ -147,8 +149,6 @@ def _check_trust_on_first_use(path: Path, *, url: str, announce: bool) -> str:
 
 def _notice(message: str) -> None:
     """Print a one-line notice to stderr (kept out of stdout so ``--json`` stays clean)."""
-    from rich.console import Console
-
     Console(stderr=True).print(f"[yellow]note:[/] {message}", highlight=False)
 
 
@@ -158,37 +158,28 @@ def _download_error(url: str, reason: str, dest: Path) -> WeightsError:
     )
 
 
-def _download(url: str, dest_tmp: Path, *, progress: bool) -> None:
-    """Stream ``url`` into ``dest_tmp``; raise urllib/OS errors unchanged."""
-    request = urllib.request.Request(url, headers={"User-Agent": "vtransfer"})
-    with urllib.request.urlopen(request, timeout=CONNECT_TIMEOUT_S) as response, open(dest_tmp, "wb") as out:
-        total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
-        total_bytes = int(total) if total and str(total).isdigit() else None
-        bar = None
-        if progress and not url.startswith("file:"):
-            from rich.console import Console
-            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Give sockets opened meanwhile ``seconds`` of patience (``download_url_to_file`` sets none of its own)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
-            bar = Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-        if bar is None:
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
-                out.write(chunk)
-        else:
-            with bar:
-                task = bar.add_task(f"downloading {dest_tmp.name.split('.part')[0]}", total=total_bytes)
-                for chunk in iter(lambda: response.read(_CHUNK), b""):
-                    out.write(chunk)
-                    bar.advance(task, len(chunk))
-        out.flush()
-        os.fsync(out.fileno())
+
+def _download(url: str, dest_tmp: Path, *, progress: bool) -> None:
+    """Download ``url`` into ``dest_tmp`` with ``torch.hub.download_url_to_file`` and flush it to disk.
+
+    ``file://`` URLs work too (urllib opens them). The progress bar (stderr)
+    shows only for network URLs on a terminal. urllib/OS errors propagate unchanged.
+    """
+    show = progress and sys.stderr.isatty() and not url.startswith("file:")
+    with _socket_timeout(CONNECT_TIMEOUT_S):
+        download_url_to_file(url, str(dest_tmp), hash_prefix=None, progress=show)
+    with open(dest_tmp, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def fetch(
@@ -234,8 +225,8 @@ def fetch(
             raise _download_error(url, f"HTTP {e.code} {e.reason}", dest) from e
         except urllib.error.URLError as e:
             raise _download_error(url, str(e.reason), dest) from e
-        except (socket.timeout, TimeoutError) as e:
-            raise _download_error(url, f"no answer within {CONNECT_TIMEOUT_S:.0f} s", dest) from e
+        except TimeoutError as e:  # socket.timeout is an alias of it
+            raise _download_error(url, f"no answer within {CONNECT_TIMEOUT_S:g} s", dest) from e
         except OSError as e:
             raise _download_error(url, str(e), dest) from e
         if pinned:

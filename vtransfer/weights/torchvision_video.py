@@ -21,7 +21,7 @@ from torch import nn
 
 from vtransfer.utils.errors import WeightsError
 from vtransfer.weights.keymatch import state_dict_problems
-from vtransfer.weights.sources import ForeignLayout
+from vtransfer.weights.source import ForeignLayout
 
 _COUNTER = "num_batches_tracked"  # BatchNorm counters: absent from files saved by old PyTorch, unused here
 

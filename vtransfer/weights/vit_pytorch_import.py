@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import torch
 
 from vtransfer.utils.errors import ConfigError, WeightsError
-from vtransfer.models.base import as_pair
+from vtransfer.utils.shapes import as_pair
 from vtransfer.weights.keymatch import key_problems
 
 # vit-pytorch's ViViT defaults for the optional constructor arguments.

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vtransfer.policies.peft import PolicyOptions
 from vtransfer.run_config import RunConfig
 
 AUTO = "auto"
@@ -48,8 +49,9 @@ class Trial:
 def candidate_policies(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str]]]:
     """The cached-feature policies, and ``(trainable params, policy)`` of the others that apply, cheapest first."""
     from vtransfer.utils.errors import ConfigError
-    from vtransfer.policies.peft import STRUCTURAL_POLICIES
-    from vtransfer.policies.freezing import ALL_POLICY_NAMES, plan_policy
+    from vtransfer.policies.names import STRUCTURAL_POLICIES
+    from vtransfer.policies.names import ALL_POLICY_NAMES
+    from vtransfer.policies.freezing import plan_policy
     from vtransfer.workflows.run_model import build_run_model
 
     base = cfg.replace(policy="top-layer", merge=False)
@@ -60,7 +62,7 @@ def candidate_policies(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str]]
             continue
         model = build_run_model(base, num_classes=2)[0] if policy in STRUCTURAL_POLICIES else shared
         try:
-            model, plan = plan_policy(model, policy, base.policy.peft_options())
+            model, plan = plan_policy(model, policy, PolicyOptions.from_config(base.policy))
         except ConfigError:
             continue  # does not apply to this backbone (temporal without temporal layers, LoRA without linears)
         if plan.first_trainable_group >= len(model.layer_groups()) - 1:

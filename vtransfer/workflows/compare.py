@@ -8,11 +8,12 @@ from typing import Any, Callable
 
 from vtransfer.utils.errors import ConfigError
 from vtransfer.workflows.pipeline import FinetuneResult
-from vtransfer.run_config import DataConfig, RunConfig
+from vtransfer.policies.names import FREEZING_POLICY_NAMES
+from vtransfer.policies.peft import PolicyOptions
+from vtransfer.run_config import DataConfig, RunConfig, check_training
 
 #: Options that make the comparison's split; its runs then all read that split from ``OUT/split.csv``.
 SPLIT_KEYS = ("manifest", "split_files", "split_seed", "ratios", "group_pattern")
-DEFAULT_POLICIES = ("scratch", "top-layer", "top-3", "temporal", "all")
 
 
 @dataclass
@@ -40,7 +41,7 @@ def resolve_seeds(seeds: Any, seed: int | None) -> list[int]:
 def compare_policies(
     data: str | Path,
     *,
-    policies: tuple[str, ...] | list[str] = DEFAULT_POLICIES,
+    policies: tuple[str, ...] | list[str] = FREEZING_POLICY_NAMES,
     seeds: tuple[int, ...] | list[int] | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
@@ -66,7 +67,7 @@ def compare_policies(
     from vtransfer.workflows import runs
     from vtransfer.data.run_data import open_dataset
     from vtransfer.data.splits import write_manifest
-    from vtransfer.reporting.report import write_policy_table
+    from vtransfer.reporting.policy_report import write_policy_table
 
     seeds = resolve_seeds(seeds, options.pop("seed", None))
     RunConfig.from_options(options)  # unknown option names fail now
@@ -100,7 +101,7 @@ def _run_policies(order: list[str], seeds: list[int], out_dir: Path, options: di
     A policy that fails with a configuration error or diverges goes into ``skipped`` (and out of the results).
     """
     from vtransfer.workflows import runs
-    from vtransfer.reporting.report import PolicyRow, aggregate_seed_rows
+    from vtransfer.workflows.compare_rows import PolicyRow, aggregate_seed_rows
     from vtransfer.engine.trainer import TrainingDiverged
 
     rows, run_dirs, accuracy = [], {}, {}
@@ -217,8 +218,8 @@ def plan_comparison(policies: list[str], options: dict) -> tuple[list[str], dict
     (``temporal`` without temporal layers) is returned in ``skipped`` with the
     reason. The rest are ordered by :func:`shallow_prefixes_first`.
     """
-    from vtransfer.policies.peft import STRUCTURAL_POLICIES
-    from vtransfer.policies.freezing import ALL_POLICY_NAMES, plan_policy
+    from vtransfer.policies.names import ALL_POLICY_NAMES, STRUCTURAL_POLICIES
+    from vtransfer.policies.freezing import plan_policy
     from vtransfer.workflows.run_model import build_run_model
 
     unknown = [p for p in policies if p not in ALL_POLICY_NAMES]
@@ -227,12 +228,13 @@ def plan_comparison(policies: list[str], options: dict) -> tuple[list[str], dict
     if not policies:
         raise ConfigError(f"--policies: give at least one of {', '.join(ALL_POLICY_NAMES)}")
     cfg = RunConfig.from_options({**options, "policy": "top-layer"})
+    check_training(cfg.training, cfg.clips)  # out-of-range training options would fail every policy alike
     shared, _ = build_run_model(cfg, num_classes=2)
     depth, skipped = {}, {}
     for p in policies:
         model = build_run_model(cfg, num_classes=2)[0] if p in STRUCTURAL_POLICIES else shared  # one structure a model
         try:
-            depth[p] = plan_policy(model, p, cfg.policy.peft_options(), cfg.policy.train_groups)[1].first_trainable_group
+            depth[p] = plan_policy(model, p, PolicyOptions.from_config(cfg.policy), cfg.policy.train_groups)[1].first_trainable_group
         except ConfigError as e:
             skipped[p] = str(e)
     runnable = [p for p in policies if p in depth]
@@ -258,7 +260,7 @@ def _finished_or_run(run_dir: Path, reporter, finetune: Callable[..., FinetuneRe
     from vtransfer.workflows import runs
 
     if options.get("epochs") is None:  # compared as finetune will record it
-        from vtransfer.policies.freezing import default_epochs
+        from vtransfer.policies.names import default_epochs
 
         options = {**options, "epochs": default_epochs(str(options["policy"]))}
     report_file = run_dir / "report" / "report.json"

@@ -382,7 +382,7 @@ def export(
     before the model is loaded.
     """
     from vtransfer.workflows.scoring import resolve_model_path
-    from vtransfer.weights.checkpoint import model_from_checkpoint
+    from vtransfer.loading.checkpoints import model_from_checkpoint
 
     path, json_path = output_paths(out, fmt)
     _refuse_existing((path, json_path), overwrite)

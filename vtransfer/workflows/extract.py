@@ -158,7 +158,7 @@ def load_feature_model(
     is refused: random features describe nothing (``hf:REPO`` names bring
     their own weights and need none).
     """
-    from vtransfer.workflows.clips import adapt_preprocessing
+    from vtransfer.data.clips import adapt_preprocessing
     from vtransfer.workflows.scoring import resolve_model_path
     from vtransfer.models.registry import backbone_names, is_backbone_name
 
@@ -167,14 +167,14 @@ def load_feature_model(
     if path.exists():
         if weights is not None or preset is not None:
             raise ConfigError(f"{spec} is a vtransfer model: --weights and --preset apply to a backbone name only")
-        from vtransfer.weights.checkpoint import model_from_checkpoint
+        from vtransfer.loading.checkpoints import model_from_checkpoint
 
         model_path = resolve_model_path(path)
         model, ckpt = model_from_checkpoint(model_path)
         loaded = FeatureModel(model, str(model_path), model_path,
                               {"backbone": ckpt.backbone, "model": str(model_path), "classes": list(ckpt.classes)})
     elif is_backbone_name(spec):
-        from vtransfer.workflows.loading import load_backbone_with_info
+        from vtransfer.loading.backbone import load_backbone_with_info
 
         model, info = load_backbone_with_info(spec, weights=weights, preset=preset)
         if info["kind"] == "random":
@@ -439,8 +439,8 @@ def extract_features(
         ConfigError: a bad option, an output that exists (without ``overwrite``).
         DatasetError: no videos, or none that decodes.
     """
-    from vtransfer import __version__
-    from vtransfer.workflows.clips import shared_reader
+    from vtransfer.utils.version import package_version
+    from vtransfer.data.clips import shared_reader
     from vtransfer.utils.runtime import configure_threads, default_workers, resolve_device
 
     tensors_path, index_path = output_paths(out, fmt)
@@ -469,6 +469,6 @@ def extract_features(
         "embedding_size": dim, "preprocessing": loaded.model.preprocessing.to_dict(), "clips_per_video": clips_per_video,
         "per_clip": per_clip, "videos": selection.description, "dataset": str(Path(os.path.abspath(selection.index.root))),
         "failed_videos": emb.failed, "partly_decoded_videos": emb.partial, "skipped_files": skipped_files,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vtransfer_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vtransfer_version": package_version(),
     })
     return ExtractResult(tensors_path, index_path, emb, selection, loaded, skipped_files)

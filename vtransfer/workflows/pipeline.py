@@ -8,15 +8,42 @@ Only rank 0 of a distributed job writes files and reports.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vtransfer.utils.errors import DatasetError
+from vtransfer.data.run_data import load_categories_for, open_dataset
+from vtransfer.data.screening import screen_dataset
+from vtransfer.data.splits import write_manifest
+from vtransfer.engine.feature_cache import build_prefix_source
+from vtransfer.engine.mixing import check_mixing_applies
+from vtransfer.engine.trainer import QuietReporter, Trainer, class_weights
+from vtransfer.evaluation.calibration import calibrate_on_validation
+from vtransfer.loading.checkpoints import merge_lora_checkpoint, model_from_checkpoint
 from vtransfer.models.base import VideoBackbone
-from vtransfer.run_config import ClipConfig, RunConfig
+from vtransfer.models.registry import training_defaults
+from vtransfer.policies.freezing import apply_policy
+from vtransfer.policies.freezing import plan_policy as plan_for_policy
+from vtransfer.reporting.progress import TensorBoardReporter
+from vtransfer.reporting.report import write_eval_report
+from vtransfer.models.registry import preferred_memory_format
+from vtransfer.policies.peft import PolicyOptions
+from vtransfer.run_config import ClipConfig, ResolvedTraining, RunConfig, check_training, resolve_training
+from vtransfer.utils import distributed
+from vtransfer.utils.errors import DatasetError
+from vtransfer.utils.runtime import (
+    configure_threads,
+    default_workers,
+    resolve_device,
+    seed_everything,
+)
+from vtransfer.weights.checkpoint import save_checkpoint, set_checkpoint_temperature
+from vtransfer.workflows import runs
+from vtransfer.data.clips import shared_reader
+from vtransfer.workflows.run_model import build_run_model
+from vtransfer.workflows.scoring import evaluate_records
 
 
 @dataclass
@@ -67,14 +94,17 @@ class RunData:
 
     @property
     def train(self) -> list:
+        """The training split's records."""
         return self.index.split("train")
 
     @property
     def val(self) -> list:
+        """The validation split's records."""
         return self.index.split("val")
 
     @property
     def test(self) -> list:
+        """The test split's records."""
         return self.index.split("test")
 
 
@@ -82,7 +112,7 @@ class RunData:
 class Training:
     """The resolved training set-up: optimiser settings, clip options, frame reader and batch source."""
 
-    config: Any  # vtransfer.engine.trainer.TrainConfig, resolved for the backbone
+    config: ResolvedTraining  # the training options with the backbone family's defaults filled in
     clips: ClipConfig
     reader: Any
     source: Any = None
@@ -90,15 +120,9 @@ class Training:
 
 def start_run(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None) -> Run:
     """Pick the device and threads, seed everything, and add the TensorBoard log when asked for."""
-    from vtransfer.utils import distributed
-    from vtransfer.utils.runtime import configure_threads, resolve_device, seed_everything
-
     ctx = distributed.current()
     reporter = reporter if ctx.is_main else None
     if ctx.is_main and cfg.runtime.tensorboard:
-        from vtransfer.reporting.progress import TensorBoardReporter
-        from vtransfer.engine.trainer import QuietReporter
-
         reporter = TensorBoardReporter(reporter or QuietReporter(), run_dir / "tensorboard")
     device = resolve_device(cfg.runtime.device)
     if ctx.enabled and device.type == "cuda":
@@ -110,10 +134,6 @@ def start_run(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None) -> Run
 
 def open_data(run: Run) -> RunData:
     """Scan the dataset and split it (a resumed run reads back its own ``split.csv``); write the split."""
-    from vtransfer.workflows import runs
-    from vtransfer.data.run_data import load_categories_for, open_dataset
-    from vtransfer.data.splits import write_manifest
-
     d = run.cfg.data
     dopts = d if not run.resume else type(d)(**{**asdict(d), "manifest": run.run_dir / runs.SPLIT_FILE})
     index = open_dataset(dopts)
@@ -126,9 +146,6 @@ def open_data(run: Run) -> RunData:
 
 def screen(run: Run, data: RunData) -> RunData:
     """Leave out files that are not videos and videos that cannot be decoded, and say so (never trained on)."""
-    from vtransfer.workflows import runs
-    from vtransfer.engine.trainer import screen_dataset
-
     run.stage(f"screening {len(data.index.records)} videos")
     index, skipped_files, unreadable = screen_dataset(data.index, float(run.cfg.training.max_bad_fraction), run.threads,
                                                       run.reporter)
@@ -139,8 +156,6 @@ def screen(run: Run, data: RunData) -> RunData:
 
 def build_model(run: Run, data: RunData) -> tuple[VideoBackbone, dict]:
     """The starting model (on the CPU until its policy is planned) and its weights' provenance."""
-    from vtransfer.workflows.run_model import build_run_model
-
     m = run.cfg.model
     run.stage(f"loading {m.backbone}" + (f" with {m.weights}" if m.weights else ""))
     return build_run_model(run.cfg, len(data.classes))
@@ -151,12 +166,8 @@ def plan_policy(run: Run, model: VideoBackbone):
 
     Returns the model (a parameter-efficient policy changes its class) and the plan.
     """
-    from vtransfer.engine.mixing import check_mixing_applies
-    from vtransfer.policies.freezing import apply_policy, plan_policy as plan
-    from vtransfer.utils.runtime import preferred_memory_format
-
     p, t = run.cfg.policy, run.cfg.training
-    model, policy_plan = plan(model, p.policy, p.peft_options(), p.train_groups)
+    model, policy_plan = plan_for_policy(model, p.policy, PolicyOptions.from_config(p), p.train_groups)
     check_mixing_applies(t.mixup, t.cutmix, policy_plan.first_trainable_group, policy_plan.policy)
     apply_policy(model, policy_plan)
     model.to(run.device, memory_format=preferred_memory_format(run.cfg.model.backbone, t.precision, run.device))
@@ -165,21 +176,8 @@ def plan_policy(run: Run, model: VideoBackbone):
 
 def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: dict) -> Training:
     """Resolve the optimiser settings and the frame reader, write ``config.json``, and build the batch source."""
-    from dataclasses import replace
-
-    from vtransfer.workflows.clips import shared_reader
-    from vtransfer.engine.feature_cache import build_prefix_source
-    from vtransfer.utils.runtime import default_workers
-    from vtransfer.engine.trainer import TrainConfig
-
-    t, c = run.cfg.training, run.cfg.clips
-    config = TrainConfig(
-        epochs=int(t.epochs), batch_size=int(c.batch_size), lr=t.lr, optimizer=t.optimizer, weight_decay=t.weight_decay,
-        warmup_epochs=float(t.warmup_epochs), patience=int(t.patience), precision=t.precision, seed=int(t.seed),
-        balance=t.balance, max_bad_fraction=float(t.max_bad_fraction), head_lr_scale=t.head_lr_scale,
-        micro_batch=t.micro_batch, ema_decay=t.ema_decay, mixup=t.mixup, cutmix=t.cutmix, layer_decay=t.layer_decay,
-        grad_checkpointing=t.grad_checkpointing,
-    ).resolved(run.cfg.model.backbone)
+    c = run.cfg.clips
+    config = resolve_training(run.cfg, training_defaults(run.cfg.model.backbone))
     reader = shared_reader(c.cache, Path(c.cache_dir) if c.cache_dir else run.run_dir / "frame_cache", data.index.records,
                            model.preprocessing)
     clips = replace(c, cache_dir=Path(c.cache_dir) if c.cache_dir else None,
@@ -190,19 +188,18 @@ def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: 
     labels = [data.index.class_to_idx[r.label] for r in data.train]
     source = build_prefix_source(
         model=model, plan=plan, train_records=data.train, class_to_idx=data.index.class_to_idx, labels=labels,
-        opts=clips, config=config, device=run.device, reader=reader, balance_sampler=(config.balance == "sampler"),
+        opts=clips, config=config, device=run.device, reader=reader, balance_sampler=(config.training.balance == "sampler"),
     )
     return Training(config, clips, reader, source)
 
 
-def _write_config(run: Run, data: RunData, model: VideoBackbone, plan, info: dict, config, clips: ClipConfig) -> None:
+def _write_config(run: Run, data: RunData, model: VideoBackbone, plan, info: dict, config: ResolvedTraining,
+                  clips: ClipConfig) -> None:
     """``config.json``: the options as given (``options``) and everything they resolved to (``resolved``)."""
-    from vtransfer.workflows import runs
-
     runs.write_json(run.run_dir / runs.CONFIG_FILE, {
         "options": run.cfg.to_json(),
         "resolved": {
-            "train": asdict(config), "device": str(run.device), "threads": run.threads, "workers": clips.workers,
+            "train": config.to_dict(), "device": str(run.device), "threads": run.threads, "workers": clips.workers,
             "preprocessing": model.preprocessing.to_dict(), "classes": data.classes,
             "policy": plan.to_dict(), "trainable_params": plan.trainable_count(model),
             "total_params": sum(p.numel() for p in model.parameters()),
@@ -215,17 +212,13 @@ def _write_config(run: Run, data: RunData, model: VideoBackbone, plan, info: dic
 
 def fit(run: Run, data: RunData, model: VideoBackbone, plan, info: dict, training: Training, stop_after: int | None):
     """Train, validating each epoch and saving the best one; returns the trainer's final state."""
-    from vtransfer.workflows import runs
-    from vtransfer.workflows.scoring import evaluate_records
-    from vtransfer.engine.trainer import Trainer, class_weights
-    from vtransfer.weights.checkpoint import save_checkpoint
-
     config, clips = training.config, training.clips
     val_records = data.val or data.train
     labels = [data.index.class_to_idx[r.label] for r in data.train]
 
     def validate(m: VideoBackbone) -> tuple[float, float]:
-        res, _ = evaluate_records(m, val_records, data.classes, clips, run.device, config.precision, clips=clips.val_clips,
+        res, _ = evaluate_records(m, val_records, data.classes, clips, run.device, config.training.precision,
+                                  clips=clips.val_clips,
                                   reader=training.reader, prefix_stop=plan.first_trainable_group, shard=True)
         return res.video_hit1, res.clip_hit1
 
@@ -243,7 +236,7 @@ def fit(run: Run, data: RunData, model: VideoBackbone, plan, info: dict, trainin
         model, plan, config, run.device, training.source, validate, save_best,
         save_state=lambda st: run.main and (runs.save_resume_state(run.run_dir, st), runs.write_metrics(run.run_dir, st["history"])),
         reporter=run.reporter,
-        loss_weights=class_weights(labels, len(data.classes)) if config.balance == "weights" else None,
+        loss_weights=class_weights(labels, len(data.classes)) if config.training.balance == "weights" else None,
         train_size=len(data.train),
         on_bad_videos=lambda entries: run.main and runs.write_bad_videos(run.run_dir, data.unreadable + entries),
     )
@@ -255,8 +248,6 @@ def fit(run: Run, data: RunData, model: VideoBackbone, plan, info: dict, trainin
         raise runs.RunInterrupted(run.run_dir, trainer.state.epoch, config.epochs) from None
     finished = state.epoch >= config.epochs or state.stopped_early
     if run.cfg.policy.merge and finished and run.main:
-        from vtransfer.policies.peft import merge_lora_checkpoint
-
         merge_lora_checkpoint(run.run_dir / runs.MODEL_FILE)  # the saved model then loads without peft
         run.stage("merged the LoRA updates into the saved weights")
     return state
@@ -277,14 +268,8 @@ def evaluate_best(run: Run, data: RunData, plan, training: Training):
     With ``--calibrate`` a temperature is fitted on the validation split's clip
     scores first, stored in the checkpoint, and applied to the test scores.
     """
-    from vtransfer.workflows import runs
-    from vtransfer.workflows.scoring import evaluate_records
-    from vtransfer.policies.freezing import apply_policy
-    from vtransfer.utils.runtime import preferred_memory_format
-    from vtransfer.weights.checkpoint import model_from_checkpoint
-
     best, _ = model_from_checkpoint(run.run_dir / runs.MODEL_FILE)
-    precision = training.config.precision
+    precision = training.config.training.precision
     best.to(run.device, memory_format=preferred_memory_format(run.cfg.model.backbone, precision, run.device))
     apply_policy(best, plan)
     temperature = calibrate(run, data, plan, training, best) if run.cfg.training.calibrate else None
@@ -298,16 +283,12 @@ def evaluate_best(run: Run, data: RunData, plan, training: Training):
 
 def calibrate(run: Run, data: RunData, plan, training: Training, best: VideoBackbone) -> float | None:
     """Fit a temperature on the validation clips and store it in the checkpoint; ``None`` when it cannot be pinned down."""
-    from vtransfer.workflows import runs
-    from vtransfer.evaluation.calibration import calibrate_on_validation
-    from vtransfer.workflows.scoring import evaluate_records
-    from vtransfer.weights.checkpoint import set_checkpoint_temperature
-
     if not data.val:
         if run.reporter is not None:
             run.reporter.message("calibration skipped: there is no validation split to fit it on")
         return None
-    _, val_preds = evaluate_records(best, data.val, data.classes, training.clips, run.device, training.config.precision,
+    _, val_preds = evaluate_records(best, data.val, data.classes, training.clips, run.device,
+                                    training.config.training.precision,
                                     clips=training.clips.val_clips, reader=training.reader,
                                     prefix_stop=plan.first_trainable_group)
     fit = calibrate_on_validation(val_preds, [data.index.class_to_idx[r.label] for r in data.val])
@@ -322,9 +303,6 @@ def calibrate(run: Run, data: RunData, plan, training: Training, best: VideoBack
 
 def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, result, preds) -> FinetuneResult:
     """The test report under ``RUN/report`` and the run's result."""
-    from vtransfer.workflows import runs
-    from vtransfer.reporting.report import write_eval_report
-
     trainable, total = plan.trainable_count(model), sum(p.numel() for p in model.parameters())
     train_time = sum(h["time_s"] for h in state.history)
     backbone = run.cfg.model.backbone
@@ -346,13 +324,11 @@ def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, sto
     does one with ``test=False`` (a ``--policy auto`` trial, chosen on the
     validation split alone: the test videos stay unseen until the winner's run).
     """
-    from vtransfer.utils import distributed
-    from vtransfer.workflows import runs
-
+    check_training(cfg.training, cfg.clips)  # before any file is read
     run = start_run(run_dir, cfg, resume, reporter)
     data = open_data(run)
     model, info = build_model(run, data)
-    model, plan = plan_policy(run, model)  # every option checked before the first video is decoded
+    model, plan = plan_policy(run, model)  # the policy's options too are checked before the first video is decoded
     data = screen(run, data)
     training = prepare_training(run, data, model, plan, info)
     state = fit(run, data, model, plan, info, training, stop_after)

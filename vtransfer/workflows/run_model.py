@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vtransfer.workflows.clips import adapt_preprocessing
+from vtransfer.data.clips import adapt_preprocessing
 from vtransfer.models.base import VideoBackbone
 from vtransfer.run_config import RunConfig
 
@@ -37,7 +37,7 @@ def build_run_model(cfg: RunConfig | dict, num_classes: int) -> tuple[VideoBackb
     architecture wins for a checkpoint file. The preprocessing follows the
     ``frames``/``stride``/``size`` options.
     """
-    from vtransfer.workflows.loading import load_backbone_with_info
+    from vtransfer.loading.backbone import load_backbone_with_info
 
     cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_options(cfg)
     m, c = cfg.model, cfg.clips

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vtransfer.workflows.clips import make_clip_dataset
+from vtransfer.data.clips import make_clip_dataset
 from vtransfer.utils.errors import ConfigError, DatasetError
 from vtransfer.models.base import VideoBackbone
 from vtransfer.run_config import ClipConfig

@@ -97,8 +97,8 @@ def capped_classes(index, k: int) -> list[str]:
 
 
 def curve_table(curve: dict[str, list[CurvePoint]]):
-    """The curve as a :class:`~vtransfer.reporting.report.Table`: one row per policy, one column per number of shots."""
-    from vtransfer.reporting.report import Table
+    """The curve as a :class:`~vtransfer.reporting.tables.Table`: one row per policy, one column per number of shots."""
+    from vtransfer.reporting.tables import Table
 
     shots = sorted({p.shots for pts in curve.values() for p in pts}, key=lambda k: math.inf if k is None else k)
     rows = []
@@ -117,11 +117,11 @@ def _cell(p: CurvePoint) -> str:
 
 def curve_png(curve: dict[str, list[CurvePoint]], chance: float | None = None) -> bytes:
     """A line per policy: test video accuracy (%) against training videos per class, with ± std bars."""
-    from vtransfer.reporting.plots import _new_figure, _to_png
+    from vtransfer.reporting.plots import new_figure, to_png
 
     shots = sorted({p.shots for pts in curve.values() for p in pts}, key=lambda k: math.inf if k is None else k)
     x = {k: i for i, k in enumerate(shots)}
-    fig = _new_figure(6.4, 4.0)
+    fig = new_figure(6.4, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for policy, points in curve.items():
         pts = sorted(points, key=lambda p: x[p.shots])
@@ -136,13 +136,13 @@ def curve_png(curve: dict[str, list[CurvePoint]], chance: float | None = None) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _to_png(fig)
+    return to_png(fig)
 
 
 def write_curve(curve: dict[str, list[CurvePoint]], out_dir: Path, chance: float | None = None) -> dict[str, Path]:
     """``shots.json``, ``shots.csv``, ``shots.md`` and ``shots.png`` in ``out_dir``, each written atomically."""
     from vtransfer.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-    from vtransfer.reporting.report import _md_table
+    from vtransfer.reporting.tables import markdown_table
 
     out_dir = Path(out_dir)
     paths = {"json": atomic_write_json(out_dir / "shots.json", {
@@ -155,7 +155,7 @@ def write_curve(curve: dict[str, list[CurvePoint]], out_dir: Path, chance: float
     paths["csv"] = atomic_write_text(out_dir / "shots.csv", "\n".join(lines) + "\n")
     paths["png"] = atomic_write_bytes(out_dir / "shots.png", curve_png(curve, chance))
     paths["markdown"] = atomic_write_text(out_dir / "shots.md", "\n".join(
-        ["# How much labelled data?", "", _md_table(curve_table(curve)), "", "![shots](shots.png)", ""]))
+        ["# How much labelled data?", "", markdown_table(curve_table(curve)), "", "![shots](shots.png)", ""]))
     return paths
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vtransfer.policies.names import FREEZING_POLICY_NAMES
+
 DEMO_SETTINGS: dict[str, Any] = {
     "backbone": "effnet3d",
     "preset": "tiny",
@@ -35,7 +37,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "batch_size": 8,
     "clips_per_video": 4,
     "val_clips": 2,
-    "policies": ["scratch", "top-layer", "top-3", "temporal", "all"],
+    "policies": list(FREEZING_POLICY_NAMES),
     "seed": 0,
 }
 
@@ -45,7 +47,7 @@ def run_demo(out: Path, *, overwrite: bool = False, settings: dict[str, Any] | N
     """Run the demo into ``out`` and return the :class:`~vtransfer.api.CompareResult`."""
     import shutil
 
-    from vtransfer import api
+    from vtransfer.api import compare_policies
     from vtransfer.data.demo import make_demo
 
     s = {**DEMO_SETTINGS, **(settings or {})}
@@ -61,7 +63,7 @@ def run_demo(out: Path, *, overwrite: bool = False, settings: dict[str, Any] | N
         make_demo(target, class_set="target", videos_per_class=s["target_videos_per_class"], frames=s["demo_frames"],
                   size=s["demo_size"], clutter=s["clutter"], seed=s["seed"] + 1, overwrite=True)
     step(f"comparing policies on the target dataset, from {s['weights']}")
-    return api.compare_policies(
+    return compare_policies(
         target, backbone=s["backbone"], preset=s["preset"], weights=s["weights"], policies=s["policies"],
         seeds=[s["seed"]], epochs=s["epochs"], out=out / "compare", ratios=tuple(s["target_ratios"]),
         categories=target / "categories.csv", reporter=reporter, on_policy=on_policy, frames=s["frames"],

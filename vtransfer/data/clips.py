@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vtransfer.models.base import Preprocessing
+from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.run_config import ClipConfig
 
 

@@ -3,7 +3,7 @@
 ``weights`` may be:
 
 * ``None`` - random initialisation from the preset;
-* a source name - built-in (``i3d:kinetics400``, see :mod:`vtransfer.weights.sources`)
+* a source name - built-in (``i3d:kinetics400``, see :mod:`vtransfer.loading.sources`)
   or registered with ``vtransfer weights add``;
 * a path to a vtransfer checkpoint - the architecture comes from its metadata;
 * a path to a foreign state dict in a recognised layout (the PyTorch I3D port,
@@ -62,7 +62,7 @@ def _load_builtin_source(
     name: str | None, source_name: str, num_classes: int | None, preset: str | None, overrides: dict[str, Any]
 ) -> tuple[VideoBackbone, dict[str, Any]]:
     from vtransfer.models.registry import build_backbone
-    from vtransfer.weights.sources import BUILTIN_SOURCES
+    from vtransfer.loading.sources import BUILTIN_SOURCES
 
     source = BUILTIN_SOURCES[source_name]
     name = _check_backbone(name, source.backbone, f"weight source {source_name}")
@@ -102,7 +102,8 @@ def _differs_from_preset(meta: dict[str, Any], preset: str) -> bool:
 def _load_checkpoint_file(
     name: str | None, path: Path, num_classes: int | None, preset: str | None, overrides: dict[str, Any], weights: Any
 ) -> tuple[VideoBackbone, dict[str, Any]]:
-    from vtransfer.weights.checkpoint import model_from_checkpoint, read_checkpoint_metadata, trained_on
+    from vtransfer.loading.checkpoints import model_from_checkpoint
+    from vtransfer.weights.checkpoint import read_checkpoint_metadata, trained_on
 
     meta = read_checkpoint_metadata(path) or {}
     if isinstance(meta.get("backbone"), str):  # otherwise model_from_checkpoint reports what is wrong
@@ -133,7 +134,8 @@ def _load_foreign_file(
 ) -> tuple[VideoBackbone, dict[str, Any]]:
     from vtransfer.models.registry import build_backbone
     from vtransfer.weights.checkpoint import read_foreign_state_dict
-    from vtransfer.weights.sources import _resolve, detect_layout, known_layouts_text
+    from vtransfer.weights.source import resolve_dotted
+    from vtransfer.loading.sources import detect_layout, known_layouts_text
 
     state = read_foreign_state_dict(path)
     layout = detect_layout(state)
@@ -146,7 +148,7 @@ def _load_foreign_file(
     name = _check_backbone(name, layout.backbone, f"{path} ({layout.description})")
     model = build_backbone(name, preset or layout.default_preset, num_classes=layout.num_classes(state), **overrides)
     try:
-        _resolve(layout.converter)(state, model)
+        resolve_dotted(layout.converter)(state, model)
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from e
     info = _info(name, "foreign", weights, path=str(path), layout=layout.name)
@@ -180,7 +182,7 @@ def load_backbone_with_info(
     and ``preprocessing``; ``layout`` for foreign files, ``training`` for checkpoints.
     """
     from vtransfer.models.registry import build_backbone
-    from vtransfer.weights.sources import BUILTIN_SOURCES, registered_source_path, registered_sources, source_names
+    from vtransfer.loading.sources import BUILTIN_SOURCES, registered_source_path, registered_sources, source_names
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if weights is None:
@@ -255,12 +257,12 @@ def backbone_summary(name: str) -> dict[str, Any]:
 
     Keys: ``name``, ``presets``, ``default_preset``, ``params`` (default preset,
     its own head), ``num_classes``, ``input`` (``{"frames", "stride", "size"}``),
-    ``preprocessing``, ``sources`` (from :func:`~vtransfer.weights.sources.list_sources`),
+    ``preprocessing``, ``sources`` (from :func:`~vtransfer.loading.sources.list_sources`),
     ``training`` (the family's default optimiser, learning rate, weight decay)
     and ``description`` (the family module's ``DESCRIPTION``, or ``None``).
     """
     from vtransfer.models.registry import backbone_module, default_preset, family_module, presets, training_defaults
-    from vtransfer.weights.sources import list_sources
+    from vtransfer.loading.sources import list_sources
 
     preset = default_preset(name)
     model = _shape_only(name, preset)
