@@ -18,19 +18,43 @@ arguments are generated from there.
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 from typing import Any
 
-from vtransfer.policies.names import FREEZING_POLICY_NAMES
-from vtransfer.workflows.auto_policy import AUTO
 from vtransfer.data.clips import adapt_preprocessing, make_clip_dataset, shared_reader
-from vtransfer.workflows.compare import CompareResult, comparison_setup, plan_comparison, shallow_prefixes_first
+from vtransfer.data.decode import probe_video
+from vtransfer.data.records import VideoRecord
 from vtransfer.data.run_data import load_categories_for, open_dataset
-from vtransfer.utils.errors import ConfigError, DatasetError
-from vtransfer.workflows.scoring import EvalSelection, check_classes, evaluate_records, resolve_model_path, select_eval_records
-from vtransfer.workflows.pipeline import FinetuneResult
+from vtransfer.data.scan import load_dataset
+from vtransfer.engine.batches import make_loader
+from vtransfer.engine.inference import predict_clip_probs
+from vtransfer.evaluation.calibration import scaled
+from vtransfer.evaluation.metrics import aggregate_video_scores
+from vtransfer.loading.backbone import load_backbone as _load
+from vtransfer.loading.checkpoints import model_from_checkpoint
+from vtransfer.loading.sources import check_source_name, register_source
+from vtransfer.policies.names import FREEZING_POLICY_NAMES
+from vtransfer.reporting.report import write_eval_report
 from vtransfer.run_config import DEFAULT_POLICY, ClipConfig, DataConfig, RunConfig, check_training, run_parameters
+from vtransfer.utils import distributed
+from vtransfer.utils.errors import ConfigError, DatasetError, VideoDecodeError
+from vtransfer.utils.interrupts import catch_sigint
+from vtransfer.utils.runtime import configure_threads, resolve_device
+from vtransfer.workflows import runs
+from vtransfer.workflows.auto_policy import AUTO, choose_policy, describe, write_choice
+from vtransfer.workflows.compare import CompareResult, comparison_setup, plan_comparison, shallow_prefixes_first
+from vtransfer.workflows.compare import compare_policies as _compare
+from vtransfer.workflows.pipeline import FinetuneResult, run_finetune
 from vtransfer.workflows.run_model import build_run_model, geometry_overrides
+from vtransfer.workflows.scoring import (
+    EvalSelection,
+    check_classes,
+    evaluate_records,
+    resolve_model_path,
+    select_eval_records,
+)
+from vtransfer.workflows.shots import parse_shots
 
 # The names the sections had before the typed configuration (kept for callers of the Python API).
 DataOptions = DataConfig
@@ -68,11 +92,6 @@ def finetune(
     was started with (``data`` then comes from its ``config.json`` and may be
     omitted).
     """
-    from vtransfer.utils import distributed
-    from vtransfer.workflows import runs
-    from vtransfer.utils.interrupts import catch_sigint
-    from vtransfer.workflows.pipeline import run_finetune
-    from vtransfer.utils.runtime import resolve_device
 
     cfg = (config or RunConfig()).replace(**options) if options else (config or RunConfig())
     if data is not None:
@@ -117,9 +136,7 @@ def finetune(
 
 def _choose_policy(run_dir: Path, cfg: RunConfig, reporter) -> RunConfig:
     """``--policy auto``: run the trials (:mod:`vtransfer.workflows.auto_policy`), say what won and why; the winner's configuration."""
-    import time
 
-    from vtransfer.workflows.auto_policy import choose_policy, describe, write_choice
 
     t0 = time.perf_counter()
     winner, trials, why = choose_policy(run_dir, cfg, reporter)
@@ -144,7 +161,6 @@ _with_generated_signature(finetune, exclude=("data",))
 
 def _discard_if_failed_early(run_dir: Path, resume, existed: bool, ctx) -> None:
     """A new run that failed before its first finished epoch leaves nothing in the way of its corrected rerun."""
-    from vtransfer.workflows import runs
 
     if resume is None and ctx.is_main:
         runs.discard_failed_run(run_dir, existed)
@@ -181,9 +197,6 @@ def evaluate(
     temperature a ``--calibrate`` run stored in the model.
     Returns the :class:`~vtransfer.evaluation.metrics.EvalResult`.
     """
-    from vtransfer.reporting.report import write_eval_report
-    from vtransfer.utils.runtime import configure_threads, resolve_device
-    from vtransfer.loading.checkpoints import model_from_checkpoint
 
     if split not in ("train", "val", "test", "all"):
         raise ConfigError(f"--split {split!r}: choose train, val, test or all")
@@ -232,16 +245,8 @@ def predict(
     clip scores by the temperature a ``--calibrate`` run stored in the model.
     A video that cannot be decoded gets ``{"path": ..., "error": reason}``.
     """
-    from vtransfer.data.records import VideoRecord
-    from vtransfer.utils.errors import VideoDecodeError
-    from vtransfer.data.decode import probe_video
-    from vtransfer.evaluation.metrics import aggregate_video_scores
-    from vtransfer.engine.batches import make_loader
-    from vtransfer.engine.inference import predict_clip_probs
-    from vtransfer.utils.runtime import resolve_device
 
     dev = resolve_device(device)
-    from vtransfer.loading.checkpoints import model_from_checkpoint
 
     net, ckpt = model_from_checkpoint(Path(model))
     net.to(dev)
@@ -258,7 +263,6 @@ def predict(
         ds = make_clip_dataset(good, {ckpt.classes[0]: 0}, net.preprocessing, "eval", opts, seed=0, crops=test_crops)
         preds = predict_clip_probs(net, make_loader(ds, batch_size, 0), dev, precision)
         if calibrated:
-            from vtransfer.evaluation.calibration import scaled
 
             preds = scaled(preds, ckpt.temperature)
         scores = aggregate_video_scores(preds.probs, preds.video, len(good))
@@ -276,7 +280,6 @@ def predict(
 # -- load_backbone --------------------------------------------------------------------
 def load_backbone(name: str, weights: str | Path | None = None, num_classes: int | None = None, preset: str | None = None, **overrides):
     """A backbone in eval mode, optionally with weights (source name or file) and a new head."""
-    from vtransfer.loading.backbone import load_backbone as _load
 
     return _load(name, weights=weights, num_classes=num_classes, preset=preset, **overrides)
 
@@ -300,8 +303,6 @@ def compare_policies(
     ``seeds=(N,)``); ``shots="1,2,5,all"`` adds a few-shot learning curve.
     See :func:`vtransfer.workflows.compare.compare_policies`.
     """
-    from vtransfer.workflows.compare import compare_policies as _compare
-    from vtransfer.workflows.shots import parse_shots
 
     return _compare(data, policies=policies, seeds=seeds, out=out, overwrite=overwrite, reporter=reporter,
                     on_policy=on_policy, shots=parse_shots(shots) if shots is not None else None, finetune=finetune,
@@ -328,13 +329,11 @@ def pretrain(
     ``name`` (default ``<backbone>:<dataset folder name>``) for ``vtransfer weights list``.
     ``finetune_options`` are :func:`finetune`'s run options.
     """
-    from vtransfer.data.scan import load_dataset
 
     source = Path(source)
     backbone = finetune_options.setdefault("backbone", RunConfig().model.backbone)
     name = name or f"{backbone}:{source.name}"
     if register:  # a name that cannot be registered fails now, not after the training
-        from vtransfer.loading.sources import check_source_name
 
         check_source_name(name)
     idx = load_dataset(source) if source.is_dir() else None
@@ -342,7 +341,6 @@ def pretrain(
             "classes": idx.classes if idx else [], "videos": len(idx.records) if idx else 0}
     res = finetune(source, policy=policy, pretrain_source=info, **finetune_options)
     if register and res.report:
-        from vtransfer.loading.sources import register_source
 
         register_source(res.model_path, name)
     return res

@@ -21,8 +21,8 @@ def demo(
     """Make demo videos and compare every policy on them, from the ImageNet weights installed with vtransfer; no downloads."""
     from vtransfer.demo import run_demo
     from vtransfer.recipes import demo_settings
-    from vtransfer.reporting.progress import RichReporter
     from vtransfer.reporting.policy_report import render_policy_table
+    from vtransfer.reporting.progress import RichReporter
 
     t0 = time.perf_counter()
     reporter = RichReporter(console)

@@ -54,7 +54,14 @@ def extract_features_command(
     json_out: O.Json = False,
 ) -> None:
     """One embedding per video (the mean over its clips of the classifier's input), with its path, class and split."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from vtransfer.workflows.extract import extract_features
 

@@ -13,8 +13,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vtransfer.cli.app import app, console
 from vtransfer.cli import options as O
+from vtransfer.cli.app import app, console
 from vtransfer.cli.options import HelpCommand
 
 

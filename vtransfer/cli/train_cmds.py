@@ -13,6 +13,7 @@ from vtransfer.cli.app import app, console, require_data
 from vtransfer.cli.run_options import run_values, with_run_options
 from vtransfer.policies.names import FREEZING_POLICY_NAMES
 
+
 def _with_recipe(ctx: typer.Context, command: str, params: dict[str, Any]) -> dict[str, Any]:
     """Apply ``--recipe`` values to options not given on the command line."""
     recipe = params.get("recipe")
@@ -77,8 +78,8 @@ def finetune(
 
 
 def _show_finetune(res) -> None:
-    from vtransfer.utils import distributed
     from vtransfer.reporting.report import render_eval_table
+    from vtransfer.utils import distributed
 
     if not distributed.current().is_main:
         return
@@ -131,8 +132,8 @@ def compare_policies(
     """Run several freezing policies on the same split and seeds; print one table in the papers' form."""
     require_data(data)
     import vtransfer.api as api
-    from vtransfer.reporting.progress import RichReporter
     from vtransfer.reporting.policy_report import render_policy_table
+    from vtransfer.reporting.progress import RichReporter
 
     p = _with_recipe(ctx, "compare-policies", dict(data=data, policies=policies, seeds=seeds, shots=shots, out=out,
                                                    overwrite=overwrite, json_out=json_out, recipe=recipe, **run))
@@ -189,11 +190,11 @@ def evaluate(
     json_out: O.Json = False,
 ) -> None:
     """Clip/video hit@1 and hit@k (k = 5, or the number of classes), mean class, per-class and per-category accuracy of a saved model."""
-    import vtransfer.api as api
     from rich.markup import escape
 
-    from vtransfer.utils.errors import ConfigError
+    import vtransfer.api as api
     from vtransfer.reporting.report import render_eval_table
+    from vtransfer.utils.errors import ConfigError
 
     if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out} is not empty; pass --overwrite or choose another --out")
@@ -232,8 +233,9 @@ def predict(
     csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV rows path,rank,label,prob.")] = False,
 ) -> None:
     """Labels with probabilities for new videos, using the model's stored preprocessing and classes."""
-    import vtransfer.api as api
     from rich.table import Table
+
+    import vtransfer.api as api
 
     rows = api.predict(model, videos, top_k=top_k, clips_per_video=clips_per_video, batch_size=batch_size,
                        device=device, precision=precision, test_crops=test_crops, calibrated=calibrated)

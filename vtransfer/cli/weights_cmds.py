@@ -30,8 +30,8 @@ def list_command(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
 ) -> None:
     """List built-in and registered weight sources and whether each file is present locally."""
-    from vtransfer.weights.hub import weights_dir
     from vtransfer.loading.sources import list_sources
+    from vtransfer.weights.hub import weights_dir
 
     rows = list_sources(backbone)
     if as_json:
@@ -92,8 +92,8 @@ def fetch_command(
     name: str = typer.Argument(..., help="Built-in source name, e.g. i3d:kinetics400."),
 ) -> None:
     """Download a built-in source into the cache now (and check its sha256)."""
-    from vtransfer.utils.errors import WeightsError
     from vtransfer.loading.sources import BUILTIN_SOURCES
+    from vtransfer.utils.errors import WeightsError
 
     source = BUILTIN_SOURCES.get(name)
     if source is None:

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from vtransfer.data import decode
 from vtransfer.data.records import SPLITS, DatasetIndex, SkippedFile, VideoInfo, VideoRecord
-from vtransfer.utils.errors import VideoDecodeError
+from vtransfer.utils.errors import ConfigError, VideoDecodeError
 
 
 def printable(path: str | Path) -> str:
@@ -125,7 +126,6 @@ class CheckReport:
 
 def _probe_one(record: VideoRecord) -> VideoInfo:
     """Probe headers and decode both ends; raise VideoDecodeError on any failure."""
-    from vtransfer.data import decode
 
     info = decode.probe_video(record.path)
     decode.verify_readable(record.path, info)
@@ -155,10 +155,8 @@ def check_dataset(
     Never raises for a bad video; each one is listed in ``unreadable`` with its reason.
     """
     if frames < 1 or stride < 1:
-        from vtransfer.utils.errors import ConfigError
 
         raise ConfigError(f"--frames and --stride must be at least 1 (got {frames} and {stride})")
-    from vtransfer.data import decode  # noqa: F401 - import (torch, av) before timing and threading
 
     started = time.perf_counter()
     records = list(index.records)

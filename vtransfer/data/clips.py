@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vtransfer.data.dataset import ClipDataset
+from vtransfer.data.frame_cache import make_reader
 from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.run_config import ClipConfig
+from vtransfer.utils.hashing import file_stamp
 
 
 def adapt_preprocessing(base: Preprocessing, frames: int | None, stride: int | None, size: int | None) -> Preprocessing:
@@ -21,7 +24,6 @@ def adapt_preprocessing(base: Preprocessing, frames: int | None, stride: int | N
 def make_clip_dataset(records, class_to_idx, preprocessing, mode, opts: ClipConfig, seed: int, clips: int | None = None,
                       reader=None, views: int | None = None, crops: int = 1):
     """A :class:`~vtransfer.data.dataset.ClipDataset` for ``mode`` (train or eval; ``crops`` spatial crops per eval clip)."""
-    from vtransfer.data.dataset import ClipDataset
 
     return ClipDataset(
         records,
@@ -47,8 +49,6 @@ def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preproces
     Memory caches are keyed by the decode settings and each file's path, size and
     modification time, so a changed file is decoded again.
     """
-    from vtransfer.data.frame_cache import make_reader
-    from vtransfer.utils.hashing import file_stamp
 
     key = (preprocessing.resize_short, tuple(sorted((str(r.path), *file_stamp(r.path)) for r in records)))
     if cache in ("auto", "memory") and key in _READERS:

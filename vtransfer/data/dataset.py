@@ -30,12 +30,12 @@ import torch
 from torch.utils.data import Dataset
 
 from vtransfer.data.decode import ClipReader, DirectReader
+from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.data.records import VideoRecord
 from vtransfer.data.sampling import random_clip_start, uniform_clip_starts
 from vtransfer.data.spatial_crops import SpatialCropsTransform, validate_test_crops
 from vtransfer.data.transforms import DEFAULT_CROP_SCALE, eval_clip_transform, train_clip_transform
 from vtransfer.utils.errors import ConfigError, VideoDecodeError
-from vtransfer.data.preprocessing import Preprocessing
 
 MODES = ("train", "eval")
 

@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
 import numpy as np
 
 from vtransfer.utils.errors import ConfigError, DatasetError
@@ -682,7 +683,6 @@ def encode_video(path: Path, video: np.ndarray, *, fps: int = 12, codec: str = "
 
     Raises :class:`ConfigError` when the codec is unknown or cannot encode these frames.
     """
-    import av
 
     t, h, w, _ = video.shape
     try:
@@ -712,7 +712,6 @@ def encode_video(path: Path, video: np.ndarray, *, fps: int = 12, codec: str = "
 
 def check_codec(codec: str) -> None:
     """Raise :class:`ConfigError` unless ``codec`` names a video encoder PyAV has."""
-    import av
 
     try:
         found = av.codec.Codec(codec, "w")

@@ -34,10 +34,10 @@ import torch
 from torch.utils.data import get_worker_info
 
 from vtransfer.data.decode import DirectReader, probe_video, read_video
+from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.data.records import VideoRecord
 from vtransfer.utils.errors import ConfigError, VideoDecodeError
 from vtransfer.utils.hashing import file_sha256
-from vtransfer.data.preprocessing import Preprocessing
 
 CACHE_MODES = ("memory", "disk")
 # Bump when decoding changes in a way that changes the frames (grid rule, scaler).

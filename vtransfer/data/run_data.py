@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vtransfer.data.categories import load_categories
+from vtransfer.data.scan import load_dataset
 from vtransfer.run_config import DataConfig
 
 
 def open_dataset(opts: DataConfig):
     """Scan (or read) the dataset and give every video a split."""
-    from vtransfer.data.scan import load_dataset
 
     return load_dataset(
         Path(opts.data),
@@ -25,6 +26,5 @@ def load_categories_for(path: Path | None, classes: list[str]) -> dict[str, str]
     """Class -> category mapping from a categories file (``None`` when no file is given)."""
     if path is None:
         return None
-    from vtransfer.data.categories import load_categories
 
     return load_categories(Path(path), classes)

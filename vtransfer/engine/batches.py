@@ -13,11 +13,11 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vtransfer.utils import distributed
 from vtransfer.data.dataset import collate_clips
 from vtransfer.engine.inference import batch_inputs
-from vtransfer.utils.interrupts import catch_sigint, ignore_sigint
 from vtransfer.models.base import VideoBackbone
+from vtransfer.utils import distributed
+from vtransfer.utils.interrupts import catch_sigint, ignore_sigint
 from vtransfer.utils.runtime import autocast
 
 _EPOCH_SEED_STRIDE = 1_000_003

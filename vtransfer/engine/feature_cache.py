@@ -22,9 +22,13 @@ from typing import Any, Iterator
 
 import torch
 
+from vtransfer.data.clips import make_clip_dataset
 from vtransfer.engine.batches import LivePrefixSource, epoch_indices, make_loader, run_prefix
-from vtransfer.engine.inference import batch_inputs
+from vtransfer.engine.inference import ClipPredictions, batch_inputs
 from vtransfer.models.base import VideoBackbone
+from vtransfer.policies.freezing import set_train_mode
+from vtransfer.utils import distributed
+from vtransfer.utils.runtime import autocast
 
 # Model config keys that cannot change a frozen prefix's output.
 _NOT_PREFIX_KEYS = frozenset({"dropout", "num_classes"})
@@ -141,8 +145,6 @@ def get_store(model: VideoBackbone, dataset, stop: int, batch_size: int, workers
 
 @torch.no_grad()
 def _derive(model: VideoBackbone, base: FeatureStore, stop: int, batch_size: int, device: torch.device, precision: str) -> FeatureStore:
-    from vtransfer.utils.runtime import autocast
-
     n = base.labels.shape[0]
     outs = []
     for i in range(0, n, batch_size):
@@ -188,8 +190,6 @@ def drop_stores(keys) -> int:
 @torch.no_grad()
 def cached_clip_probs(model: VideoBackbone, dataset, stop: int, batch_size: int, workers: int, device: torch.device, precision: str):
     """Clip probabilities with the frozen prefix read from a shared store (eval mode for the rest)."""
-    from vtransfer.engine.inference import ClipPredictions
-    from vtransfer.utils.runtime import autocast
 
     was_training = model.training
     model.eval()
@@ -235,7 +235,6 @@ class CachedPrefixSource:
 
     def batches(self, epoch: int) -> Iterator[tuple[Any, torch.Tensor, list]]:
         """Same clip order as live decoding; prefix outputs come from the store."""
-        from vtransfer.utils import distributed
 
         ctx = distributed.current()
         items = epoch_indices(self.labels, self.seed, epoch, self.views, self.balance_sampler)
@@ -267,7 +266,6 @@ def build_prefix_source(*, model, plan, train_records, class_to_idx, labels, opt
     ``opts`` are the run's clip options, ``config`` its resolved training
     (:class:`vtransfer.run_config.ResolvedTraining`: epochs, seed, precision).
     """
-    from vtransfer.data.clips import make_clip_dataset
 
     k = plan.first_trainable_group
     views = resolve_views(opts.cached_views, config.epochs, k)
@@ -275,7 +273,6 @@ def build_prefix_source(*, model, plan, train_records, class_to_idx, labels, opt
     train_ds = make_clip_dataset(train_records, class_to_idx, model.preprocessing, "train", opts, seed=seed,
                                  reader=reader, views=views or None)
     if views > 0:
-        from vtransfer.policies.freezing import set_train_mode
 
         set_train_mode(model, True)  # frozen prefix modules are in eval mode
         store = get_store(model, train_ds, k, opts.batch_size, opts.workers, device, precision)

@@ -42,7 +42,7 @@ from vtransfer.engine.ema import WeightEma
 from vtransfer.engine.grad_checkpoint import forward_groups_checkpointed
 from vtransfer.engine.lr_decay import scales_by_param
 from vtransfer.engine.mixing import check_mixing_applies, mix_batch, mixing_rng
-from vtransfer.evaluation.metrics import NonFiniteScores
+from vtransfer.evaluation.arrays import NonFiniteScores
 from vtransfer.models.base import VideoBackbone
 from vtransfer.policies.freezing import PolicyPlan, set_train_mode
 from vtransfer.policies.peft import structure_params

@@ -20,8 +20,10 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+from sklearn.metrics import precision_recall_fscore_support
 
-from vtransfer.evaluation.arrays import NonFiniteScores, as_numpy, check_labels, check_probs
+from vtransfer.evaluation.arrays import as_numpy, check_labels, check_probs
+from vtransfer.evaluation.calibration import Calibration, apply_temperature, expected_calibration_error
 
 if TYPE_CHECKING:
     from vtransfer.evaluation.calibration import Calibration
@@ -297,7 +299,6 @@ class EvalResult:
         Also reads reports written before the hit@k keys carried their k (``video_hit5`` for any k)
         and before calibration was reported (``calibration`` is then ``None``).
         """
-        from vtransfer.evaluation.calibration import Calibration
 
         summary = data["summary"]
         calibration = data.get("calibration")
@@ -410,9 +411,7 @@ def classification_report(
     Returns:
         An :class:`EvalResult`.
     """
-    from sklearn.metrics import precision_recall_fscore_support
 
-    from vtransfer.evaluation.calibration import apply_temperature, expected_calibration_error
 
     classes = [str(c) for c in classes]
     probs = check_probs(clip_probs, "clip_probs")

@@ -19,6 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from vtransfer.data.decode import read_video
 
 GRID = (24, 32)  # (height, width) of the grey frames
 
@@ -29,10 +36,7 @@ def motion_features(path: str | Path, grid: tuple[int, int] = GRID) -> np.ndarra
     Raises:
         VideoDecodeError: the video cannot be decoded.
     """
-    import torch
-    import torch.nn.functional as F
 
-    from vtransfer.data.decode import read_video
 
     frames = read_video(path).to(torch.float32) / 255.0  # N x 3 x H x W
     grey = (0.299 * frames[:, 0] + 0.587 * frames[:, 1] + 0.114 * frames[:, 2])[:, None]
@@ -52,9 +56,6 @@ class BaselineResult:
 
 def fit_and_score(train: list[tuple[Path, str]], test: list[tuple[Path, str]], c: float = 1.0) -> BaselineResult:
     """Fit on ``train`` (path, class) pairs, score video accuracy on ``test``."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     x_train = np.stack([motion_features(p) for p, _ in train])
     x_test = np.stack([motion_features(p) for p, _ in test])

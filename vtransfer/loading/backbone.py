@@ -19,8 +19,37 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from vtransfer.utils.errors import WeightsError
+import torch
+
+from vtransfer.loading.checkpoints import model_from_checkpoint
+from vtransfer.loading.sources import (
+    BUILTIN_SOURCES,
+    detect_layout,
+    known_layouts_text,
+    list_sources,
+    registered_source_path,
+    registered_sources,
+    source_names,
+)
 from vtransfer.models.base import VideoBackbone
+from vtransfer.models.registry import (
+    backbone_module,
+    build_backbone,
+    default_preset,
+    family_module,
+    presets,
+    resolve_config,
+    training_defaults,
+)
+from vtransfer.policies.freezing import plan_policy
+from vtransfer.utils.errors import ConfigError, WeightsError
+from vtransfer.weights.checkpoint import (
+    is_vtransfer_checkpoint,
+    read_checkpoint_metadata,
+    read_foreign_state_dict,
+    trained_on,
+)
+from vtransfer.weights.source import resolve_dotted
 
 
 def _info(name: str, kind: str, weights: Any, **fields: Any) -> dict[str, Any]:
@@ -61,8 +90,6 @@ def _check_backbone(name: str | None, found: str, what: str) -> str:
 def _load_builtin_source(
     name: str | None, source_name: str, num_classes: int | None, preset: str | None, overrides: dict[str, Any]
 ) -> tuple[VideoBackbone, dict[str, Any]]:
-    from vtransfer.models.registry import build_backbone
-    from vtransfer.loading.sources import BUILTIN_SOURCES
 
     source = BUILTIN_SOURCES[source_name]
     name = _check_backbone(name, source.backbone, f"weight source {source_name}")
@@ -88,8 +115,6 @@ def _load_builtin_source(
 
 def _differs_from_preset(meta: dict[str, Any], preset: str) -> bool:
     """True if a checkpoint's stored config is not the preset's (the class count aside)."""
-    from vtransfer.utils.errors import ConfigError
-    from vtransfer.models.registry import resolve_config
 
     try:
         wanted = resolve_config(str(meta.get("backbone")), preset)
@@ -102,8 +127,6 @@ def _differs_from_preset(meta: dict[str, Any], preset: str) -> bool:
 def _load_checkpoint_file(
     name: str | None, path: Path, num_classes: int | None, preset: str | None, overrides: dict[str, Any], weights: Any
 ) -> tuple[VideoBackbone, dict[str, Any]]:
-    from vtransfer.loading.checkpoints import model_from_checkpoint
-    from vtransfer.weights.checkpoint import read_checkpoint_metadata, trained_on
 
     meta = read_checkpoint_metadata(path) or {}
     if isinstance(meta.get("backbone"), str):  # otherwise model_from_checkpoint reports what is wrong
@@ -132,10 +155,6 @@ def _load_checkpoint_file(
 def _load_foreign_file(
     name: str | None, path: Path, num_classes: int | None, preset: str | None, overrides: dict[str, Any], weights: Any
 ) -> tuple[VideoBackbone, dict[str, Any]]:
-    from vtransfer.models.registry import build_backbone
-    from vtransfer.weights.checkpoint import read_foreign_state_dict
-    from vtransfer.weights.source import resolve_dotted
-    from vtransfer.loading.sources import detect_layout, known_layouts_text
 
     state = read_foreign_state_dict(path)
     layout = detect_layout(state)
@@ -158,7 +177,6 @@ def _load_foreign_file(
 def _load_path(
     name: str | None, path: Path, num_classes: int | None, preset: str | None, overrides: dict[str, Any], weights: Any
 ) -> tuple[VideoBackbone, dict[str, Any]]:
-    from vtransfer.weights.checkpoint import is_vtransfer_checkpoint
 
     if is_vtransfer_checkpoint(path):
         return _load_checkpoint_file(name, path, num_classes, preset, overrides, weights)
@@ -181,8 +199,6 @@ def load_backbone_with_info(
     outputs; ``None`` if unknown or reset), ``num_classes``, ``head_reset``
     and ``preprocessing``; ``layout`` for foreign files, ``training`` for checkpoints.
     """
-    from vtransfer.models.registry import build_backbone
-    from vtransfer.loading.sources import BUILTIN_SOURCES, registered_source_path, registered_sources, source_names
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if weights is None:
@@ -244,9 +260,7 @@ def load_backbone(
 
 def _shape_only(name: str, preset: str | None, num_classes: int | None = None, **overrides: Any) -> VideoBackbone:
     """Build a backbone on the meta device: real parameter shapes, no memory, no initialisation."""
-    import torch
 
-    from vtransfer.models.registry import build_backbone
 
     with torch.device("meta"):
         return build_backbone(name, preset, num_classes=num_classes, **overrides)
@@ -261,8 +275,6 @@ def backbone_summary(name: str) -> dict[str, Any]:
     ``training`` (the family's default optimiser, learning rate, weight decay)
     and ``description`` (the family module's ``DESCRIPTION``, or ``None``).
     """
-    from vtransfer.models.registry import backbone_module, default_preset, family_module, presets, training_defaults
-    from vtransfer.loading.sources import list_sources
 
     preset = default_preset(name)
     model = _shape_only(name, preset)
@@ -301,13 +313,11 @@ def inspect_backbone(
     The policy dict has ``policy``, ``trainable_params``, ``total_params``,
     ``fraction``, ``trainable_groups``, ``first_trainable_group``, ``reinit``.
     """
-    from vtransfer.models.registry import default_preset
 
     preset = preset or default_preset(name)
     model = _shape_only(name, preset, num_classes)
     plan = None
     if policy is not None or train_groups:
-        from vtransfer.policies.freezing import plan_policy
 
         model, plan = plan_policy(model, policy or "custom", policy_options, train_groups)  # adds LoRA, adapters, a probe
     sizes = {n: p.numel() for n, p in model.named_parameters()}

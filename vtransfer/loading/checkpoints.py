@@ -17,7 +17,13 @@ from vtransfer.models.base import VideoBackbone
 from vtransfer.models.registry import backbone_names, build_from_config, is_backbone_name
 from vtransfer.policies.peft import merge_lora, restore_structure, structure_of
 from vtransfer.utils.errors import ConfigError, WeightsError
-from vtransfer.weights.checkpoint import Checkpoint, checkpoint_against_model, checkpoint_error, read_checkpoint_file, save_checkpoint
+from vtransfer.weights.checkpoint import (
+    Checkpoint,
+    checkpoint_against_model,
+    checkpoint_error,
+    read_checkpoint_file,
+    save_checkpoint,
+)
 
 
 def _read_known(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:

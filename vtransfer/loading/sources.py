@@ -73,7 +73,6 @@ class SourceTable(MutableMapping):
     def _collect_for(self, name: str) -> None:
         if name in self._data or self._complete:
             return
-        from vtransfer.models.registry import backbone_names
 
         backbone = name.partition(":")[0]
         if backbone in registry.backbone_names():
@@ -82,7 +81,6 @@ class SourceTable(MutableMapping):
     def _collect_all(self) -> None:
         if self._complete:
             return
-        from vtransfer.models.registry import backbone_names
 
         family = [n for n in self._collect(registry.backbone_names()) if n in self._data]
         rest = [n for n in self._data if n not in set(family)]

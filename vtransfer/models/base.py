@@ -24,14 +24,15 @@ Models know nothing of files or training: they declare their preprocessing
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from vtransfer.data.preprocessing import Preprocessing
-from vtransfer.utils.shapes import as_pair
+from vtransfer.utils.errors import ConfigError
+from vtransfer.utils.shapes import as_pair as as_pair  # re-exported: the families take it from here
 
 GROUP_TAGS = ("spatial", "temporal", "head")
 
@@ -188,7 +189,6 @@ def init_relu_network(model: nn.Module, classifier: nn.Linear, std: float = 0.01
 
 def fresh_linear_classifier(old: nn.Linear, num_classes: int, family: str, std: float = 0.01) -> nn.Linear:
     """A new ``old.in_features -> num_classes`` classifier on ``old``'s device and dtype, N(0, ``std``), zero bias."""
-    from vtransfer.utils.errors import ConfigError
 
     if num_classes < 1:
         raise ConfigError(f"{family}: num_classes must be >= 1, got {num_classes}")

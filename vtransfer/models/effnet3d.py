@@ -61,7 +61,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import (
     LayerGroup,
     Preprocessing,
@@ -73,6 +72,7 @@ from vtransfer.models.base import (
     tf_same_padding,
 )
 from vtransfer.models.peft_sites import AdapterSite, ProbeTap
+from vtransfer.utils.errors import ConfigError
 from vtransfer.weights.source import WeightSource
 
 #: EfficientNet-B0 stages: (kernel, repeats, input channels, output channels, expand ratio, stride).

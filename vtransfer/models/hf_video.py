@@ -57,9 +57,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtransfer.models.base import (
+    LayerGroup,
+    Preprocessing,
+    State,
+    VideoBackbone,
+    as_pair,
+    module_buffer_names,
+    module_param_names,
+)
 from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.utils.jsonable import to_jsonable
-from vtransfer.models.base import LayerGroup, Preprocessing, State, VideoBackbone, as_pair, module_buffer_names, module_param_names
+from vtransfer.weights import hub
 
 PREFIX = "hf:"
 PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
@@ -256,8 +265,6 @@ def _unreachable(ref: str, error: Exception) -> WeightsError:
 
 
 def _hub_kwargs() -> dict[str, Any]:
-    from vtransfer.weights import hub
-
     return {"local_files_only": True} if hub.is_offline() else {}
 
 

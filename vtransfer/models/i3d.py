@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import (
     LayerGroup,
     Preprocessing,
@@ -45,6 +44,7 @@ from vtransfer.models.base import (
     tf_same_padding,
 )
 from vtransfer.models.peft_sites import AdapterSite, ProbeTap
+from vtransfer.utils.errors import ConfigError
 from vtransfer.weights.source import ForeignLayout, WeightSource
 
 #: Fewest input frames the network accepts (the port's temporal head needs

@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Union
 
-from vtransfer.utils.errors import ConfigError
+import torch
+
 from vtransfer.models.base import VideoBackbone
+from vtransfer.utils.errors import ConfigError
 
 _MODULES = {
     "slowfusion": "vtransfer.models.slowfusion",
@@ -144,7 +146,6 @@ def training_defaults(name: str) -> dict[str, Any]:
 
 def memory_format(name: str, device: Any, precision: str) -> Any:
     """The memory format the family runs fastest in on ``device`` at ``precision`` (contiguous unless it says)."""
-    import torch
 
     chooser = getattr(backbone_module(name), "preferred_memory_format", None)
     return chooser(device, precision) if chooser else torch.contiguous_format

@@ -65,10 +65,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vtransfer.models.base import (
+    LayerGroup,
+    Preprocessing,
+    State,
+    VideoBackbone,
+    fresh_linear_classifier,
+    init_relu_network,
+    module_param_names,
+)
 from vtransfer.utils.errors import ConfigError
 from vtransfer.weights.source import NO_PUBLIC_WEIGHTS, WeightSource
-from vtransfer.models.base import (LayerGroup, Preprocessing, State, VideoBackbone, fresh_linear_classifier,
-                                   init_relu_network, module_param_names)
 
 #: Exact parameter count of ``SlowFusion(fusion="slow", num_classes=487)`` (see module docstring).
 FULL_SLOW_FUSION_PARAMS = 61_880_263

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import LayerGroup, State, VideoBackbone, module_param_names
+from vtransfer.utils.errors import ConfigError
 
 #: Element-wise ops a pre-pool tap may apply to the tapped module's output (named, so structures stay data).
 TAP_POSTS = {"relu6": F.relu6}

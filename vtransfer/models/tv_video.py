@@ -41,9 +41,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.hub import HASH_REGEX
 from torchvision.models import WeightsEnum
 
-from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import (
     LayerGroup,
     Preprocessing,
@@ -52,6 +52,9 @@ from vtransfer.models.base import (
     module_buffer_names,
     module_param_names,
 )
+from vtransfer.utils.errors import ConfigError
+from vtransfer.weights.source import WeightSource
+from vtransfer.weights.torchvision_video import TorchvisionVideoLayout
 
 #: Frame rate of the Kinetics source videos the stride is counted in (most are 30 fps).
 SOURCE_FPS = 30.0
@@ -119,9 +122,7 @@ def small_preset(weights: WeightsEnum, frames: int, size: int) -> dict[str, Any]
 
 def kinetics_weight_sources(backbone: str, enum: type[WeightsEnum], preset: str) -> list[Any]:
     """One :class:`~vtransfer.weights.source.WeightSource` per exposed member of ``enum``, all from its metadata."""
-    from torch.hub import HASH_REGEX
 
-    from vtransfer.weights.source import WeightSource
 
     sources = []
     for member in enum:  # aliases (DEFAULT) are not iterated
@@ -162,7 +163,6 @@ def kinetics_weight_sources(backbone: str, enum: type[WeightsEnum], preset: str)
 
 def torchvision_layout(backbone: str, head_key: str, required_keys: Sequence[str]) -> Any:
     """The :class:`~vtransfer.weights.torchvision_video.TorchvisionVideoLayout` of ``backbone``'s state dicts."""
-    from vtransfer.weights.torchvision_video import TorchvisionVideoLayout
 
     return TorchvisionVideoLayout(
         name=f"torchvision-{backbone}",

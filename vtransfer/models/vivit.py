@@ -74,9 +74,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import LayerGroup, Preprocessing, State, VideoBackbone, as_pair, module_param_names
 from vtransfer.models.peft_sites import AdapterSite, ProbeTap
+from vtransfer.utils.errors import ConfigError
 from vtransfer.weights.scenic_vivit import FlaxMsgpackSource
 from vtransfer.weights.source import NO_PUBLIC_WEIGHTS, ForeignLayout, WeightSource
 

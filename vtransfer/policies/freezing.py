@@ -37,12 +37,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import VideoBackbone
 from vtransfer.models.structured import structure_of
-from vtransfer.policies.names import ALL_POLICY_NAMES, default_epochs, FREEZING_POLICY_NAMES, PEFT_POLICY_NAMES, STRUCTURAL_POLICIES
+from vtransfer.policies.names import (
+    ALL_POLICY_NAMES,
+    FREEZING_POLICY_NAMES,
+    STRUCTURAL_POLICIES,
+)
 from vtransfer.policies.peft import PolicyOptions, bitfit_params, prepare_model_for_policy, structure_params
-
+from vtransfer.utils.errors import ConfigError
 
 CUSTOM_POLICY = "custom"
 

@@ -24,10 +24,12 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+import torch
 from torch import nn
 
-from vtransfer.utils.errors import ConfigError
 from vtransfer.models.base import VideoBackbone
+from vtransfer.models.registry import backbone_module, family_module
+from vtransfer.utils.errors import ConfigError
 
 #: Hyper-parameters peft's conv wrappers do not expose but family code reads (effnet3d's SAME-padding conv).
 _CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
@@ -48,7 +50,6 @@ def supported_layers(model: VideoBackbone) -> list[str]:
 
 def family_targets(model: VideoBackbone) -> tuple[str, ...] | None:
     """The family module's ``LORA_TARGETS`` (glob patterns over module names), or ``None``: every supported layer."""
-    from vtransfer.models.registry import backbone_module, family_module
 
     return getattr(backbone_module(model.backbone_name), "LORA_TARGETS", None) or \
         getattr(family_module(model.backbone_name), "LORA_TARGETS", None)
@@ -137,7 +138,6 @@ def _merge_pointwise_conv3d(layer: Any) -> None:
     update is a conv with ``A``'s kernel followed by the pointwise ``B``, so
     its weight is ``B @ A`` over the rank, times the scale.
     """
-    import torch
 
     base = layer.get_base_layer()
     for adapter in layer.active_adapters:

@@ -32,19 +32,21 @@ redone by :func:`restore_structure` when one is loaded.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vtransfer.utils.errors import ConfigError
 from vtransfer.models.attentive_probe import AttentiveProbe
 from vtransfer.models.base import VideoBackbone
+from vtransfer.models.registry import backbone_module, backbone_names, family_module
 from vtransfer.models.st_adapter import STAdapter
-from vtransfer.run_config import PolicyConfig
-from vtransfer.policies.names import PEFT_POLICY_NAMES, STRUCTURAL_POLICIES
 from vtransfer.models.structured import GroupEdits, make_structured, remove_structure, structure_of
+from vtransfer.policies import lora
+from vtransfer.policies.lora import lora_param_names
+from vtransfer.policies.names import STRUCTURAL_POLICIES
+from vtransfer.run_config import PolicyConfig
+from vtransfer.utils.errors import ConfigError
 
 NORM_TYPES = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t)
 ADAPTER_PREFIX = "st_adapters"
@@ -169,7 +171,6 @@ def _group_index(model: VideoBackbone) -> dict[str, int]:
 def add_lora(model: VideoBackbone, *, rank: int, alpha: float, dropout: float = 0.0,
              targets: list[str] | None = None, exact: bool = False) -> VideoBackbone:
     """Inject peft LoRA layers into ``targets`` (patterns; full module names when ``exact``) or the family default."""
-    from vtransfer.policies import lora
 
     chosen = list(targets or []) if exact else lora.resolve_targets(model, targets)
     lora.inject_lora(model, chosen, rank, alpha, dropout)
@@ -179,7 +180,6 @@ def add_lora(model: VideoBackbone, *, rank: int, alpha: float, dropout: float = 
 
 def merge_lora(model: VideoBackbone) -> VideoBackbone:
     """Fold the LoRA updates into the base weights (in place): the result is the plain family model."""
-    from vtransfer.policies import lora
 
     structure = structure_of(model)
     if not structure or structure["kind"] != "lora":
@@ -197,7 +197,6 @@ def _family_hook(model: VideoBackbone, hook: str, missing: str):
     A family without it raises :class:`ConfigError`: ``missing`` (what is not
     defined, and what to use instead), then the backbones it does apply to.
     """
-    from vtransfer.models.registry import backbone_module, backbone_names, family_module
 
     found = getattr(backbone_module(model.backbone_name), hook, None) or getattr(family_module(model.backbone_name), hook, None)
     if found is None:
@@ -282,7 +281,6 @@ def structure_params(model: VideoBackbone, policy: str) -> list[str]:
             "call vtransfer.policies.peft.prepare_model_for_policy(model, policy, options) before resolve_policy"
         )
     if policy == "lora":
-        from vtransfer.policies.lora import lora_param_names
 
         return lora_param_names(model)
     prefix = ADAPTER_PREFIX if policy == "adapter" else PROBE_MODULE

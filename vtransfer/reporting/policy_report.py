@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 from vtransfer.evaluation.metrics import hit_key
+from vtransfer.reporting import plots
 from vtransfer.reporting.formatting import format_count, format_duration, format_pct
 from vtransfer.reporting.html_page import render_page
 from vtransfer.reporting.tables import Table, best_cells, markdown_table, print_table, run_table
@@ -180,7 +181,6 @@ def _policy_csv(rows: Sequence[PolicyRowLike]) -> str:
 
 def policy_category_png(rows: Sequence[PolicyRowLike], title: str | None = None) -> bytes:
     """Grouped bars: accuracy per policy per category, plus ``overall`` (test video hit@1), with std error bars."""
-    from vtransfer.reporting import plots  # matplotlib costs ~0.4 s to import; only pay it when drawing
 
     categories = row_categories(rows)
     groups = categories + ["overall"]

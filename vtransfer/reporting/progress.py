@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from vtransfer.utils.errors import ConfigError
+
 if TYPE_CHECKING:
     from rich.status import Status
 
@@ -199,8 +201,6 @@ class TensorBoardReporter:
     """
 
     def __init__(self, inner, log_dir) -> None:
-        from vtransfer.utils.errors import ConfigError
-
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:

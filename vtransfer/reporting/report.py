@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from rich.rule import Rule
 
 from vtransfer.evaluation.metrics import EvalResult, views_text
+from vtransfer.reporting import plots
 from vtransfer.reporting.formatting import format_pct
 from vtransfer.reporting.html_page import render_page
 from vtransfer.reporting.tables import Table, markdown_table, print_table, run_table
@@ -205,7 +206,6 @@ def write_eval_report(
     shown as a "Run" table; ``history`` is the per-epoch list of dicts with keys
     ``epoch``, ``train_loss``, ``train_acc``, ``val_video_acc``, ``lr``.
     """
-    from vtransfer.reporting import plots  # matplotlib costs ~0.4 s to import; only pay it when writing
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

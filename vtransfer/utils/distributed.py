@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from vtransfer.utils.errors import ConfigError
 
@@ -139,7 +140,6 @@ def wrap_trainable(module: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     """Wrap the trainable part in DistributedDataParallel when running distributed."""
     if not current().enabled:
         return module
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index or 0] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)

@@ -34,11 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 
+from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.utils.atomic import atomic_write_bytes
 from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.utils.jsonable import to_jsonable
-from vtransfer.data.preprocessing import Preprocessing
+from vtransfer.utils.version import package_version
+from vtransfer.weights.flax_msgpack import flatten_tree, read_flax_msgpack
 from vtransfer.weights.keymatch import state_dict_problems
 
 FORMAT_NAME = "vtransfer-checkpoint"
@@ -109,7 +113,6 @@ def build_metadata(
     temperature: float | None = None,
 ) -> dict[str, Any]:
     """The metadata document :func:`save_checkpoint` writes for ``model`` (``temperature`` only when given)."""
-    from vtransfer.utils.version import package_version
 
     desc = model.describe()
     return {
@@ -159,7 +162,6 @@ def save_checkpoint(
         ConfigError: the class list does not match the model's head, the model has no registry name,
             or ``temperature`` is not a finite number > 0.
     """
-    from safetensors.torch import save
 
     path = Path(path)
     classes = [str(c) for c in classes]
@@ -200,7 +202,6 @@ def set_checkpoint_temperature(path: str | Path, temperature: float | None) -> P
         WeightsError: ``path`` is not a valid vtransfer checkpoint.
         ConfigError: ``temperature`` is not a finite number > 0.
     """
-    from safetensors.torch import save
 
     path, meta, state = read_checkpoint_file(path)
     if temperature is not None and _temperature_problem(temperature):
@@ -270,7 +271,6 @@ def safetensors_metadata(path: str | Path, strict: bool = False) -> dict[str, st
     files. With ``strict``, a file that starts like safetensors but cannot be
     opened (truncated, say) raises :class:`WeightsError` with safetensors' reason.
     """
-    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     try:
@@ -361,8 +361,6 @@ def describe_state_mismatch(
 
 def read_checkpoint_file(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
     """Path, validated metadata and raw tensors of a checkpoint (architecture not yet checked)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
@@ -455,8 +453,6 @@ def read_foreign_state_dict(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise checkpoint_error(path, "no such weights file")
     if safetensors_metadata(path) is not None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
@@ -464,7 +460,6 @@ def read_foreign_state_dict(path: str | Path) -> dict[str, Any]:
             raise checkpoint_error(path, f"corrupt safetensors data: {e}") from e
     kind = _file_kind(path)
     if kind == "msgpack":
-        from vtransfer.weights.flax_msgpack import flatten_tree, read_flax_msgpack
 
         return flatten_tree(read_flax_msgpack(path))
     if kind == "unknown":

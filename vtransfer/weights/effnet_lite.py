@@ -22,6 +22,7 @@ from torch import nn
 
 from vtransfer.weights.inflate import inflate_conv2d_weight, load_converted
 
+
 def inflate_effnet_lite_into_effnet3d(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
     """Load a 2D EfficientNet-Lite state dict into an :class:`EfficientNet3D` of the same size.
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+import msgpack
 import numpy as np
 
 from vtransfer.utils.errors import WeightsError
 
-INSTALL_HINT = "pip install msgpack"
 #: msgpack extension codes of flax.serialization.
 EXT_NDARRAY, EXT_COMPLEX, EXT_NPSCALAR = 1, 2, 3
 CHUNKED_KEY = "__msgpack_chunked_array__"
@@ -27,7 +27,6 @@ CHUNKED_KEY = "__msgpack_chunked_array__"
 
 def _ndarray_from_payload(payload: bytes) -> np.ndarray:
     """An array from flax's ``(shape, dtype name, bytes)`` extension payload (a writable copy)."""
-    import msgpack
 
     shape, dtype_name, buffer = msgpack.unpackb(payload, raw=True)
     name = dtype_name.decode() if isinstance(dtype_name, bytes) else str(dtype_name)
@@ -40,8 +39,6 @@ def _ndarray_from_payload(payload: bytes) -> np.ndarray:
 
 
 def _ext_hook(code: int, payload: bytes) -> Any:
-    import msgpack
-
     if code == EXT_NDARRAY:
         return _ndarray_from_payload(payload)
     if code == EXT_NPSCALAR:
@@ -67,7 +64,6 @@ def _unchunk(tree: Any) -> Any:
 
 def decode_flax_msgpack(data: bytes) -> dict[str, Any]:
     """The state dict that ``flax.serialization.to_bytes`` encoded as ``data`` (arrays as numpy)."""
-    import msgpack
 
     tree = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
     return _unchunk(tree)
@@ -77,13 +73,8 @@ def read_flax_msgpack(path: str | Path) -> dict[str, Any]:
     """Read a Flax msgpack checkpoint file (``flax.serialization.to_bytes``) without JAX.
 
     Raises:
-        WeightsError: the file is missing, not msgpack, or not a map (each message names the file);
-            ``msgpack`` not installed (the message says ``pip install msgpack``).
+        WeightsError: the file is missing, not msgpack, or not a map (each message names the file).
     """
-    try:
-        import msgpack
-    except ImportError as e:
-        raise WeightsError(f"reading Scenic/Flax checkpoints needs the msgpack package: {INSTALL_HINT}") from e
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such Flax checkpoint file")

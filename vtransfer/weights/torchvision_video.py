@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torchvision.models import get_model_builder
 
 from vtransfer.utils.errors import WeightsError
 from vtransfer.weights.keymatch import state_dict_problems
@@ -29,7 +30,6 @@ _COUNTER = "num_batches_tracked"  # BatchNorm counters: absent from files saved 
 @lru_cache(maxsize=None)
 def reference_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the state dict torchvision's ``backbone`` builder makes (400 classes; no memory used)."""
-    from torchvision.models import get_model_builder
 
     with torch.device("meta"):
         net = get_model_builder(backbone)(weights=None)

@@ -26,8 +26,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vtransfer.engine import feature_cache
+from vtransfer.policies.freezing import plan_policy
+from vtransfer.policies.names import ALL_POLICY_NAMES, STRUCTURAL_POLICIES
 from vtransfer.policies.peft import PolicyOptions
 from vtransfer.run_config import RunConfig
+from vtransfer.utils.errors import ConfigError
+from vtransfer.workflows import runs
+from vtransfer.workflows.pipeline import run_finetune
+from vtransfer.workflows.run_model import build_run_model
 
 AUTO = "auto"
 TRIALS_DIR = "auto-trials"
@@ -48,11 +55,6 @@ class Trial:
 
 def candidate_policies(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str]]]:
     """The cached-feature policies, and ``(trainable params, policy)`` of the others that apply, cheapest first."""
-    from vtransfer.utils.errors import ConfigError
-    from vtransfer.policies.names import STRUCTURAL_POLICIES
-    from vtransfer.policies.names import ALL_POLICY_NAMES
-    from vtransfer.policies.freezing import plan_policy
-    from vtransfer.workflows.run_model import build_run_model
 
     base = cfg.replace(policy="top-layer", merge=False)
     shared, _ = build_run_model(base, num_classes=2)
@@ -74,10 +76,6 @@ def candidate_policies(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str]]
 
 def choose_policy(run_dir: Path, cfg: RunConfig, reporter=None) -> tuple[str, list[Trial], str]:
     """Run the trials under ``RUN/auto-trials/<policy>``; return the winner, every trial and the reason it won."""
-    from vtransfer.engine import feature_cache
-    from vtransfer.workflows import runs
-    from vtransfer.utils.errors import ConfigError
-    from vtransfer.workflows.pipeline import run_finetune
 
     if cfg.policy.auto_trials < 0 or cfg.policy.auto_epochs < 1:
         raise ConfigError(f"--auto-trials must be >= 0 and --auto-epochs >= 1 (got {cfg.policy.auto_trials}, "
@@ -107,7 +105,6 @@ def choose_policy(run_dir: Path, cfg: RunConfig, reporter=None) -> tuple[str, li
 
 def _drop_losers(trials: list[Trial], stores: dict[str, set], reporter) -> None:
     """Free the feature stores of trials that can no longer win; the leader's stay for its full run."""
-    from vtransfer.engine import feature_cache
 
     leader = pick_winner(trials)[0].policy
     keep = stores.get(leader, set())
@@ -128,7 +125,6 @@ def pick_winner(trials: list[Trial]) -> tuple[Trial, str]:
 
 def write_choice(run_dir: Path, winner: str, trials: list[Trial], why: str, total_s: float) -> Path:
     """``RUN/auto.json``: the trials, the winner and why."""
-    from vtransfer.workflows import runs
 
     path = run_dir / "auto.json"
     runs.write_json(path, {"winner": winner, "why": why, "trials": [asdict(t) for t in trials], "trials_time_s": total_s})

@@ -6,11 +6,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from vtransfer.utils.errors import ConfigError
-from vtransfer.workflows.pipeline import FinetuneResult
-from vtransfer.policies.names import FREEZING_POLICY_NAMES
+from vtransfer.data.run_data import open_dataset
+from vtransfer.data.splits import read_manifest, write_manifest
+from vtransfer.engine.trainer import TrainingDiverged
+from vtransfer.evaluation.metrics import EvalResult
+from vtransfer.policies.freezing import plan_policy
+from vtransfer.policies.names import ALL_POLICY_NAMES, FREEZING_POLICY_NAMES, STRUCTURAL_POLICIES, default_epochs
 from vtransfer.policies.peft import PolicyOptions
+from vtransfer.reporting.policy_report import write_policy_table
 from vtransfer.run_config import DataConfig, RunConfig, check_training
+from vtransfer.utils.errors import ConfigError
+from vtransfer.workflows import runs
+from vtransfer.workflows.compare_rows import PolicyRow, aggregate_seed_rows
+from vtransfer.workflows.pipeline import FinetuneResult
+from vtransfer.workflows.run_model import build_run_model
+from vtransfer.workflows.shots import run_curve, write_curve
 
 #: Options that make the comparison's split; its runs then all read that split from ``OUT/split.csv``.
 SPLIT_KEYS = ("manifest", "split_files", "split_seed", "ratios", "group_pattern")
@@ -64,10 +74,6 @@ def compare_policies(
     videos per class (:mod:`vtransfer.workflows.shots`), written as ``shots.*`` and
     shown in ``compare.html``.
     """
-    from vtransfer.workflows import runs
-    from vtransfer.data.run_data import open_dataset
-    from vtransfer.data.splits import write_manifest
-    from vtransfer.reporting.policy_report import write_policy_table
 
     seeds = resolve_seeds(seeds, options.pop("seed", None))
     RunConfig.from_options(options)  # unknown option names fail now
@@ -100,9 +106,6 @@ def _run_policies(order: list[str], seeds: list[int], out_dir: Path, options: di
 
     A policy that fails with a configuration error or diverges goes into ``skipped`` (and out of the results).
     """
-    from vtransfer.workflows import runs
-    from vtransfer.workflows.compare_rows import PolicyRow, aggregate_seed_rows
-    from vtransfer.engine.trainer import TrainingDiverged
 
     rows, run_dirs, accuracy = [], {}, {}
     for policy in order:
@@ -133,9 +136,6 @@ def _run_policies(order: list[str], seeds: list[int], out_dir: Path, options: di
 def _learning_curve(shots, policies, seeds, out_dir: Path, accuracy: dict[str, list[float]], data, options: dict,
                     reporter, on_policy, finetune) -> dict:
     """The few-shot points of every policy (see :mod:`vtransfer.workflows.shots`), written as ``OUT/shots.*``."""
-    from vtransfer.workflows import runs
-    from vtransfer.data.splits import read_manifest
-    from vtransfer.workflows.shots import run_curve, write_curve
 
     base = read_manifest(out_dir / runs.SPLIT_FILE, check_files=False)
 
@@ -164,7 +164,6 @@ def comparison_setup(run_dirs: dict[str, list[Path]]) -> dict[str, str]:
     architecture and geometry; if any differs (runs reused from an older
     comparison), an ``"architecture mismatch"`` entry names the rows.
     """
-    from vtransfer.workflows import runs
 
     seen: dict[str, list[str]] = {}
     setup: dict[str, str] = {}
@@ -218,9 +217,6 @@ def plan_comparison(policies: list[str], options: dict) -> tuple[list[str], dict
     (``temporal`` without temporal layers) is returned in ``skipped`` with the
     reason. The rest are ordered by :func:`shallow_prefixes_first`.
     """
-    from vtransfer.policies.names import ALL_POLICY_NAMES, STRUCTURAL_POLICIES
-    from vtransfer.policies.freezing import plan_policy
-    from vtransfer.workflows.run_model import build_run_model
 
     unknown = [p for p in policies if p not in ALL_POLICY_NAMES]
     if unknown:
@@ -257,10 +253,8 @@ def shallow_prefixes_first(policies: list[str], depth: dict[str, int]) -> list[s
 
 def _finished_or_run(run_dir: Path, reporter, finetune: Callable[..., FinetuneResult], options: dict) -> FinetuneResult:
     """Reuse a finished run with identical options, else (re)run it."""
-    from vtransfer.workflows import runs
 
     if options.get("epochs") is None:  # compared as finetune will record it
-        from vtransfer.policies.names import default_epochs
 
         options = {**options, "epochs": default_epochs(str(options["policy"]))}
     report_file = run_dir / "report" / "report.json"
@@ -273,7 +267,6 @@ def _finished_or_run(run_dir: Path, reporter, finetune: Callable[..., FinetuneRe
     if same_options and not report_file.exists():
         return finetune(resume=run_dir, reporter=reporter)  # a sub-run that was stopped: continue it
     if same_options:
-        from vtransfer.evaluation.metrics import EvalResult
 
         report = runs.read_json(report_file)
         history = runs.read_metrics(run_dir)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import re
 import tempfile
@@ -32,8 +33,17 @@ from typing import Any, Iterator
 
 import torch
 
-from vtransfer.utils.errors import ConfigError, DatasetError, VideoDecodeError, VtransferError
+from vtransfer.data.dataset import ClipDataset
+from vtransfer.data.records import VideoRecord
+from vtransfer.data.scan import scan_dataset
+from vtransfer.data.splits import read_manifest
+from vtransfer.data.transforms import normalize_clips
+from vtransfer.loading.checkpoints import model_from_checkpoint
 from vtransfer.models.base import Preprocessing, VideoBackbone
+from vtransfer.utils.atomic import atomic_write_json
+from vtransfer.utils.errors import ConfigError, DatasetError, VideoDecodeError, VtransferError
+from vtransfer.workflows import runs
+from vtransfer.workflows.scoring import resolve_model_path
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -107,8 +117,6 @@ def _require_onnxruntime() -> None:
 
 def decode_check_clip(video: str | Path, preprocessing: Preprocessing) -> torch.Tensor:
     """One uint8 clip ``T x C x H x W`` of ``video``, cut and cropped as evaluation does (its middle clip)."""
-    from vtransfer.data.dataset import ClipDataset
-    from vtransfer.data.records import VideoRecord
 
     dataset = ClipDataset([VideoRecord(Path(video), "video")], {"video": 0}, preprocessing, mode="eval", clips_per_video=1)
     item = dataset[0]
@@ -119,7 +127,6 @@ def decode_check_clip(video: str | Path, preprocessing: Preprocessing) -> torch.
 
 def clip_batch(clip: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
     """The normalised check batch of one uint8 clip: the clip, mirrored, and reversed in time."""
-    from vtransfer.data.transforms import normalize_clips
 
     return normalize_clips(torch.stack([clip, clip.flip(-1), clip.flip(0)]), preprocessing)
 
@@ -131,9 +138,6 @@ def dataset_videos(model_path: Path, training: dict[str, Any] | None, source: di
     the checkpoint names (as given when it was trained, so relative to where
     that ran).
     """
-    from vtransfer.workflows import runs
-    from vtransfer.data.scan import scan_dataset
-    from vtransfer.data.splits import read_manifest
 
     found: list[Path] = []
     split = model_path.parent / runs.SPLIT_FILE
@@ -306,7 +310,6 @@ def preprocessing_document(model: VideoBackbone, classes: list[str], fmt: str, m
 
 def read_preprocessing_json(path: str | Path) -> tuple[Preprocessing, list[str], dict[str, Any]]:
     """``(Preprocessing, classes, document)`` from an export's ``.preprocessing.json``."""
-    import json
 
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
     pre = Preprocessing.from_dict({"frames": doc["frames"], "stride": doc["stride"], "crop_size": doc["crop"],
@@ -333,7 +336,6 @@ def export_model(
         ConfigError: a bad format, or the output exists without ``overwrite``.
         ExportError: the exporter failed or the logits differ by more than ``tolerance`` (nothing is written).
     """
-    from vtransfer.utils.atomic import atomic_write_json
 
     path, json_path = output_paths(out, fmt)
     _refuse_existing((path, json_path), overwrite)
@@ -381,8 +383,6 @@ def export(
     ``result.check.warning``). Options and the output paths are checked
     before the model is loaded.
     """
-    from vtransfer.workflows.scoring import resolve_model_path
-    from vtransfer.loading.checkpoints import model_from_checkpoint
 
     path, json_path = output_paths(out, fmt)
     _refuse_existing((path, json_path), overwrite)

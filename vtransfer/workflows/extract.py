@@ -34,10 +34,29 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
+from vtransfer.data.check import printable
+from vtransfer.data.clips import adapt_preprocessing, shared_reader
+from vtransfer.data.dataset import ClipDataset
 from vtransfer.data.records import SPLITS, DatasetIndex, VideoRecord
-from vtransfer.utils.errors import ConfigError, DatasetError
+from vtransfer.data.run_data import open_dataset
+from vtransfer.data.sniff import VIDEO_EXTENSIONS
+from vtransfer.data.splits import read_manifest
+from vtransfer.engine.batches import make_loader
+from vtransfer.engine.inference import batch_inputs
+from vtransfer.loading.backbone import load_backbone_with_info
+from vtransfer.loading.checkpoints import model_from_checkpoint
 from vtransfer.models.base import VideoBackbone
+from vtransfer.models.registry import backbone_names, is_backbone_name
+from vtransfer.run_config import DataConfig
+from vtransfer.utils.atomic import atomic_write_bytes, atomic_write_text
+from vtransfer.utils.errors import ConfigError, DatasetError
+from vtransfer.utils.runtime import configure_threads, default_workers, resolve_device
+from vtransfer.utils.version import package_version
+from vtransfer.workflows import runs
+from vtransfer.workflows.scoring import resolve_model_path
 
 FORMATS = ("safetensors", "npz")
 FORMAT_NAME = "vtransfer-features"
@@ -158,23 +177,18 @@ def load_feature_model(
     is refused: random features describe nothing (``hf:REPO`` names bring
     their own weights and need none).
     """
-    from vtransfer.data.clips import adapt_preprocessing
-    from vtransfer.workflows.scoring import resolve_model_path
-    from vtransfer.models.registry import backbone_names, is_backbone_name
 
     spec = str(model_or_backbone)
     path = Path(spec).expanduser()
     if path.exists():
         if weights is not None or preset is not None:
             raise ConfigError(f"{spec} is a vtransfer model: --weights and --preset apply to a backbone name only")
-        from vtransfer.loading.checkpoints import model_from_checkpoint
 
         model_path = resolve_model_path(path)
         model, ckpt = model_from_checkpoint(model_path)
         loaded = FeatureModel(model, str(model_path), model_path,
                               {"backbone": ckpt.backbone, "model": str(model_path), "classes": list(ckpt.classes)})
     elif is_backbone_name(spec):
-        from vtransfer.loading.backbone import load_backbone_with_info
 
         model, info = load_backbone_with_info(spec, weights=weights, preset=preset)
         if info["kind"] == "random":
@@ -229,10 +243,6 @@ def select_videos(
     else from ``data`` itself: its train/val/test folders or the default
     stratified split (``split_files``, ``ratios``, ``split_seed``, ``group_pattern``).
     """
-    from vtransfer.workflows import runs
-    from vtransfer.data.run_data import open_dataset
-    from vtransfer.run_config import DataConfig
-    from vtransfer.data.splits import read_manifest
 
     data = Path(data)
     warning = None
@@ -258,8 +268,6 @@ def select_videos(
 
 def unused_files(index: DatasetIndex) -> list[dict[str, str]]:
     """Files the scan did not use, except notes beside the class folders (README, categories.csv)."""
-    from vtransfer.data.check import printable
-    from vtransfer.data.sniff import VIDEO_EXTENSIONS
 
     return [{"path": printable(s.path), "reason": s.reason} for s in index.skipped
             if not (s.path.parent == index.root and s.path.suffix.lower() not in VIDEO_EXTENSIONS)]
@@ -286,10 +294,6 @@ def compute_embeddings(
     ``reader`` is where frames come from (a frame cache; default: decode each
     clip). ``progress(clips_done, clips_total)`` is called after each batch.
     """
-    from vtransfer.engine.batches import make_loader
-    from vtransfer.data.check import printable
-    from vtransfer.data.dataset import ClipDataset
-    from vtransfer.engine.inference import batch_inputs
 
     device = torch.device(device)
     model.eval()
@@ -344,8 +348,6 @@ def compute_embeddings(
 
 def write_features(emb: Embeddings, tensors_path: Path, index_path: Path, metadata: dict[str, Any]) -> None:
     """Write the tensor file (format from its suffix) and the CSV index, each atomically."""
-    from vtransfer.utils.atomic import atomic_write_bytes, atomic_write_text
-    from vtransfer.data.check import printable
 
     tensors = {"video_embeddings": emb.video.contiguous()}
     if emb.clip is not None:
@@ -357,7 +359,6 @@ def write_features(emb: Embeddings, tensors_path: Path, index_path: Path, metada
         np.savez(buffer, metadata=np.array(meta), **{k: v.numpy() for k, v in tensors.items()})
         data = buffer.getvalue()
     else:
-        from safetensors.torch import save
 
         data = save(tensors, metadata={METADATA_KEY: meta})
     text = io.StringIO()
@@ -386,7 +387,6 @@ def read_features(path: str | Path) -> FeatureFile:
             arrays = {k: z[k] for k in z.files}
         metadata = json.loads(str(arrays.pop("metadata")))
     else:
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="np") as f:
             arrays = {k: f.get_tensor(k) for k in f.keys()}
@@ -439,9 +439,6 @@ def extract_features(
         ConfigError: a bad option, an output that exists (without ``overwrite``).
         DatasetError: no videos, or none that decodes.
     """
-    from vtransfer.utils.version import package_version
-    from vtransfer.data.clips import shared_reader
-    from vtransfer.utils.runtime import configure_threads, default_workers, resolve_device
 
     tensors_path, index_path = output_paths(out, fmt)
     refuse_existing([tensors_path, index_path], overwrite)

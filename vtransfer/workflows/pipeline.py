@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vtransfer.data.clips import shared_reader
 from vtransfer.data.run_data import load_categories_for, open_dataset
 from vtransfer.data.screening import screen_dataset
 from vtransfer.data.splits import write_manifest
@@ -23,13 +24,12 @@ from vtransfer.engine.trainer import QuietReporter, Trainer, class_weights
 from vtransfer.evaluation.calibration import calibrate_on_validation
 from vtransfer.loading.checkpoints import merge_lora_checkpoint, model_from_checkpoint
 from vtransfer.models.base import VideoBackbone
-from vtransfer.models.registry import training_defaults
+from vtransfer.models.registry import preferred_memory_format, training_defaults
 from vtransfer.policies.freezing import apply_policy
 from vtransfer.policies.freezing import plan_policy as plan_for_policy
+from vtransfer.policies.peft import PolicyOptions
 from vtransfer.reporting.progress import TensorBoardReporter
 from vtransfer.reporting.report import write_eval_report
-from vtransfer.models.registry import preferred_memory_format
-from vtransfer.policies.peft import PolicyOptions
 from vtransfer.run_config import ClipConfig, ResolvedTraining, RunConfig, check_training, resolve_training
 from vtransfer.utils import distributed
 from vtransfer.utils.errors import DatasetError
@@ -41,7 +41,6 @@ from vtransfer.utils.runtime import (
 )
 from vtransfer.weights.checkpoint import save_checkpoint, set_checkpoint_temperature
 from vtransfer.workflows import runs
-from vtransfer.data.clips import shared_reader
 from vtransfer.workflows.run_model import build_run_model
 from vtransfer.workflows.scoring import evaluate_records
 

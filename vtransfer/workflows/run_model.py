@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from vtransfer.data.clips import adapt_preprocessing
+from vtransfer.loading.backbone import load_backbone_with_info
 from vtransfer.models.base import VideoBackbone
+from vtransfer.models.registry import build_from_config, geometry_keys, resolve_config
 from vtransfer.run_config import RunConfig
 
 
@@ -15,7 +17,6 @@ def geometry_overrides(backbone: str, preset: str | None, frames: int | None, st
 
     The short-side resize keeps the preset's crop-to-resize ratio (the backbone's own rule when the preset does not say).
     """
-    from vtransfer.models.registry import geometry_keys, resolve_config
 
     keys = geometry_keys(backbone)
     wanted = {"frames": frames, "stride": stride, "size": size}
@@ -37,7 +38,6 @@ def build_run_model(cfg: RunConfig | dict, num_classes: int) -> tuple[VideoBackb
     architecture wins for a checkpoint file. The preprocessing follows the
     ``frames``/``stride``/``size`` options.
     """
-    from vtransfer.loading.backbone import load_backbone_with_info
 
     cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_options(cfg)
     m, c = cfg.model, cfg.clips
@@ -61,7 +61,6 @@ def _random_twin(model: VideoBackbone, info: dict) -> tuple[VideoBackbone, dict]
     ``scratch`` beside pretrained policies must train the same network, so a
     comparison never sets a checkpoint's small preset against a full-size one.
     """
-    from vtransfer.models.registry import build_from_config
 
     twin = build_from_config(model.backbone_name, dict(model.config))
     twin.preprocessing = model.preprocessing

@@ -17,8 +17,11 @@ moment never leaves a half-written model or state file; at worst a hidden
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +154,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def save_resume_state(run_dir: Path, state: dict[str, Any]) -> None:
     """Save the resumable training state atomically (tensors and plain containers only)."""
-    import io
 
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -171,8 +173,6 @@ def load_resume_state(run_dir: Path) -> dict[str, Any]:
 
 def default_run_dir(prefix: str) -> Path:
     """``runs/<prefix>-<time>``: a new run's folder when ``--out`` is not given (``hf:ORG/REPO`` names one folder, not a tree)."""
-    import re
-    from datetime import datetime
 
     prefix = re.sub(r"[^A-Za-z0-9_.+-]+", "_", prefix)
     return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -5,12 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vtransfer.data.clips import make_clip_dataset
-from vtransfer.utils.errors import ConfigError, DatasetError
+from vtransfer.data.scan import load_dataset, scan_dataset
+from vtransfer.data.splits import read_manifest
+from vtransfer.engine.batches import make_loader
+from vtransfer.engine.feature_cache import cached_clip_probs
+from vtransfer.engine.inference import ClipPredictions, predict_clip_probs
+from vtransfer.evaluation.metrics import classification_report
 from vtransfer.models.base import VideoBackbone
 from vtransfer.run_config import ClipConfig
+from vtransfer.utils import distributed
+from vtransfer.utils.errors import ConfigError, DatasetError
+from vtransfer.utils.runtime import default_workers
+from vtransfer.workflows import runs
 
 
 def evaluate_records(
@@ -38,12 +48,6 @@ def evaluate_records(
     get the gathered result. ``temperature`` scales the clip scores before
     they are averaged per video (a calibrated model's, see :mod:`vtransfer.evaluation.calibration`).
     """
-    from vtransfer.utils import distributed
-    from vtransfer.engine.batches import make_loader
-    from vtransfer.engine.feature_cache import cached_clip_probs
-    from vtransfer.engine.inference import predict_clip_probs
-    from vtransfer.evaluation.metrics import classification_report
-    from vtransfer.utils.runtime import default_workers
 
     class_to_idx = {c: i for i, c in enumerate(classes)}
     ctx = distributed.current() if shard else distributed.DistContext()
@@ -72,10 +76,7 @@ def video_name(path: Path) -> str:
 
 def _gather_predictions(preds, mine: list[int]):
     """Join every process's clip predictions, mapping local video numbers back to the full list."""
-    import numpy as np
 
-    from vtransfer.utils import distributed
-    from vtransfer.engine.inference import ClipPredictions
 
     parts = distributed.gather_objects((preds.probs, np.asarray(mine)[preds.video] if len(mine) else preds.video, preds.errors))
     return ClipPredictions(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
@@ -84,7 +85,6 @@ def _gather_predictions(preds, mine: list[int]):
 
 def resolve_model_path(model: str | Path) -> Path:
     """A model file, or a run folder holding ``model.safetensors``."""
-    from vtransfer.workflows import runs
 
     path = Path(model)
     if path.is_dir():
@@ -119,13 +119,10 @@ def select_eval_records(model_path: Path, data: Path, manifest: Path | None, spl
     with no split anywhere every video is scored and the result says that it
     may include videos the model trained on.
     """
-    from vtransfer.workflows import runs
-    from vtransfer.data.scan import load_dataset, scan_dataset
 
     has_split_folders = data.is_dir() and any((data / s).is_dir() for s in ("train", "val", "test"))
     run_split = model_path.parent / runs.SPLIT_FILE
     if manifest is None and not has_split_folders and data.is_dir() and run_split.is_file():
-        from vtransfer.data.splits import read_manifest
 
         if read_manifest(run_split, check_files=False).root.resolve() == data.resolve():  # the run's own dataset
             manifest = run_split

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from vtransfer.data.splits import read_manifest, write_manifest
+from vtransfer.reporting.plots import new_figure, to_png
+from vtransfer.reporting.tables import Table, markdown_table
+from vtransfer.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from vtransfer.utils.errors import ConfigError
+from vtransfer.workflows import runs
 
 ALL = "all"
 
@@ -98,7 +103,6 @@ def capped_classes(index, k: int) -> list[str]:
 
 def curve_table(curve: dict[str, list[CurvePoint]]):
     """The curve as a :class:`~vtransfer.reporting.tables.Table`: one row per policy, one column per number of shots."""
-    from vtransfer.reporting.tables import Table
 
     shots = sorted({p.shots for pts in curve.values() for p in pts}, key=lambda k: math.inf if k is None else k)
     rows = []
@@ -117,7 +121,6 @@ def _cell(p: CurvePoint) -> str:
 
 def curve_png(curve: dict[str, list[CurvePoint]], chance: float | None = None) -> bytes:
     """A line per policy: test video accuracy (%) against training videos per class, with ± std bars."""
-    from vtransfer.reporting.plots import new_figure, to_png
 
     shots = sorted({p.shots for pts in curve.values() for p in pts}, key=lambda k: math.inf if k is None else k)
     x = {k: i for i, k in enumerate(shots)}
@@ -141,8 +144,6 @@ def curve_png(curve: dict[str, list[CurvePoint]], chance: float | None = None) -
 
 def write_curve(curve: dict[str, list[CurvePoint]], out_dir: Path, chance: float | None = None) -> dict[str, Path]:
     """``shots.json``, ``shots.csv``, ``shots.md`` and ``shots.png`` in ``out_dir``, each written atomically."""
-    from vtransfer.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-    from vtransfer.reporting.tables import markdown_table
 
     out_dir = Path(out_dir)
     paths = {"json": atomic_write_json(out_dir / "shots.json", {
@@ -168,8 +169,6 @@ def run_curve(shots: Sequence[int | None], policies: Sequence[str], seeds: Seque
     comparison's split with the training videos drawn) and its runs in
     ``OUT/shots-K/<policy>/seed-S``.
     """
-    from vtransfer.workflows import runs
-    from vtransfer.data.splits import read_manifest, write_manifest
 
     base = read_manifest(out_dir / runs.SPLIT_FILE)
     curve: dict[str, list[CurvePoint]] = {p: [] for p in policies}
