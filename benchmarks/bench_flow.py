@@ -39,7 +39,10 @@ are cached under ``--cache`` (default ``/tmp/vtransfer-bench-flow``): a rerun
 with another bound or channel count recomputes only what changed.
 
     python benchmarks/bench_flow.py /work/shared/data/yoga_poses --group-pattern '^(s\\d+)_' \\
-        --arrow-of-time /work/shared/data/real_actions          # ~10 min on 2 busy cores, first run
+        --arrow-of-time /work/shared/data/real_actions
+        # first run: 16 min wall at load average 3-4 on 2 shared cores (TV-L1's ~4.5 pairs/s per core
+        # dominates); a rerun with another --bound reuses the cached flow: ~2 min
+    ... --bound 8 --pairing-methods dis-medium,farneback,tvl1 --pairing-channels 2,3   # adds TV-L1 next-sampled: +~6 min
     python benchmarks/bench_flow.py DATA --quick                  # seconds: 2 methods, 2 images, few videos
 """
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import re
 import statistics
 import sys
@@ -131,20 +135,37 @@ def arrow_task(root: Path, max_videos: int | None) -> Task:
 # -- frames and flow, cached -------------------------------------------------------------------------
 
 
+#: Bumped whenever what a cache entry holds changes (v2: time-symmetric anchors).
+CACHE_VERSION = 2
+
+
 def _digest(*parts: object) -> str:
-    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
+    """Short hex key of ``parts`` (and :data:`CACHE_VERSION`), for cache file names."""
+    return hashlib.sha1("|".join(map(str, (CACHE_VERSION,) + parts)).encode()).hexdigest()[:16]
 
 
 def anchor_indices(num_frames: int, images: int, step: int) -> list[int]:
-    """``images`` evenly spaced frames, leaving room for the ``step``-th frame after each (segment centres)."""
-    span = max(1, num_frames - step)
-    return [min(span - 1, int((j + 0.5) * span / images)) for j in range(images)]
+    """``images`` evenly spaced frames (segment centres) in ``[step, num_frames - 1 - step]``, symmetric in time.
+
+    The set is its own mirror image (``a`` in it iff ``num_frames - 1 - a`` is), so the reversed
+    video's anchors are the same frames: RGB features cannot tell a video from its reversed
+    copy by *which* frames were sampled (an earlier, asymmetric choice let RGB score 0.67 on
+    the arrow-of-time task). The margin leaves room for the ``step``-th frame after an anchor
+    in both directions.
+    """
+    lo = min(step, (num_frames - 1) // 2)
+    length = num_frames - 1 - 2 * lo
+    centre = [lo + (j + 0.5) * length / images for j in range(images)]
+    out = [math.floor(c + 0.5) for c in centre]
+    for j in range(images // 2):
+        out[images - 1 - j] = num_frames - 1 - out[j]
+    return out
 
 
 def pairs_for(num_frames: int, anchors: list[int], pairing: str, step: int, reverse: bool) -> list[tuple[int, int]]:
     """Flow pairs in the *original* video's frame numbers (reversed video: frame ``i`` is ``T - 1 - i``)."""
-    after = 1 if pairing == "next-frame" else step
-    pairs = [(a, a + after) for a in anchors]
+    after = 1 if pairing == "next-frame" else max(1, min(step, (num_frames - 1) // 2))  # short videos: a smaller step
+    pairs = [(a, a + after) if a + after < num_frames else (a - after, a) for a in anchors]
     if reverse:
         pairs = [(num_frames - 1 - a, num_frames - 1 - b) for a, b in pairs]
     return pairs
@@ -334,8 +355,9 @@ def measure_speed(path: Path, methods: list[str], short_side: int, pairs: int, r
 
     t0, c0 = time.perf_counter(), time.process_time()
     video = read_video(path, short_side=short_side).permute(0, 2, 3, 1).numpy()
-    print(f"decode (read_video, short side {short_side}): {len(video) / (time.process_time() - c0):.0f} frames/s per CPU-second, "
-          f"{len(video) / (time.perf_counter() - t0):.0f} wall ({path.name}, {len(video)} frames of {video.shape[2]}x{video.shape[1]})")
+    cpu_fps, wall_fps = len(video) / (time.process_time() - c0), len(video) / (time.perf_counter() - t0)
+    print(f"decode (read_video, short side {short_side}): {cpu_fps:.0f} frames/s per CPU-second, {wall_fps:.0f} wall "
+          f"({path.name}, {len(video)} frames of {video.shape[2]}x{video.shape[1]})")
     mid = max(0, len(video) // 2 - pairs // 2)
     clip = np.ascontiguousarray(video[mid : mid + pairs + 1])
     cpu: dict[str, list[float]] = {m: [] for m in methods}
@@ -359,24 +381,33 @@ def fmt_folds(accs: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", type=Path, help="folder of class folders (people as groups: --group-pattern)")
-    parser.add_argument("--group-pattern", default=r"^([^_]+)_", help="regex on the file name; its first group is the video's group (default: the text before the first '_')")
-    parser.add_argument("--arrow-of-time", type=Path, default=None, metavar="DIR", help="also run the forwards-vs-reversed task on the videos under DIR")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated flow methods (default {DEFAULT_METHODS}; also dis-ultrafast)")
-    parser.add_argument("--pairing-methods", default=DEFAULT_PAIRING_METHODS, help="methods also evaluated with next-sampled pairing ('' for none; TV-L1 left out by default for time)")
-    parser.add_argument("--pairing-channels", default="3", help="channel counts for the next-sampled runs (default 3)")
-    parser.add_argument("--channels", default="2,3", help="channel counts for the next-frame runs (default 2,3)")
-    parser.add_argument("--bound", type=float, default=20.0, help="flow clipping bound in px at --short-side (default 20, I3D's)")
-    parser.add_argument("--short-side", type=int, default=128)
-    parser.add_argument("--images", type=int, default=8, help="flow images (and RGB frames) per video (default 8)")
-    parser.add_argument("--step", type=int, default=4, help="frames between the paired frames for next-sampled (default 4)")
-    parser.add_argument("--folds", type=int, default=None, help="GroupKFold folds (0: leave-one-group-out; default LOGO up to 10 groups, else 5)")
-    parser.add_argument("--speed-pairs", type=int, default=12, help="consecutive pairs per speed measurement (default 12)")
-    parser.add_argument("--threads", type=int, default=None, help="threads for the accuracy part (cv2 and torch; default every CPU). Speed is always 1 thread")
-    parser.add_argument("--max-videos", type=int, default=None, help="use at most this many videos per task")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/vtransfer-bench-flow"))
-    parser.add_argument("--quick", action="store_true", help="dis-ultrafast and dis-fast, 2 images, 12 videos: seconds")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("data", type=Path, help="folder of class folders (people as groups: --group-pattern)")
+    add("--group-pattern", default=r"^([^_]+)_",
+        help="regex on the file name; its first group is the video's group (default: the text before the first '_')")
+    add("--arrow-of-time", type=Path, default=None, metavar="DIR",
+        help="also run the forwards-vs-reversed task on the videos under DIR")
+    add("--methods", default=DEFAULT_METHODS,
+        help=f"comma-separated flow methods (default {DEFAULT_METHODS}; also dis-ultrafast)")
+    add("--pairing-methods", default=DEFAULT_PAIRING_METHODS,
+        help="methods also evaluated with next-sampled pairing ('' for none; TV-L1 left out by default for time)")
+    add("--pairing-channels", default="3", help="channel counts for the next-sampled runs (default 3)")
+    add("--channels", default="2,3", help="channel counts for the next-frame runs (default 2,3)")
+    add("--bound", type=float, default=20.0, help="flow clipping bound in px at --short-side (default 20, I3D's)")
+    add("--short-side", type=int, default=128)
+    add("--images", type=int, default=8, help="flow images (and RGB frames) per video (default 8)")
+    add("--step", type=int, default=4, help="frames between the paired frames for next-sampled (default 4)")
+    add("--folds", type=int, default=None,
+        help="GroupKFold folds (0: leave-one-group-out; default LOGO up to 10 groups, else 5)")
+    add("--speed-pairs", type=int, default=12, help="consecutive pairs per speed measurement (default 12)")
+    add("--threads", type=int, default=None,
+        help="threads for the accuracy part (cv2 and torch; default every CPU). Speed is always 1 thread")
+    add("--max-videos", type=int, default=None, help="use at most this many videos per task")
+    add("--cache", type=Path, default=Path("/tmp/vtransfer-bench-flow"))
+    add("--quick", action="store_true", help="dis-ultrafast and dis-fast, 2 images, 12 videos: seconds")
     args = parser.parse_args()
 
     import cv2
@@ -409,7 +440,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"\n== speed: compute_flow on {args.speed_pairs} consecutive pairs at short side {args.short_side}, "
           "cv2.setNumThreads(1), torch 1 thread; fps per core = pairs / this process's CPU seconds ==")
-    speed = measure_speed(tasks[0].samples[0].path, methods, args.short_side, args.speed_pairs, repeat=3 if not args.quick else 1)
+    timed = list(dict.fromkeys(methods + pairing_methods))
+    speed = measure_speed(tasks[0].samples[0].path, timed, args.short_side, args.speed_pairs, repeat=1 if args.quick else 3)
     for m, (fps_cpu, fps_wall) in speed.items():
         print(f"  {m:14s} {fps_cpu:8.1f} fps/core   ({fps_wall:.1f} fps wall)")
     print(f"  ({load_line()})")
@@ -431,7 +463,8 @@ def main() -> None:
         print(f"-- {task.name}: {len(splits)} folds, test groups unseen in training")
         for kind, m, pairing, c in configs:
             t0 = time.perf_counter()
-            feats = task_features(task, store, args.cache, net, kind, m, pairing, c, args.bound if kind == "flow" else 0.0)
+            bound = args.bound if kind == "flow" else 0.0
+            feats = task_features(task, store, args.cache, net, kind, m, pairing, c, bound)
             accs = evaluate(task, feats, splits)
             results.setdefault((kind, m, pairing, c), {})[task.name] = accs
             label = "RGB frames" if kind == "rgb" else f"{m} {pairing} {c}ch"
@@ -447,7 +480,7 @@ def main() -> None:
         print(f"  {label:34s} {fps} " + " ".join(f"{np.mean(by_task[n]):26.3f}" for n in names))
     if store.decoded:
         print(f"decoded {store.decoded} frames in {store.decode_seconds:.1f} CPU s (cached under {args.cache})")
-    print(f"total {time.perf_counter() - started:.0f} s; {load_line()}")
+    print(f"total {time.perf_counter() - started:.0f} s wall, {time.process_time():.0f} s CPU (all threads); {load_line()}")
     print(rss_line())
 
 

@@ -69,3 +69,12 @@ def test_bench_peft_quick_prints_every_policy_against_all():
     assert rows[0][-1] == "1.00" and rows[0][-3] == "1.00"  # all against itself
     shares = {r[1]: float(r[3].rstrip("%")) for r in rows}
     assert shares["all"] == 100.0 and all(shares[p] < 100.0 for p in shares if p != "all")
+
+
+@pytest.mark.slow
+def test_bench_motion_quick_builds_the_arrow_of_time_and_runs_both_streams(demo_dataset, home):
+    out = run_script("bench_motion.py", str(demo_dataset), "--threads", "1", "--policies", "top-layer", "--epochs", "1")
+    assert "8 videos x 2 directions" in out
+    table = out.split("test video accuracy on the arrow of time (chance 50%)")[1]
+    rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:4]}
+    assert set(rows) == {"rgb", "flow"} and all(v.endswith("%") for v in rows.values())

@@ -174,6 +174,8 @@ DOCUMENTED: dict[str, How] = {
     "vtransfer check DATA": How(check=_all_videos_usable),
     "vtransfer finetune DATA --backbone effnet3d --weights effnet3d:imagenet --policy top-3":
         How(extra=("--preset", "tiny", *SMALL, "--out", "runs/X"), check=_trained("runs/X")),
+    "vtransfer finetune DATA --backbone effnet3d --weights effnet3d:imagenet --policy top-layer --stream flow":
+        How(extra=("--preset", "tiny", *SMALL, "--out", "runs/F"), check=_trained("runs/F")),
     "vtransfer finetune DATA --backbone vivit --policy temporal --weights vivit:imagenet":
         How("offline", check=_no_output_and_offline_hint("vivit:imagenet"),
             why="downloads torchvision's ViT-B/16 (330 MB)"),

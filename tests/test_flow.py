@@ -98,15 +98,24 @@ def test_translating_square_gives_its_motion_inside_and_none_outside(cv2, method
         inside = px[k, :2, y + MARGIN : y + SQUARE - MARGIN, x + MARGIN : x + SQUARE - MARGIN].reshape(2, -1)
         truth = np.array([[dx], [dy]], dtype=np.float32)
         median = np.median(inside, axis=1)
-        assert (np.abs(median - truth[:, 0]) <= INSIDE_REL_TOL * np.abs(truth[:, 0]) + INSIDE_ABS_TOL).all(), (method, k, median)
+        tolerance = INSIDE_REL_TOL * np.abs(truth[:, 0]) + INSIDE_ABS_TOL
+        assert (np.abs(median - truth[:, 0]) <= tolerance).all(), (method, k, median)
         assert np.abs(inside - truth).mean() < INSIDE_MEAN_TOL, (method, k)
         magnitude = px[k, 2, y + MARGIN : y + SQUARE - MARGIN, x + MARGIN : x + SQUARE - MARGIN]
-        assert abs(np.median(magnitude) - np.hypot(dx, dy)) <= INSIDE_REL_TOL * np.hypot(dx, dy) + INSIDE_ABS_TOL, (method, k)
+        speed = np.hypot(dx, dy)
+        assert abs(np.median(magnitude) - speed) <= INSIDE_REL_TOL * speed + INSIDE_ABS_TOL, (method, k)
         background = np.ones((SIZE, SIZE), dtype=bool)
         x1, y1 = corners[k + 1]
-        background[min(y, y1) - HALO : max(y, y1) + SQUARE + HALO, min(x, x1) - HALO : max(x, x1) + SQUARE + HALO] = False
+        top, bottom = min(y, y1) - HALO, max(y, y1) + SQUARE + HALO
+        background[top:bottom, min(x, x1) - HALO : max(x, x1) + SQUARE + HALO] = False
         assert background.sum() > 300
         assert np.abs(px[k, :2][:, background]).mean() < OUTSIDE_MEAN_TOL, (method, k)
+
+
+def _median_inside(flow: torch.Tensor, corner: tuple[int, int]) -> torch.Tensor:
+    """Median (x, y) of a ``2 x H x W`` flow over the square with top-left ``corner``, minus the margin."""
+    x, y = corner
+    return flow[:2, y + MARGIN : y + SQUARE - MARGIN, x + MARGIN : x + SQUARE - MARGIN].reshape(2, -1).median(dim=1).values
 
 
 def test_reversed_video_gives_opposite_flow(cv2):
@@ -114,12 +123,9 @@ def test_reversed_video_gives_opposite_flow(cv2):
     settings = FlowSettings("dis-fast", bound=BOUND)
     forward = dequantise(compute_flow(video, settings), BOUND, unit="px")
     backward = dequantise(compute_flow(video[::-1].copy(), settings), BOUND, unit="px")
-    x, y = corners[1]  # frame 1 -> 2 forward, and frame 2 -> 1 (pair 0 of the reversed video) both start near here
-    fx = forward[1, :, y + MARGIN : y + SQUARE - MARGIN, x + MARGIN : x + SQUARE - MARGIN].median(dim=-1).values.median(dim=-1).values
-    x, y = corners[2]
-    bx = backward[0, :, y + MARGIN : y + SQUARE - MARGIN, x + MARGIN : x + SQUARE - MARGIN].median(dim=-1).values.median(dim=-1).values
-    assert torch.allclose(fx, torch.tensor([2.0, -1.0]), atol=INSIDE_MEDIAN_TOL)
-    assert torch.allclose(bx, torch.tensor([-2.0, 1.0]), atol=INSIDE_MEDIAN_TOL)
+    # forward pair 1 is frame 1 -> 2; backward pair 0 is frame 2 -> 1, starting where the square is in frame 2
+    assert torch.allclose(_median_inside(forward[1], corners[1]), torch.tensor([2.0, -1.0]), atol=INSIDE_MEDIAN_TOL)
+    assert torch.allclose(_median_inside(backward[0], corners[2]), torch.tensor([-2.0, 1.0]), atol=INSIDE_MEDIAN_TOL)
 
 
 def test_read_video_layout_indices_pairing_and_progress(cv2):
@@ -128,7 +134,9 @@ def test_read_video_layout_indices_pairing_and_progress(cv2):
     every = compute_flow(video, FlowSettings("dis-fast", bound=BOUND))
     assert np.array_equal(compute_flow(tchw, FlowSettings("dis-fast", bound=BOUND)), every)
     calls = []
-    sampled = compute_flow(video, FlowSettings("dis-fast", bound=BOUND), indices=[0, 2, 4], progress=lambda d, n: calls.append((d, n)))
+    sampled = compute_flow(
+        video, FlowSettings("dis-fast", bound=BOUND), indices=[0, 2, 4], progress=lambda d, n: calls.append((d, n))
+    )
     assert calls == [(1, 3), (2, 3), (3, 3)]
     assert np.array_equal(sampled[:2], every[[0, 2]])  # (0, 1), (2, 3)
     assert np.array_equal(sampled[2], every[3])  # the last frame has no successor: (3, 4)
@@ -205,7 +213,10 @@ def test_settings_validate_and_key_tells_them_apart():
     assert len(keys) == len(FLOW_METHODS) * 3 * 2 * 2
     assert FlowSettings().key() == "flow-dis-medium-b20-c2-next-frame"
     assert FlowSettings(bound=8).bound == 8.0
-    for bad in (dict(method="raft"), dict(bound=0), dict(bound=float("nan")), dict(bound="x"), dict(channels=1), dict(pairing="prev")):
+    bad_settings = (
+        {"method": "raft"}, {"bound": 0}, {"bound": float("nan")}, {"bound": "x"}, {"channels": 1}, {"pairing": "prev"}
+    )
+    for bad in bad_settings:
         with pytest.raises(ConfigError):
             FlowSettings(**bad)
 

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vtransfer"
 WING_ORDER = ("utils", "run_config", "data", "evaluation", "weights", "models", "policies", "loading", "engine", "reporting",
               "workflows", "api", "demo", "recipes", "cli", "__main__", "__init__")
 #: Declarations any wing may read. Each imports nothing of vtransfer but ``utils`` and the other declarations.
-DECLARATIONS = ("vtransfer.run_config", "vtransfer.policies.names")
+DECLARATIONS = ("vtransfer.run_config", "vtransfer.policies.names", "vtransfer.data.flow_settings")
 
 #: The imports allowed inside functions, and why. Everything else goes at the top of its module.
 LAZY_IMPORTS = {

@@ -31,9 +31,11 @@ from vtransfer.engine.batches import make_loader
 from vtransfer.engine.inference import predict_clip_probs
 from vtransfer.evaluation.calibration import scaled
 from vtransfer.evaluation.metrics import aggregate_video_scores
+from vtransfer.loading.backbone import check_weights_stream
 from vtransfer.loading.backbone import load_backbone as _load
 from vtransfer.loading.checkpoints import model_from_checkpoint
 from vtransfer.loading.sources import check_source_name, register_source
+from vtransfer.models.registry import check_stream
 from vtransfer.policies.names import FREEZING_POLICY_NAMES
 from vtransfer.reporting.report import write_eval_report
 from vtransfer.run_config import DEFAULT_POLICY, ClipConfig, DataConfig, RunConfig, check_training, run_parameters
@@ -97,6 +99,8 @@ def finetune(
     if data is not None:
         cfg = cfg.replace(data=data)
     check_training(cfg.training, cfg.clips)  # out-of-range options fail before a run folder exists
+    check_stream(cfg.model.backbone, cfg.clips.stream)
+    check_weights_stream(cfg.model.weights, cfg.clips.stream)
     ctx = distributed.init_from_env(resolve_device(cfg.runtime.device))
     if resume is not None:
         run_dir = runs.prepare_run_dir(Path(resume), resume=True) if ctx.is_main else Path(resume)
@@ -220,7 +224,8 @@ def evaluate(
         policy = (ckpt.training or {}).get("policy", {}).get("policy")
         run = model_path.parent.name if model_path.name == "model.safetensors" else model_path.stem
         write_eval_report(result, Path(out), title=f"{run}{' / ' + policy if policy else ''}: {chosen.description}",
-                          extra={"model": str(model_path), "data": str(data), "videos": chosen.description,
+                          extra={"model": str(model_path), "input": net.preprocessing.describe(), "data": str(data),
+                                 "videos": chosen.description,
                                  **({"warning": chosen.warning} if chosen.warning else {}),
                                  "decode_errors": sorted({f'{p}: {r}' for p, r in preds.errors})})
     return result

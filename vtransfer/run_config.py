@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from vtransfer.data.flow_settings import DEFAULT_FLOW, FLOW_BOUND_AT, FLOW_METHODS, STREAMS, FlowSettings
 from vtransfer.policies.names import default_epochs
 from vtransfer.utils.errors import ConfigError
 from vtransfer.utils.jsonable import to_jsonable
@@ -169,6 +170,35 @@ class ClipConfig:
     workers: Optional[int] = option(
         None, "DataLoader worker processes (default: picked per run for the device and the frame cache; often 0, "
               "decoding in the main process, when the frames are already decoded in memory).", PANEL_SPEED)
+    stream: str = option(
+        "rgb", "What the network sees: rgb frames, or flow: dense optical flow at the same frame positions (the "
+               "flow stream of two-stream networks; its first layer starts from the RGB weights averaged over colour).",
+        PANEL_DATA)
+    flow_method: str = option(
+        DEFAULT_FLOW.method, f"Optical-flow method for --stream flow: {', '.join(FLOW_METHODS)}.", PANEL_DATA)
+    flow_bound: Optional[float] = option(
+        None, f"Flow is clipped to +-N pixels of the working resolution and stored as uint8 (default: "
+              f"{DEFAULT_FLOW.bound:g} px at a {FLOW_BOUND_AT} px short side, as in the I3D paper, scaled with the "
+              f"working resolution).", PANEL_DATA)
+    flow_channels: int = option(DEFAULT_FLOW.channels, "Flow channels: 2 (x, y) or 3 (x, y, magnitude).", PANEL_DATA)
+    flow_pairing: str = option(
+        DEFAULT_FLOW.pairing, "Flow of each sampled frame to the next video frame (next-frame), or to the next "
+                              "sampled frame (next-sampled: the motion over --stride frames).", PANEL_DATA)
+
+    def flow_settings(self, short_side: int | None = None) -> FlowSettings | None:
+        """The flow a ``--stream flow`` run computes at working resolution ``short_side`` (``None`` for RGB).
+
+        An unset ``--flow-bound`` is the default bound scaled to ``short_side`` (unscaled when it is not known
+        yet, for checking). Raises :class:`ConfigError` on a bad value.
+        """
+        if self.stream not in STREAMS:
+            raise ConfigError(f"--stream must be one of {', '.join(STREAMS)}, got {self.stream!r}")
+        if self.stream == "rgb":
+            return None
+        bound = self.flow_bound
+        if bound is None:
+            bound = round(DEFAULT_FLOW.bound * (short_side or FLOW_BOUND_AT) / FLOW_BOUND_AT, 2)
+        return FlowSettings(self.flow_method, bound, self.flow_channels, self.flow_pairing)
 
 
 @dataclass
@@ -333,6 +363,7 @@ def check_training(training: TrainingConfig, clips: ClipConfig) -> None:
     check_layer_decay(t.layer_decay)
     if t.head_lr_scale is not None and t.head_lr_scale <= 0:
         raise ConfigError(f"--head-lr-scale must be > 0, got {t.head_lr_scale:g}")
+    clips.flow_settings()  # --stream and the --flow-* options
 
 
 @dataclass(frozen=True)

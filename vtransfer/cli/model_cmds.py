@@ -87,11 +87,10 @@ def inspect_command(
 ) -> None:
     """Show a backbone's layer groups (tags, parameter counts, temporal parameters) and what a policy would train."""
     from vtransfer.loading.backbone import inspect_backbone
-
-    groups = O.split_list(train)
     from vtransfer.policies.peft import PolicyOptions
     from vtransfer.run_config import PolicyConfig
 
+    groups = O.split_list(train)
     options = PolicyOptions.from_config(PolicyConfig(lora_rank=lora_rank, lora_targets=O.split_list(lora_targets),
                                                      adapter_ratio=adapter_ratio, probe_dim=probe_dim))
     info = inspect_backbone(backbone, preset, policy, groups, num_classes, policy_options=options)

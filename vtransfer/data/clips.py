@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from vtransfer.data.dataset import ClipDataset
+from vtransfer.data.flow_reader import make_flow_reader
 from vtransfer.data.frame_cache import make_reader
 from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.run_config import ClipConfig
@@ -43,17 +44,24 @@ def make_clip_dataset(records, class_to_idx, preprocessing, mode, opts: ClipConf
 _READERS: dict[tuple, Any] = {}
 
 
-def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preprocessing):
-    """The decoded-frame reader for ``--cache``; an in-memory one is reused by later runs on the same videos.
+def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preprocessing, flow_frames=None):
+    """The decoded-frame (or flow) reader for ``--cache``; an in-memory one is reused by later runs on the same videos.
 
     Memory caches are keyed by the decode settings and each file's path, size and
-    modification time, so a changed file is decoded again.
+    modification time, so a changed file is decoded again. For a flow stream,
+    ``flow_frames(n)`` is called with each video's flow-field count as it is computed.
     """
 
-    key = (preprocessing.resize_short, tuple(sorted((str(r.path), *file_stamp(r.path)) for r in records)))
+    flow = preprocessing.flow.key() if preprocessing.flow is not None else None
+    key = (preprocessing.resize_short, flow, preprocessing.stride if flow else None,
+           tuple(sorted((str(r.path), *file_stamp(r.path)) for r in records)))
     if cache in ("auto", "memory") and key in _READERS:
         return _READERS[key]
-    reader = make_reader(cache, cache_dir, records, preprocessing)
+    if preprocessing.stream == "flow":
+        counted = None if flow_frames is None else (lambda path, done, total: done == total and flow_frames(total))
+        reader = make_flow_reader(cache, cache_dir, records, preprocessing, frame_progress=counted)
+    else:
+        reader = make_reader(cache, cache_dir, records, preprocessing)
     cached = getattr(reader, "cache", None)
     if cached is not None and cached.mode == "memory":
         _READERS.clear()  # keep one dataset's frames at a time

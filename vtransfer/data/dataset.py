@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vtransfer.data.decode import ClipReader, DirectReader
+from vtransfer.data.flow_reader import DirectFlowReader
 from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.data.records import VideoRecord
 from vtransfer.data.sampling import random_clip_start, uniform_clip_starts
@@ -103,9 +104,12 @@ class ClipDataset(Dataset):
         self.fixed_views = fixed_views
         self.crops = crops
         self.seed = seed
-        self.reader: ClipReader = reader if reader is not None else DirectReader()
+        if reader is None:  # decode every clip from its file: frames, or the flow at the clip's frames
+            reader = DirectFlowReader(preprocessing.flow) if preprocessing.stream == "flow" else DirectReader()
+        self.reader: ClipReader = reader
         if mode == "train":
-            self.transform = train_clip_transform(preprocessing.crop_size, tuple(crop_scale or DEFAULT_CROP_SCALE))
+            self.transform = train_clip_transform(preprocessing.crop_size, tuple(crop_scale or DEFAULT_CROP_SCALE),
+                                                  flow=preprocessing.stream == "flow")
         elif crops == 1:
             self.transform = eval_clip_transform(preprocessing.crop_size)
         else:

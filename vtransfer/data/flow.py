@@ -48,38 +48,36 @@ Example::
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from vtransfer.data.flow_settings import FLOW_METHODS, PAIRINGS, FlowSettings
 from vtransfer.utils.errors import ConfigError, DatasetError
 
 #: The pip package that provides ``cv2`` including ``cv2.optflow`` (TV-L1).
 OPENCV_PACKAGE = "opencv-contrib-python-headless"
 
-#: Flow methods by name, each with a one-line description.
-FLOW_METHODS: dict[str, str] = {
-    "dis-ultrafast": "DIS optical flow, OpenCV preset ULTRAFAST (coarsest; fastest)",
-    "dis-fast": "DIS optical flow, OpenCV preset FAST",
-    "dis-medium": "DIS optical flow, OpenCV preset MEDIUM (finer patches and variational refinement)",
-    "farneback": "Farneback polynomial-expansion flow (pyramid 0.5 x 3 levels, window 15, 3 iterations, poly 5/1.2)",
-    "tvl1": "Dual TV-L1 flow (cv2.optflow, OpenCV's defaults: 5 scales, 5 warps); I3D's flow; much slower",
-}
-
-#: How frames are paired: see :func:`flow_pairs`.
-PAIRINGS: tuple[str, ...] = ("next-frame", "next-sampled")
+#: Normalisation of quantised flow as a model input, per channel: ``(q / 255 - FLOW_MEAN) / FLOW_STD = (q - 128) / 127``,
+#: so x and y land in [-1, 1] in units of the bound (I3D's flow input range).
+FLOW_MEAN = 128 / 255
+FLOW_STD = 127 / 255
 
 #: The uint8 value that means "no motion" in the x and y channels.
 ZERO_LEVEL = 128
 #: Steps from zero to +-bound in the x and y channels (so +-bound quantise to 255 and 1).
 HALF_RANGE = 127
 
-_DIS_PRESETS = {"dis-ultrafast": "DISOpticalFlow_PRESET_ULTRAFAST", "dis-fast": "DISOpticalFlow_PRESET_FAST", "dis-medium": "DISOpticalFlow_PRESET_MEDIUM"}
+_DIS_PRESETS = {
+    "dis-ultrafast": "DISOpticalFlow_PRESET_ULTRAFAST",
+    "dis-fast": "DISOpticalFlow_PRESET_FAST",
+    "dis-medium": "DISOpticalFlow_PRESET_MEDIUM",
+}
 # cv2.calcOpticalFlowFarneback(prev, next, flow, pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags):
 # the values of OpenCV's own sample (samples/python/opt_flow.py).
 _FARNEBACK_ARGS = (0.5, 3, 15, 3, 5, 1.2, 0)
@@ -100,7 +98,7 @@ def import_cv2(contrib: bool = False) -> ModuleType:
             :data:`OPENCV_PACKAGE`.
     """
     try:
-        import cv2  # noqa: PLC0415 - optional dependency, imported on first use
+        import cv2  # optional dependency, imported on first use
     except ImportError as e:
         raise ConfigError(
             f"optical flow needs OpenCV, which is not installed ({e}): run `pip install {OPENCV_PACKAGE}`"
@@ -115,52 +113,6 @@ def import_cv2(contrib: bool = False) -> ModuleType:
 
 
 # -- settings ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FlowSettings:
-    """How flow is computed and quantised. Validated on construction.
-
-    Attributes:
-        method: one of :data:`FLOW_METHODS`.
-        bound: clipping bound in pixels (of the frames as given, so it scales
-            with the decode size); x and y outside ``[-bound, bound]`` are clipped.
-        channels: 2 (x, y) or 3 (x, y, magnitude).
-        pairing: ``"next-frame"`` or ``"next-sampled"`` (see :func:`flow_pairs`).
-
-    Raises:
-        ConfigError: an unknown method or pairing, a bound that is not a
-            positive finite number, or channels other than 2 and 3.
-    """
-
-    method: str = "dis-medium"
-    bound: float = 20.0
-    channels: int = 2
-    pairing: str = "next-frame"
-
-    def __post_init__(self) -> None:
-        if self.method not in FLOW_METHODS:
-            raise ConfigError(f"unknown flow method {self.method!r}: choose one of {', '.join(FLOW_METHODS)}")
-        try:
-            bound = float(self.bound)
-        except (TypeError, ValueError):
-            bound = float("nan")
-        if not (math.isfinite(bound) and bound > 0):
-            raise ConfigError(f"flow bound must be a positive number of pixels, got {self.bound!r}")
-        object.__setattr__(self, "bound", bound)
-        if isinstance(self.channels, bool) or self.channels not in (2, 3):
-            raise ConfigError(f"flow channels must be 2 (x, y) or 3 (x, y, magnitude), got {self.channels!r}")
-        object.__setattr__(self, "channels", int(self.channels))
-        if self.pairing not in PAIRINGS:
-            raise ConfigError(f"unknown flow pairing {self.pairing!r}: choose one of {', '.join(PAIRINGS)}")
-
-    def key(self) -> str:
-        """A short string that identifies these settings, for cache keys and file names.
-
-        Example: ``"flow-dis-medium-b20-c2-next-frame"``. Settings that give
-        different uint8 flow always give different keys.
-        """
-        return f"flow-{self.method}-b{self.bound:g}-c{self.channels}-{self.pairing}"
 
 
 # -- pairing ------------------------------------------------------------------------------------
@@ -195,7 +147,7 @@ def flow_pairs(num_frames: int, indices: Sequence[int] | None = None, pairing: s
         raise ValueError(f"frame indices {bad[:5]} are outside 0..{num_frames - 1}")
     if pairing == "next-frame":
         return [(i, i + 1) if i + 1 < num_frames else (i - 1, i) for i in idx]
-    return list(zip(idx[:-1], idx[1:]))
+    return list(itertools.pairwise(idx))
 
 
 # -- quantisation ------------------------------------------------------------------------------
@@ -404,4 +356,23 @@ def compute_flow(
         out[n] = q
         if progress is not None:
             progress(n + 1, total)
+    return out
+
+
+def flip_flow_x(clip: torch.Tensor) -> torch.Tensor:
+    """Negate the x channel of quantised flow ``... x C x H x W`` (C = 2 or 3): the value half of a horizontal flip.
+
+    Mirroring the picture (``horizontal_flip``) moves the flow vectors but not
+    their values; motion to the right becomes motion to the left, so x must
+    become -x: ``q -> 256 - q`` (128 stays 128, 1 <-> 255), clamped to
+    ``1..255``. y and the magnitude are unchanged. Call it with the pixel
+    flip, before or after. Returns a new tensor of ``clip``'s type.
+
+    Raises:
+        ValueError: not uint8, or no flow channel axis (2 or 3) at dim -3.
+    """
+    if clip.dtype != torch.uint8 or clip.dim() < 3 or clip.shape[-3] not in (2, 3):
+        raise ValueError(f"expected uint8 flow ... x C x H x W with C = 2 or 3, got {clip.dtype} {tuple(clip.shape)}")
+    out = clip.clone()
+    out[..., 0, :, :] = (256 - clip[..., 0, :, :].to(torch.int16)).clamp_(1, 255).to(torch.uint8)
     return out

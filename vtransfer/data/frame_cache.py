@@ -45,6 +45,11 @@ _DECODE_VERSION = "grid-v1|rgb24|bilinear|nhwc|upright"
 _COUNTER_SLOTS = 65
 
 
+def entry_key(content: str, settings: str) -> str:
+    """A cache entry's key: SHA-256 of a content identity and the settings that made the entry (40 hex digits)."""
+    return hashlib.sha256(f"{content}|{settings}".encode()).hexdigest()[:40]
+
+
 class DecodedFrameCache:
     """Whole-video uint8 frames, decoded once per (file content, decode settings).
 
@@ -52,7 +57,14 @@ class DecodedFrameCache:
         mode: ``"memory"`` or ``"disk"``.
         cache_dir: folder for ``disk`` mode (created if missing); ignored for memory.
         short_side: working resolution (short side in pixels); ``None`` keeps the source size.
+
+    A subclass that stores something else per video (``N x H x W x C``
+    uint8, one row per frame) overrides :meth:`_compute`, :meth:`settings`
+    and ``entry_channels``; keys, storage and failure memory stay as here.
     """
+
+    #: Channels (last axis) of a stored entry; a disk entry with another count is rewritten.
+    entry_channels = 3
 
     def __init__(self, mode: str, cache_dir: Path | str | None = None, short_side: int | None = None):
         if mode not in CACHE_MODES:
@@ -113,7 +125,7 @@ class DecodedFrameCache:
             except OSError as e:
                 raise VideoDecodeError(path, f"cannot read file ({e.strerror or e})") from None
             self._remember_digest(path, stamp, digest)
-        return hashlib.sha256(f"{digest}|{self.settings()}".encode()).hexdigest()[:40]
+        return entry_key(digest, self.settings())
 
     def _digest_file(self, path: Path) -> Path | None:
         if self.cache_dir is None:
@@ -185,7 +197,7 @@ class DecodedFrameCache:
                 return frames
         self._count(hit=False)
         try:
-            decoded = read_video(path, short_side=self.short_side).permute(0, 2, 3, 1).numpy()  # N x H x W x 3, no copy
+            decoded = self._compute(path)
         except VideoDecodeError as e:
             self._failed[key] = e.reason
             raise
@@ -195,6 +207,10 @@ class DecodedFrameCache:
             return decoded
         self._store(key, decoded)
         return decoded
+
+    def _compute(self, path: str | Path) -> np.ndarray:
+        """The entry for ``path`` on a miss: the whole video decoded, uint8 ``N x H x W x 3`` (stores nothing)."""
+        return read_video(path, short_side=self.short_side).permute(0, 2, 3, 1).numpy()  # no copy
 
     def _load(self, key: str) -> np.ndarray | None:
         """Memory-map a disk entry, or ``None`` if it is missing or unreadable."""
@@ -206,7 +222,7 @@ class DecodedFrameCache:
         except (OSError, ValueError):
             entry.unlink(missing_ok=True)  # a corrupt entry is rewritten
             return None
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != self.entry_channels:
             entry.unlink(missing_ok=True)
             return None
         return frames
@@ -365,23 +381,45 @@ def make_reader(
     Memory mode decodes ``records`` now, on all cores, so DataLoader workers
     inherit the frames; disk mode fills lazily (workers share the files).
     """
-    if mode not in ("auto", "none", *CACHE_MODES):
-        raise ConfigError(f"--cache must be auto, memory, disk or none, got {mode!r}")
     short_side = preprocessing.resize_short
-    if mode == "auto":
-        memory = available_memory if available_memory is not None else available_memory_bytes()
-        mode = choose_cache_mode(records, short_side, memory, cache_dir=cache_dir)
+    mode, cache_dir = resolve_cache_mode(mode, cache_dir, records, short_side, available_memory=available_memory)
     if mode == "none":
         return None
-    if mode == "disk" and cache_dir is None:
-        cache_dir = Path(tempfile.gettempdir()) / "vtransfer-frame-cache"
-    cache = DecodedFrameCache(mode, cache_dir if mode == "disk" else None, short_side=short_side)
+    cache = DecodedFrameCache(mode, cache_dir, short_side=short_side)
     if mode == "memory":
         cache.prefill([r.path for r in records], on_error=on_error, progress=progress, threads=os.cpu_count() or 1)
     return CachedReader(cache)
 
 
 # -- choosing a mode ---------------------------------------------------------------------
+
+
+def resolve_cache_mode(
+    mode: str,
+    cache_dir: Path | str | None,
+    records: list[VideoRecord],
+    short_side: int | None,
+    *,
+    available_memory: int | None = None,
+    channels: int = 3,
+) -> tuple[str, Path | None]:
+    """``--cache`` as a concrete mode and folder: ``("memory", None)``, ``("disk", folder)`` or ``("none", None)``.
+
+    ``auto`` picks with :func:`choose_cache_mode` (entries of ``channels``
+    uint8 channels per pixel); disk without a folder uses
+    ``<temp>/vtransfer-frame-cache``.
+
+    Raises:
+        ConfigError: ``mode`` is not auto, memory, disk or none.
+    """
+    if mode not in ("auto", "none", *CACHE_MODES):
+        raise ConfigError(f"--cache must be auto, memory, disk or none, got {mode!r}")
+    if mode == "auto":
+        memory = available_memory if available_memory is not None else available_memory_bytes()
+        mode = choose_cache_mode(records, short_side, memory, cache_dir=cache_dir, channels=channels)
+    if mode != "disk":
+        return mode, None
+    return mode, Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "vtransfer-frame-cache"
 
 
 def available_memory_bytes() -> int:
@@ -399,8 +437,8 @@ def available_memory_bytes() -> int:
         return 0
 
 
-def estimate_cache_bytes(records: Iterable[VideoRecord], short_side: int | None) -> int:
-    """Decoded size (uint8 RGB at ``short_side``) of all videos, from header probes only.
+def estimate_cache_bytes(records: Iterable[VideoRecord], short_side: int | None, channels: int = 3) -> int:
+    """Decoded size of all videos at ``short_side``, ``channels`` bytes a pixel (3: RGB), from header probes only.
 
     Files that cannot be probed count as 0 (they will be skipped anyway).
     """
@@ -416,7 +454,7 @@ def estimate_cache_bytes(records: Iterable[VideoRecord], short_side: int | None)
             w, h = short_side, round(info.height * short_side / info.width)
         else:
             w, h = round(info.width * short_side / info.height), short_side
-        total += info.num_frames * 3 * w * h
+        total += info.num_frames * channels * w * h
     return total
 
 
@@ -427,12 +465,14 @@ def choose_cache_mode(
     *,
     cache_dir: Path | str | None = None,
     memory_fraction: float = 0.5,
+    channels: int = 3,
 ) -> str:
     """``"memory"`` if the decoded dataset fits ``memory_fraction`` of available memory,
     else ``"disk"`` if it fits (with 20% slack) on the disk holding ``cache_dir``
-    (default: the temp folder), else ``"none"``.
+    (default: the temp folder), else ``"none"``. ``channels``: bytes per
+    pixel of an entry (3 for RGB frames; a flow cache stores 2 or 3).
     """
-    need = estimate_cache_bytes(records, short_side)
+    need = estimate_cache_bytes(records, short_side, channels)
     if need <= memory_fraction * available_memory:
         return "memory"
     target = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())

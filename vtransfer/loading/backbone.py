@@ -97,7 +97,12 @@ def _load_builtin_source(
         raise WeightsError(f"weight source {source_name}: {source.note}")
     # Fetch first: an offline failure should not wait for a full-size model to be built.
     path = source.fetch()
-    model = build_backbone(name, preset or source.preset, num_classes=source.num_classes, **overrides)
+    clash = {k: (v, overrides[k]) for k, v in source.config.items() if k in overrides and overrides[k] != v}
+    if clash:
+        raise WeightsError(f"weight source {source_name} needs " + ", ".join(
+            f"{k}={need} (asked: {asked})" for k, (need, asked) in clash.items()))
+    model = build_backbone(name, preset or source.preset, num_classes=source.num_classes,
+                           **{**source.config, **overrides})
     source.load_into(model, path)
     classes = source.class_names()
     info = _info(
@@ -359,3 +364,27 @@ def inspect_backbone(
             "train_patterns": list(getattr(plan, "train_patterns", []) or []),
         }
     return out
+
+
+def check_weights_stream(weights: str | Path | None, stream: str) -> None:
+    """Raise :class:`ConfigError` when ``weights`` cannot start a network for input ``stream`` (reads no video).
+
+    A built-in source says which streams it can start (2D ImageNet weights start RGB and, by
+    cross-modality averaging, flow; a video network only the stream it was trained on); a
+    vtransfer checkpoint starts only the stream its preprocessing records.
+    """
+    if weights is None:
+        return
+    text = str(weights)
+    if text in BUILTIN_SOURCES:
+        streams = BUILTIN_SOURCES[text].streams
+        if stream not in streams:
+            raise ConfigError(f"--weights {text} starts a {' or '.join(streams)} network, not --stream {stream}"
+                              + ("; add --stream flow" if streams == ("flow",) else ""))
+        return
+    path = Path(text).expanduser()
+    meta = read_checkpoint_metadata(path) if path.is_file() else None
+    if meta and isinstance(meta.get("preprocessing"), dict):
+        saved = meta["preprocessing"].get("stream", "rgb")
+        if saved != stream:
+            raise ConfigError(f"--weights {path} is a {saved} network, but --stream is {stream}")

@@ -228,6 +228,7 @@ class EfficientNet3D(VideoBackbone):
         dropout: dropout before the classifier (the TF default of the size when ``None``).
         frames, frame_stride, crop_size, resize_short: the declared :class:`Preprocessing`
             (``resize_short`` defaults to ``crop + 32``, the TF evaluation rule).
+        in_channels: input channels: 3 for RGB, 2 or 3 for an optical-flow stream (``--stream flow``).
     """
 
     backbone_name = "effnet3d"
@@ -243,6 +244,7 @@ class EfficientNet3D(VideoBackbone):
         frame_stride: int = 2,
         crop_size: int | tuple[int, int] = 224,
         resize_short: int | None = None,
+        in_channels: int = 3,
     ):
         super().__init__()
         if size not in LITE_SIZES:
@@ -250,6 +252,8 @@ class EfficientNet3D(VideoBackbone):
         crop = as_pair(crop_size)
         if min(crop) < MIN_SIZE or frames < 1 or frame_stride < 1:
             raise ConfigError(f"effnet3d: needs frames >= 1 of at least {MIN_SIZE}x{MIN_SIZE}; got frames={frames}, crop={crop}")
+        if in_channels < 1:
+            raise ConfigError(f"effnet3d: in_channels must be >= 1; got {in_channels}")
         if time_kernel < 1 or num_classes < 1:
             raise ConfigError(f"effnet3d: time_kernel and num_classes must be >= 1; got {time_kernel}, {num_classes}")
         if not 1 <= temporal_from <= len(STAGES):
@@ -262,9 +266,11 @@ class EfficientNet3D(VideoBackbone):
             "temporal_from": int(temporal_from), "dropout": dropout,
             "frames": int(frames), "frame_stride": int(frame_stride), "crop_size": list(crop), "resize_short": resize,
         }
+        if in_channels != 3:  # RGB checkpoints keep the config they always had
+            self.config["in_channels"] = int(in_channels)
         self.preprocessing = Preprocessing(frames=int(frames), stride=int(frame_stride), crop_size=crop,
                                            resize_short=resize, mean=LITE_MEAN, std=LITE_STD)
-        self._conv_stem = Conv3dSame(3, STEM_CHANNELS, 3, 2)
+        self._conv_stem = Conv3dSame(int(in_channels), STEM_CHANNELS, 3, 2)
         self._bn0 = _bn(STEM_CHANNELS)
         blocks: list[MBConv3d] = []
         self.stage_blocks: list[list[int]] = []
@@ -341,8 +347,9 @@ class EfficientNet3D(VideoBackbone):
         return self._fc(self._dropout(state))
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 5 or x.shape[1] != 3:
-            raise ConfigError(f"effnet3d: input must be B x 3 x T x H x W, got shape {tuple(x.shape)}")
+        channels = self._conv_stem.conv.in_channels
+        if x.dim() != 5 or x.shape[1] != channels:
+            raise ConfigError(f"effnet3d: input must be B x {channels} x T x H x W, got shape {tuple(x.shape)}")
         if min(x.shape[3:]) < MIN_SIZE:
             raise ConfigError(f"effnet3d: needs frames of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[3:])}")
 
@@ -407,6 +414,7 @@ WEIGHT_SOURCES = tuple(
         converter="vtransfer.weights.effnet_lite:inflate_effnet_lite_into_effnet3d",
         num_classes=1000,
         package=EFFNET_LITE_PACKAGES[size],
+        streams=("rgb", "flow"),
         dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
         classes="vtransfer.weights.source:imagenet_classes",
         note=(

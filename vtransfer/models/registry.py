@@ -29,6 +29,7 @@ by :func:`backbone_names`, and :func:`is_backbone_name` accepts them.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Union
@@ -163,3 +164,17 @@ def preferred_memory_format(backbone: str, precision: str, device: torch.device)
     ``preferred_memory_format`` in its module (contiguous when it declares none).
     """
     return memory_format(backbone, device, precision)
+
+
+def takes_flow(name: str) -> bool:
+    """True if backbone ``name`` can be built for a flow stream: its constructor takes ``in_channels``."""
+    cls = getattr(backbone_module(name), "MODEL_CLASS", None)
+    return cls is not None and "in_channels" in inspect.signature(cls.__init__).parameters
+
+
+def check_stream(name: str, stream: str) -> None:
+    """Raise :class:`ConfigError` when backbone ``name`` cannot take the input ``stream`` (before any data is read)."""
+    if stream == "flow" and not takes_flow(name):
+        flow_families = [b for b in backbone_names() if takes_flow(b)]
+        raise ConfigError(f"--stream flow: backbone {name!r} cannot take optical flow (its first layer is built for "
+                          f"3 colour channels only); backbones that can: {', '.join(flow_families)}")

@@ -347,11 +347,11 @@ GEOMETRY_KEYS = {"size": "input_size", "stride": "frame_stride"}
 
 WEIGHT_SOURCES = (
     WeightSource(
-            name="slowfusion:sports1m",
-            backbone="slowfusion",
-            dataset={"name": "Sports-1M", "num_classes": 487, "size": "about 1.1M videos"},
-            available=False,
-            note="Karpathy et al. (2014) never published their Sports-1M model: "
-            + NO_PUBLIC_WEIGHTS.format(backbone="slowfusion"),
-        ),
+        name="slowfusion:sports1m",
+        backbone="slowfusion",
+        dataset={"name": "Sports-1M", "num_classes": 487, "size": "about 1.1M videos"},
+        available=False,
+        note="Karpathy et al. (2014) never published their Sports-1M model: "
+        + NO_PUBLIC_WEIGHTS.format(backbone="slowfusion"),
+    ),
 )

@@ -830,49 +830,49 @@ def _foreign_layouts() -> list[Any]:
 
 WEIGHT_SOURCES = (
     WeightSource(
-            name="vivit:imagenet",
-            backbone="vivit",
-            preset="vivit-b",
-            url="https://download.pytorch.org/models/vit_b_16-c867db91.pth",
-            filename="vit_b_16-c867db91.pth",
-            sha256_prefix="c867db91",
-            converter="vtransfer.weights.vit_init:init_vivit_from_torchvision_vit",
-            dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
-            note=(
-                "spatial transformer from torchvision's ImageNet ViT-B/16 with central-frame tubelet "
-                "initialisation; the temporal transformer and the classifier start fresh."
-            ),
+        name="vivit:imagenet",
+        backbone="vivit",
+        preset="vivit-b",
+        url="https://download.pytorch.org/models/vit_b_16-c867db91.pth",
+        filename="vit_b_16-c867db91.pth",
+        sha256_prefix="c867db91",
+        converter="vtransfer.weights.vit_init:init_vivit_from_torchvision_vit",
+        dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
+        note=(
+            "spatial transformer from torchvision's ImageNet ViT-B/16 with central-frame tubelet "
+            "initialisation; the temporal transformer and the classifier start fresh."
         ),
+    ),
     WeightSource(
-            name="vivit:ucf101",
-            backbone="vivit",
-            preset="vivit-seed",
-            dataset={"name": "UCF-101", "num_classes": 101, "size": "13,320 videos"},
-            available=False,
-            note="the seed paper's UCF-101 ViViT was not published: " + NO_PUBLIC_WEIGHTS.format(backbone="vivit"),
-        ),
+        name="vivit:ucf101",
+        backbone="vivit",
+        preset="vivit-seed",
+        dataset={"name": "UCF-101", "num_classes": 101, "size": "13,320 videos"},
+        available=False,
+        note="the seed paper's UCF-101 ViViT was not published: " + NO_PUBLIC_WEIGHTS.format(backbone="vivit"),
+    ),
     *_weight_sources(),
 )
 FOREIGN_LAYOUTS = (
     ForeignLayout(
-            name="vit-pytorch-vivit",
-            backbone="vivit",
-            converter="vtransfer.weights.vit_pytorch_import:load_vit_pytorch_vivit",
-            required_keys=("pos_embedding", "mlp_head.weight"),
-            required_prefixes=("to_patch_embedding.", "spatial_transformer.layers.", "temporal_transformer.layers."),
-            head_key="mlp_head.weight",
-            description="the vit-pytorch package's ViViT (factorised encoder)",
-            default_preset="vivit-seed",
-        ),
+        name="vit-pytorch-vivit",
+        backbone="vivit",
+        converter="vtransfer.weights.vit_pytorch_import:load_vit_pytorch_vivit",
+        required_keys=("pos_embedding", "mlp_head.weight"),
+        required_prefixes=("to_patch_embedding.", "spatial_transformer.layers.", "temporal_transformer.layers."),
+        head_key="mlp_head.weight",
+        description="the vit-pytorch package's ViViT (factorised encoder)",
+        default_preset="vivit-seed",
+    ),
     ForeignLayout(
-            name="torchvision-vit",
-            backbone="vivit",
-            converter="vtransfer.weights.vit_init:init_vivit_from_torchvision_vit",
-            required_keys=("conv_proj.weight", "class_token", "encoder.pos_embedding"),
-            head_key=None,
-            description="torchvision's ViT (2D, spatial transformer initialisation)",
-            default_preset="vivit-b",
-        ),
+        name="torchvision-vit",
+        backbone="vivit",
+        converter="vtransfer.weights.vit_init:init_vivit_from_torchvision_vit",
+        required_keys=("conv_proj.weight", "class_token", "encoder.pos_embedding"),
+        head_key=None,
+        description="torchvision's ViT (2D, spatial transformer initialisation)",
+        default_preset="vivit-b",
+    ),
     *_foreign_layouts(),
 )
 

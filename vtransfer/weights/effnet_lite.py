@@ -20,12 +20,14 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from vtransfer.weights.inflate import inflate_conv2d_weight, load_converted
+from vtransfer.weights.inflate import cross_modality_weight, inflate_conv2d_weight, load_converted
 
 
 def inflate_effnet_lite_into_effnet3d(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
     """Load a 2D EfficientNet-Lite state dict into an :class:`EfficientNet3D` of the same size.
 
+    A model whose stem takes other than 3 channels (a flow stream) gets the
+    RGB stem by :func:`~vtransfer.weights.inflate.cross_modality_weight`.
     Raises :class:`WeightsError` naming the first missing, unexpected or
     mis-shaped keys (a Lite1 file into a Lite0 model, say); ``model`` is
     untouched then.
@@ -45,6 +47,8 @@ def inflate_effnet_lite_into_effnet3d(state_dict: Mapping[str, torch.Tensor], mo
             continue
         used.add(key2)
         w2 = src[key2]
+        if is_conv and w2.dim() == 4 and w2.shape[1] == 3 and t3.shape[1] != 3:
+            w2 = cross_modality_weight(w2, t3.shape[1])  # a flow stem from the RGB one
         if is_conv:
             if w2.dim() != 4 or tuple(w2.shape) != tuple(t3.shape[:2]) + tuple(t3.shape[3:]):
                 mismatched.append(f"{key2} {tuple(w2.shape)} -> {key3} {tuple(t3.shape)}")

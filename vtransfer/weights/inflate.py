@@ -72,6 +72,23 @@ def inflate_conv2d_weight(w2d: torch.Tensor, time_extent: int) -> torch.Tensor:
     return w2d.unsqueeze(2).repeat(1, 1, time_extent, 1, 1) / time_extent
 
 
+def cross_modality_weight(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """An RGB first-layer weight (``out x 3 x ...``) for an input of ``channels`` channels (optical flow).
+
+    The cross-modality initialisation of the two-stream papers (Wang et al.'s TSN, and the flow I3D
+    started from ImageNet): average the filters over the colour channels, then replicate that average
+    once per input channel. An RGB weight asked for 3 channels comes back unchanged.
+    """
+    if weight.dim() < 3 or weight.shape[1] != 3:
+        raise WeightsError(f"cross-modality init needs an RGB conv weight (out x 3 x ...), got shape {tuple(weight.shape)}")
+    if channels < 1:
+        raise WeightsError(f"cross-modality init: channels must be >= 1, got {channels}")
+    if channels == 3:
+        return weight
+    mean = weight.mean(dim=1, keepdim=True)
+    return mean.repeat(1, channels, *([1] * (weight.dim() - 2))).contiguous()
+
+
 def googlenet_unit_map() -> dict[str, str]:
     """Every torchvision GoogLeNet BasicConv2d prefix -> the I3D Unit3D prefix it inflates into."""
     units = dict(STEM_MAP)
@@ -107,6 +124,8 @@ def inflate_googlenet_into_i3d(googlenet_state_dict: Mapping[str, torch.Tensor],
         else:
             used.add(key2)
             w2, w3 = src[key2], target[key3]
+            if w2.dim() == 4 and w2.shape[1] == 3 and w3.shape[1] != 3:
+                w2 = cross_modality_weight(w2, w3.shape[1])  # a flow I3D from the RGB GoogLeNet
             if w2.dim() != 4 or tuple(w2.shape) != tuple(w3.shape[:2]) + tuple(w3.shape[3:]):
                 mismatched.append(f"{key2} {tuple(w2.shape)} -> {key3} {tuple(w3.shape)}")
             else:

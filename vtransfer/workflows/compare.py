@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vtransfer.data.preprocessing import describe_input
 from vtransfer.data.run_data import open_dataset
 from vtransfer.data.splits import read_manifest, write_manifest
 from vtransfer.engine.trainer import TrainingDiverged
@@ -178,13 +179,11 @@ def comparison_setup(run_dirs: dict[str, list[Path]]) -> dict[str, str]:
                 continue
             arch = resolved.get("architecture")
             pre = resolved.get("preprocessing", {})
-            crop = pre.get("crop_size") or ["?", "?"]
             described = {
                 "backbone": str(resolved.get("weights", {}).get("backbone", "?")),
                 "architecture": ", ".join(f"{k}={_short(v)}" for k, v in sorted((arch or {}).items())
                                           if k not in ("num_classes", "dropout")) or "(not recorded)",
-                "input": f"{pre.get('frames')} frames, stride {pre.get('stride')}, {crop[0]}x{crop[1]} crop of a "
-                         f"{pre.get('resize_short')} px short side",
+                "input": describe_input(pre),
             }
             totals.setdefault(policy, int(resolved.get("total_params", 0)))
             key = repr(sorted(described.items()))

@@ -174,7 +174,7 @@ def find_check_clips(
             return CheckClips(clip_batch(decode_check_clip(video, preprocessing), preprocessing), str(video))
     generator = torch.Generator().manual_seed(seed)
     p = preprocessing
-    clip = torch.randint(0, 256, (p.frames, 3, *p.crop_size), generator=generator, dtype=torch.uint8)
+    clip = torch.randint(0, 256, (p.frames, p.channels, *p.crop_size), generator=generator, dtype=torch.uint8)
     why = "none of its first videos decodes" if candidates else "its training videos are not reachable here"
     return CheckClips(clip_batch(clip, preprocessing), "synthetic",
                       f"checked on a synthetic clip of random pixels ({why}); pass --check-video FILE to check on a real one")

@@ -209,7 +209,7 @@ def load_feature_model(
 def embedding_size(model: VideoBackbone, device: torch.device) -> int:
     """``D`` of the model's ``B x D`` features, from one blank clip (so a clip shape it cannot take fails now)."""
     p = model.preprocessing
-    blank = torch.zeros(1, 3, p.frames, *p.crop_size, device=device)
+    blank = torch.zeros(1, p.channels, p.frames, *p.crop_size, device=device)
     try:
         out = model.features(blank)
     except ConfigError:

@@ -8,6 +8,7 @@ Only rank 0 of a distributed job writes files and reports.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from vtransfer.utils import distributed
 from vtransfer.utils.errors import DatasetError
 from vtransfer.utils.runtime import (
     configure_threads,
+    cpu_count,
     default_workers,
     resolve_device,
     seed_everything,
@@ -79,6 +81,11 @@ class Run:
         stage = getattr(self.reporter, "stage", None)
         if stage is not None:
             stage(text)
+
+    def message(self, text: str) -> None:
+        """One line for the person running it (nothing without a reporter: the Python API's default)."""
+        if self.reporter is not None:
+            self.reporter.message(text)
 
 
 @dataclass
@@ -177,8 +184,16 @@ def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: 
     """Resolve the optimiser settings and the frame reader, write ``config.json``, and build the batch source."""
     c = run.cfg.clips
     config = resolve_training(run.cfg, training_defaults(run.cfg.model.backbone))
+    flow = model.preprocessing.flow
+    if flow is not None:
+        run.stage(f"computing optical flow ({flow.method}, {flow.pairing}, {flow.channels} channels)")
+    fields, start = [0], time.perf_counter()
     reader = shared_reader(c.cache, Path(c.cache_dir) if c.cache_dir else run.run_dir / "frame_cache", data.index.records,
-                           model.preprocessing)
+                           model.preprocessing, flow_frames=lambda n: fields.__setitem__(0, fields[0] + n))
+    if fields[0]:
+        seconds = time.perf_counter() - start
+        run.message(f"optical flow: {fields[0]:,} fields in {seconds:.1f} s ({fields[0] / seconds:.0f} per second"
+                             f" on {cpu_count()} cores)")
     clips = replace(c, cache_dir=Path(c.cache_dir) if c.cache_dir else None,
                     workers=c.workers if c.workers is not None else default_workers(run.device, reader))
     if not run.resume and run.main:
@@ -275,24 +290,22 @@ def evaluate_best(run: Run, data: RunData, plan, training: Training):
     result, preds = evaluate_records(best, data.test or data.val, data.classes, training.clips, run.device, precision,
                                      data.categories, reader=training.reader, prefix_stop=plan.first_trainable_group,
                                      crops=training.clips.test_crops, temperature=temperature)
-    if result.collapse_warning() and run.reporter is not None:
-        run.reporter.message(f"warning: test split: {result.collapse_warning()}")
+    if result.collapse_warning():
+        run.message(f"warning: test split: {result.collapse_warning()}")
     return result, preds
 
 
 def calibrate(run: Run, data: RunData, plan, training: Training, best: VideoBackbone) -> float | None:
     """Fit a temperature on the validation clips and store it in the checkpoint; ``None`` when it cannot be pinned down."""
     if not data.val:
-        if run.reporter is not None:
-            run.reporter.message("calibration skipped: there is no validation split to fit it on")
+        run.message("calibration skipped: there is no validation split to fit it on")
         return None
     _, val_preds = evaluate_records(best, data.val, data.classes, training.clips, run.device,
                                     training.config.training.precision,
                                     clips=training.clips.val_clips, reader=training.reader,
                                     prefix_stop=plan.first_trainable_group)
     fit = calibrate_on_validation(val_preds, [data.index.class_to_idx[r.label] for r in data.val])
-    if run.reporter is not None:
-        run.reporter.message(f"calibration: {fit.describe()}" + ("; not applied" if fit.at_bound else ""))
+    run.message(f"calibration: {fit.describe()}" + ("; not applied" if fit.at_bound else ""))
     if fit.at_bound:
         return None
     if run.main:
@@ -305,7 +318,8 @@ def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, res
     trainable, total = plan.trainable_count(model), sum(p.numel() for p in model.parameters())
     train_time = sum(h["time_s"] for h in state.history)
     backbone = run.cfg.model.backbone
-    extra = {"run": str(run.run_dir), "backbone": backbone, "policy": plan.policy, "trainable_params": trainable,
+    extra = {"run": str(run.run_dir), "backbone": backbone, "input": model.preprocessing.describe(),
+             "policy": plan.policy, "trainable_params": trainable,
              "total_params": total, "train_time_s": train_time, "best_epoch": state.best_epoch,
              "decode_errors": sorted({f"{p}: {r}" for p, r in preds.errors}),
              "bad_videos": data.unreadable + state.bad_videos, "skipped_files": data.skipped_files}

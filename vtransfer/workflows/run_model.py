@@ -6,9 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from vtransfer.data.clips import adapt_preprocessing
-from vtransfer.loading.backbone import load_backbone_with_info
+from vtransfer.data.flow import FLOW_MEAN, FLOW_STD
+from vtransfer.data.flow_settings import FlowSettings
+from vtransfer.data.preprocessing import Preprocessing
+from vtransfer.loading.backbone import check_weights_stream, load_backbone_with_info
 from vtransfer.models.base import VideoBackbone
-from vtransfer.models.registry import build_from_config, geometry_keys, resolve_config
+from vtransfer.models.registry import build_from_config, check_stream, geometry_keys, resolve_config
 from vtransfer.run_config import RunConfig
 
 
@@ -41,9 +44,14 @@ def build_run_model(cfg: RunConfig | dict, num_classes: int) -> tuple[VideoBackb
 
     cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_options(cfg)
     m, c = cfg.model, cfg.clips
+    flow = c.flow_settings()
+    check_stream(m.backbone, c.stream)
+    check_weights_stream(m.weights, c.stream)
     arch_overrides = {}
     if m.dropout is not None:
         arch_overrides["dropout"] = m.dropout
+    if flow is not None:
+        arch_overrides["in_channels"] = flow.channels  # pretrained RGB weights load into it cross-modality
     if m.weights is None:
         arch_overrides.update(geometry_overrides(m.backbone, m.preset, c.frames, c.stride, c.size))
     # a checkpoint carries its own architecture: the preset only applies to fresh or built-in-source models
@@ -52,7 +60,14 @@ def build_run_model(cfg: RunConfig | dict, num_classes: int) -> tuple[VideoBackb
     if cfg.policy.policy == "scratch" and (m.weights is not None or info["kind"] != "random"):  # hf:REPO brings weights
         model, info = _random_twin(model, info)
     model.preprocessing = adapt_preprocessing(model.preprocessing, c.frames, c.stride, c.size)
+    if flow is not None:  # the bound follows the working resolution unless --flow-bound fixed it
+        model.preprocessing = flow_preprocessing(model.preprocessing, c.flow_settings(model.preprocessing.resize_short))
     return model, info
+
+
+def flow_preprocessing(base: Preprocessing, flow: FlowSettings) -> Preprocessing:
+    """``base`` for a flow stream: flow clips at the same positions, their uint8 levels mapped to [-1, 1]."""
+    return base.replace(stream="flow", flow=flow, mean=(FLOW_MEAN,) * flow.channels, std=(FLOW_STD,) * flow.channels)
 
 
 def _random_twin(model: VideoBackbone, info: dict) -> tuple[VideoBackbone, dict]:
