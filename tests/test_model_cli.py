@@ -38,7 +38,7 @@ def test_backbones_json_lists_every_backbone_with_counts_and_sources():
     assert i3d["params"] == 12_697_264 and i3d["num_classes"] == 400  # the I3D reference count
     assert i3d["input"]["size"] == [224, 224] and i3d["input"]["frames"] >= 9
     sources = {s["name"]: s for s in i3d["sources"]}
-    assert set(sources) == {"i3d:kinetics400", "i3d:imagenet"}
+    assert set(sources) == {"i3d:kinetics400", "i3d:imagenet", "i3d:kinetics400-flow"}
     assert sources["i3d:kinetics400"]["available"] and not sources["i3d:kinetics400"]["present"]
     assert [s["available"] for s in rows["slowfusion"]["sources"]] == [False]
     with torch.device("meta"):  # every count is the real one of the default preset

