@@ -5,7 +5,8 @@ several seeds, with the tool's default options for the backbone and weights
 you name, and prints one table: test video accuracy (mean ± std over seeds),
 trainable parameters and training time per policy. Beside it, on the same
 split (the baseline trains on train + val, as the policies see both), the
-motion-energy + logistic-regression baseline of
+motion-energy + logistic-regression baseline and the flow-orientation-histogram
+one (which way things move, per cell of a 4x4 grid) of
 :mod:`vtransfer.evaluation.motion_baseline`, and the chance level.
 
     python benchmarks/bench_transfer.py ../shared/data/real_actions                # effnet3d:imagenet, 3 seeds
@@ -26,7 +27,7 @@ from _common import base_parser, load_line, rss_line, setup_threads
 
 from vtransfer import api
 from vtransfer.data.scan import load_dataset
-from vtransfer.evaluation.motion_baseline import fit_and_score
+from vtransfer.evaluation.motion_baseline import fit_and_score, flow_histogram_features
 from vtransfer.policies.names import FREEZING_POLICY_NAMES
 
 
@@ -79,6 +80,7 @@ def main() -> None:
         train = [(r.path, r.label) for r in index.records if r.split in ("train", "val")]
         test = [(r.path, r.label) for r in index.split("test")]
         base = fit_and_score(train, test)
+        flow_base = fit_and_score(train, test, features=flow_histogram_features)
 
     n_classes = len(index.classes)
     print(f"\n{data}: {len(index.records)} videos, {n_classes} classes; split train/val/test "
@@ -92,6 +94,7 @@ def main() -> None:
     for policy, why in res.skipped.items():
         print(f"{policy:<12} skipped: {why}")
     print(f"{'motion+LR':<12} {_fmt(base.accuracy, None):>16} {'(baseline)':>12}")
+    print(f"{'flowhist+LR':<12} {_fmt(flow_base.accuracy, None):>16} {'(baseline)':>12}")
     print(f"{'chance':<12} {_fmt(1 / n_classes, None):>16}")
     best = max((r for r in res.rows if r.policy != "scratch" and r.test_video_hit1 is not None),
                key=lambda r: r.test_video_hit1, default=None)

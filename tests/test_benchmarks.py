@@ -39,7 +39,7 @@ def test_bench_memory_quick():
 @pytest.mark.slow
 def test_bench_transfer_quick_prints_the_table_and_the_baseline():
     out = run_script("bench_transfer.py", "--threads", "1", "--policies", "scratch,top-layer")
-    assert "motion+LR" in out and "chance" in out and "best pretrained policy: top-layer" in out
+    assert "motion+LR" in out and "flowhist+LR" in out and "chance" in out and "best pretrained policy: top-layer" in out
     for policy in ("scratch", "top-layer"):
         assert any(line.startswith(policy) for line in out.splitlines()), policy
     assert "peak memory (RSS):" in out
@@ -78,3 +78,4 @@ def test_bench_motion_quick_builds_the_arrow_of_time_and_runs_both_streams(demo_
     table = out.split("test video accuracy on the arrow of time (chance 50%)")[1]
     rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:4]}
     assert set(rows) == {"rgb", "flow"} and all(v.endswith("%") for v in rows.values())
+    assert "motion+LR" in table and "flowhist+LR" in table

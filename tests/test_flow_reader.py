@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as tF
 
+from videos import write_frames
 from vtransfer.data import flow_reader as fr
 from vtransfer.data import frame_cache as fc
 from vtransfer.data.dataset import ClipDataset, collate_clips
@@ -55,19 +56,13 @@ def moving_square_video(path: Path, frames: int = FRAMES, seed: int = 0) -> Path
     rng = np.random.default_rng(seed)
     background = _texture(rng, SIZE, SIZE) * 0.5
     square = _texture(rng, SQUARE, SQUARE) * 0.5 + 0.5
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
-        stream.options = {"qp": "0", "preset": "ultrafast"}
-        for t in range(frames):
-            img = background.copy()
-            x = X0 + SPEED * t
-            img[Y0 : Y0 + SQUARE, x : x + SQUARE] = square
-            rgb = np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=-1)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    frames_rgb = []
+    for t in range(frames):
+        img = background.copy()
+        x = X0 + SPEED * t
+        img[Y0 : Y0 + SQUARE, x : x + SQUARE] = square
+        frames_rgb.append(np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=-1))
+    write_frames(path, np.stack(frames_rgb))
     return path
 
 

@@ -141,7 +141,6 @@ def finetune(
 def _choose_policy(run_dir: Path, cfg: RunConfig, reporter) -> RunConfig:
     """``--policy auto``: run the trials (:mod:`vtransfer.workflows.auto_policy`), say what won and why; the winner's configuration."""
 
-
     t0 = time.perf_counter()
     winner, trials, why = choose_policy(run_dir, cfg, reporter)
     write_choice(run_dir, winner, trials, why, time.perf_counter() - t0)

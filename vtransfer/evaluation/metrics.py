@@ -412,7 +412,6 @@ def classification_report(
         An :class:`EvalResult`.
     """
 
-
     classes = [str(c) for c in classes]
     probs = check_probs(clip_probs, "clip_probs")
     num_classes = probs.shape[1]

@@ -1,4 +1,4 @@
-"""A trivial non-deep baseline: motion energy + mean frame, standardised, logistic regression.
+"""Trivial non-deep baselines: motion energy + mean frame, or a histogram of flow, then logistic regression.
 
 Every video becomes one vector from its frames in grey at 32x24:
 
@@ -15,6 +15,7 @@ same split.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from vtransfer.data.decode import read_video
+from vtransfer.data.flow import FlowSettings, compute_flow, dequantise
 
 GRID = (24, 32)  # (height, width) of the grey frames
 
@@ -37,12 +39,45 @@ def motion_features(path: str | Path, grid: tuple[int, int] = GRID) -> np.ndarra
         VideoDecodeError: the video cannot be decoded.
     """
 
-
     frames = read_video(path).to(torch.float32) / 255.0  # N x 3 x H x W
     grey = (0.299 * frames[:, 0] + 0.587 * frames[:, 1] + 0.114 * frames[:, 2])[:, None]
     small = F.interpolate(grey, size=grid, mode="area")[:, 0].numpy()  # N x h x w
     diff = np.abs(np.diff(small, axis=0)) if len(small) > 1 else np.zeros_like(small)
     return np.concatenate([diff.mean(0).ravel(), diff.std(0).ravel(), small.mean(0).ravel()])
+
+
+#: The flow a histogram baseline computes: DIS (fast), between frames 2 apart, at :data:`FLOW_SHORT_SIDE` px.
+HISTOGRAM_FLOW = FlowSettings("dis-fast", 8.0, 2, "next-sampled")
+FLOW_SHORT_SIDE = 96
+FLOW_GRID = (4, 4)
+ORIENTATION_BINS = 8
+
+
+def flow_histogram_features(path: str | Path, settings: FlowSettings = HISTOGRAM_FLOW, step: int = 2,
+                            grid: tuple[int, int] = FLOW_GRID, bins: int = ORIENTATION_BINS) -> np.ndarray:
+    """A histogram of flow orientations, weighted by magnitude, per cell of a ``grid`` over the frame.
+
+    The flow between frames ``step`` apart (:func:`vtransfer.data.flow.compute_flow`, in pixels), summed
+    over the video and normalised per video: ``grid[0] * grid[1] * bins`` numbers saying where and which
+    way things move, and nothing of what they look like.
+
+    Raises:
+        VideoDecodeError: the video cannot be decoded; DatasetError: fewer than 2 frames.
+    """
+    frames = read_video(path, short_side=FLOW_SHORT_SIDE)
+    indices = list(range(0, len(frames), step))
+    if len(indices) < 2:
+        indices = list(range(len(frames)))
+    flow = dequantise(compute_flow(frames, settings, indices=indices, source=path), settings.bound, unit="px").numpy()
+    fx, fy = flow[:, 0], flow[:, 1]  # N x H x W
+    magnitude = np.hypot(fx, fy)
+    which = np.floor((np.arctan2(fy, fx) + np.pi) / (2 * np.pi) * bins).astype(int) % bins
+    h, w = fx.shape[1:]
+    rows = np.minimum(np.arange(h) * grid[0] // h, grid[0] - 1)[:, None]
+    cols = np.minimum(np.arange(w) * grid[1] // w, grid[1] - 1)[None, :]
+    cell = np.broadcast_to(rows * grid[1] + cols, fx.shape)
+    hist = np.bincount((cell * bins + which).ravel(), weights=magnitude.ravel(), minlength=grid[0] * grid[1] * bins)
+    return hist / (hist.sum() + 1e-6)
 
 
 @dataclass
@@ -54,11 +89,16 @@ class BaselineResult:
     labels: list[str]
 
 
-def fit_and_score(train: list[tuple[Path, str]], test: list[tuple[Path, str]], c: float = 1.0) -> BaselineResult:
-    """Fit on ``train`` (path, class) pairs, score video accuracy on ``test``."""
+def fit_and_score(train: list[tuple[Path, str]], test: list[tuple[Path, str]], c: float = 1.0,
+                  features: Callable[[Path], np.ndarray] | None = None) -> BaselineResult:
+    """Fit on ``train`` (path, class) pairs, score video accuracy on ``test``.
 
-    x_train = np.stack([motion_features(p) for p, _ in train])
-    x_test = np.stack([motion_features(p) for p, _ in test])
+    ``features`` turns a video into its vector: :func:`motion_features` (frame differences and the mean
+    frame) or :func:`flow_histogram_features` (where and which way things move).
+    """
+    features = features or motion_features
+    x_train = np.stack([features(p) for p, _ in train])
+    x_test = np.stack([features(p) for p, _ in test])
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
     clf.fit(x_train, [label for _, label in train])
     predicted = [str(v) for v in clf.predict(x_test)]

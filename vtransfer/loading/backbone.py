@@ -266,7 +266,6 @@ def load_backbone(
 def _shape_only(name: str, preset: str | None, num_classes: int | None = None, **overrides: Any) -> VideoBackbone:
     """Build a backbone on the meta device: real parameter shapes, no memory, no initialisation."""
 
-
     with torch.device("meta"):
         return build_backbone(name, preset, num_classes=num_classes, **overrides)
 

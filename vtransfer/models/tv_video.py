@@ -123,7 +123,6 @@ def small_preset(weights: WeightsEnum, frames: int, size: int) -> dict[str, Any]
 def kinetics_weight_sources(backbone: str, enum: type[WeightsEnum], preset: str) -> list[Any]:
     """One :class:`~vtransfer.weights.source.WeightSource` per exposed member of ``enum``, all from its metadata."""
 
-
     sources = []
     for member in enum:  # aliases (DEFAULT) are not iterated
         suffix = SOURCE_SUFFIX.get(member.name)

@@ -77,7 +77,6 @@ def video_name(path: Path) -> str:
 def _gather_predictions(preds, mine: list[int]):
     """Join every process's clip predictions, mapping local video numbers back to the full list."""
 
-
     parts = distributed.gather_objects((preds.probs, np.asarray(mine)[preds.video] if len(mine) else preds.video, preds.errors))
     return ClipPredictions(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                            [e for p in parts for e in p[2]])
