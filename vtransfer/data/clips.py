@@ -58,8 +58,12 @@ def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preproces
     if cache in ("auto", "memory") and key in _READERS:
         return _READERS[key]
     if preprocessing.stream == "flow":
-        counted = None if flow_frames is None else (lambda path, done, total: done == total and flow_frames(total))
-        reader = make_flow_reader(cache, cache_dir, records, preprocessing, frame_progress=counted)
+        def video_done(path, done: int, total: int) -> None:
+            if done == total:
+                flow_frames(total)
+
+        reader = make_flow_reader(cache, cache_dir, records, preprocessing,
+                                  frame_progress=video_done if flow_frames is not None else None)
     else:
         reader = make_reader(cache, cache_dir, records, preprocessing)
     cached = getattr(reader, "cache", None)

@@ -259,6 +259,22 @@ def _too_short(num_frames: int, source: str | Path | None) -> DatasetError:
     return DatasetError(f"{what}optical flow needs at least 2 frames, but the video has {num_frames}")
 
 
+def _resolve_pairs(num_frames: int, settings: FlowSettings, indices: Sequence[int] | None,
+                   pairs: Sequence[tuple[int, int]] | None, source: str | Path | None) -> list[tuple[int, int]]:
+    """The frame pairs to compute: ``pairs`` checked, or those ``indices`` give (:func:`flow_pairs`)."""
+    if num_frames < 2:
+        raise _too_short(num_frames, source)
+    if pairs is not None and indices is not None:
+        raise ValueError("give frame indices or explicit pairs, not both")
+    if pairs is None:
+        return flow_pairs(num_frames, indices, settings.pairing)
+    pairs = [(int(a), int(b)) for a, b in pairs]
+    bad = [p for p in pairs if not (0 <= p[0] < num_frames and 0 <= p[1] < num_frames)]
+    if bad:
+        raise ValueError(f"frame pairs {bad[:5]} are outside 0..{num_frames - 1}")
+    return pairs
+
+
 def iter_flow(
     frames: np.ndarray | torch.Tensor,
     settings: FlowSettings | None = None,
@@ -284,17 +300,7 @@ def iter_flow(
     """
     settings = settings or FlowSettings()
     arr = _frames_hwc(frames)
-    if arr.shape[0] < 2:
-        raise _too_short(arr.shape[0], source)
-    if pairs is not None and indices is not None:
-        raise ValueError("give frame indices or explicit pairs, not both")
-    if pairs is None:
-        pairs = flow_pairs(arr.shape[0], indices, settings.pairing)
-    else:
-        pairs = [(int(a), int(b)) for a, b in pairs]
-        bad = [p for p in pairs if not (0 <= p[0] < arr.shape[0] and 0 <= p[1] < arr.shape[0])]
-        if bad:
-            raise ValueError(f"frame pairs {bad[:5]} are outside 0..{arr.shape[0] - 1}")
+    pairs = _resolve_pairs(arr.shape[0], settings, indices, pairs, source)
     estimate = _estimator(settings.method)
     cv2 = import_cv2()
     gray: dict[int, np.ndarray] = {}
@@ -343,16 +349,10 @@ def compute_flow(
     """
     settings = settings or FlowSettings()
     arr = _frames_hwc(frames)
-    if arr.shape[0] < 2:
-        raise _too_short(arr.shape[0], source)
-    if pairs is None and indices is None:
-        total = arr.shape[0] - 1
-    elif pairs is None:
-        total = len(flow_pairs(arr.shape[0], indices, settings.pairing))
-    else:
-        total = len(pairs)
+    pairs = _resolve_pairs(arr.shape[0], settings, indices, pairs, source)
+    total = len(pairs)
     out = np.empty((total, settings.channels) + arr.shape[1:3], dtype=np.uint8)
-    for n, q in enumerate(iter_flow(arr, settings, indices=indices, pairs=pairs, source=source)):
+    for n, q in enumerate(iter_flow(arr, settings, pairs=pairs, source=source)):
         out[n] = q
         if progress is not None:
             progress(n + 1, total)

@@ -187,13 +187,13 @@ def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: 
     flow = model.preprocessing.flow
     if flow is not None:
         run.stage(f"computing optical flow ({flow.method}, {flow.pairing}, {flow.channels} channels)")
-    fields, start = [0], time.perf_counter()
+    per_video, start = [], time.perf_counter()  # flow fields computed, one entry a video
     reader = shared_reader(c.cache, Path(c.cache_dir) if c.cache_dir else run.run_dir / "frame_cache", data.index.records,
-                           model.preprocessing, flow_frames=lambda n: fields.__setitem__(0, fields[0] + n))
-    if fields[0]:
-        seconds = time.perf_counter() - start
-        run.message(f"optical flow: {fields[0]:,} fields in {seconds:.1f} s ({fields[0] / seconds:.0f} per second"
-                             f" on {cpu_count()} cores)")
+                           model.preprocessing, flow_frames=per_video.append)
+    if per_video:
+        fields, seconds = sum(per_video), time.perf_counter() - start
+        run.message(f"optical flow: {fields:,} fields in {seconds:.1f} s ({fields / seconds:.0f} per second"
+                    f" on {cpu_count()} cores)")
     clips = replace(c, cache_dir=Path(c.cache_dir) if c.cache_dir else None,
                     workers=c.workers if c.workers is not None else default_workers(run.device, reader))
     if not run.resume and run.main:
