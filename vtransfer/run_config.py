@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from vtransfer.data.flow_settings import DEFAULT_FLOW, FLOW_BOUND_AT, FLOW_METHODS, STREAMS, FlowSettings
+from vtransfer.data.flow_settings import DEFAULT_FLOW, FLOW_BOUND_AT, FLOW_METHODS, FLOW_STREAMS, STREAMS, FlowSettings
 from vtransfer.policies.names import default_epochs
 from vtransfer.utils.errors import ConfigError
 from vtransfer.utils.jsonable import to_jsonable
@@ -171,9 +171,15 @@ class ClipConfig:
         None, "DataLoader worker processes (default: picked per run for the device and the frame cache; often 0, "
               "decoding in the main process, when the frames are already decoded in memory).", PANEL_SPEED)
     stream: str = option(
-        "rgb", "What the network sees: rgb frames, or flow: dense optical flow at the same frame positions (the "
-               "flow stream of two-stream networks; its first layer starts from the RGB weights averaged over colour).",
+        "rgb", "What the network sees: rgb frames; flow: dense optical flow at the same frame positions (the "
+               "flow stream of two-stream networks; its first layer starts from the RGB weights averaged over colour); "
+               "or two-stream: an RGB and a flow network trained under the same policy, their class probabilities "
+               "fused with --fusion-weight (both saved in one model file).",
         PANEL_DATA)
+    fusion_weight: Optional[float] = option(
+        None, "--stream two-stream: the flow stream's share W of the fused probabilities, (1-W) x RGB + W x flow, "
+              "in [0, 1] (0.5 is the papers' plain average). Default: chosen on the validation split from "
+              "0, 0.1, ..., 1.", PANEL_DATA)
     flow_method: str = option(
         DEFAULT_FLOW.method, f"Optical-flow method for --stream flow: {', '.join(FLOW_METHODS)}.", PANEL_DATA)
     flow_bound: Optional[float] = option(
@@ -186,14 +192,19 @@ class ClipConfig:
                               "sampled frame (next-sampled: the motion over --stride frames).", PANEL_DATA)
 
     def flow_settings(self, short_side: int | None = None) -> FlowSettings | None:
-        """The flow a ``--stream flow`` run computes at working resolution ``short_side`` (``None`` for RGB).
+        """The flow a ``--stream flow`` or ``two-stream`` run computes at working resolution ``short_side`` (``None`` for RGB).
 
         An unset ``--flow-bound`` is the default bound scaled to ``short_side`` (unscaled when it is not known
         yet, for checking). Raises :class:`ConfigError` on a bad value.
         """
         if self.stream not in STREAMS:
             raise ConfigError(f"--stream must be one of {', '.join(STREAMS)}, got {self.stream!r}")
-        if self.stream == "rgb":
+        if self.fusion_weight is not None:
+            if self.stream != "two-stream":
+                raise ConfigError(f"--fusion-weight weighs the streams of --stream two-stream; this run is --stream {self.stream}")
+            if not (isinstance(self.fusion_weight, (int, float)) and 0.0 <= self.fusion_weight <= 1.0):
+                raise ConfigError(f"--fusion-weight is the flow stream's share, in [0, 1]; got {self.fusion_weight!r}")
+        if self.stream not in FLOW_STREAMS:
             return None
         bound = self.flow_bound
         if bound is None:
@@ -219,6 +230,10 @@ class ModelConfig:
               "Default: random init.", PANEL_MODEL, flags=("-w",))
     dropout: Optional[float] = option(
         None, "Dropout rate of the backbone's classifier-side dropout (default: the preset's).", PANEL_MODEL)
+    flow_weights: Optional[str] = option(
+        None, "--stream two-stream: the flow network's pretrained weights (default: --weights when they can start a "
+              "flow network, as ImageNet weights can by averaging over colour; else the source's flow twin, e.g. "
+              "i3d:kinetics400-flow for i3d:kinetics400).", PANEL_MODEL)
 
 
 @dataclass

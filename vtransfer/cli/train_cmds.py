@@ -45,6 +45,10 @@ def _print_result_summary(res) -> None:
     console.print(f"[bold]run folder:[/] {res.run_dir}")
     console.print(f"trainable parameters: {res.trainable_params:,} of {res.total_params:,}; "
                   f"train time {res.train_time_s:.1f}s; best val video acc {res.best_val_video_acc:.3f}")
+    if res.streams and res.test is not None:
+        each = ", ".join(f"{name} {part.test.video_hit1:.1%}" for name, part in res.streams.items())
+        console.print(f"two-stream test video accuracy: {each}; fused {res.test.video_hit1:.1%} "
+                      f"(flow weight {res.fusion_weight:.1f})")
 
 
 @app.command(rich_help_panel="Train and evaluate", cls=O.HelpCommand)

@@ -9,6 +9,7 @@ from vtransfer.data.dataset import ClipDataset
 from vtransfer.data.flow_reader import make_flow_reader
 from vtransfer.data.frame_cache import make_reader
 from vtransfer.data.preprocessing import Preprocessing
+from vtransfer.data.two_stream_reader import TwoStreamReader
 from vtransfer.run_config import ClipConfig
 from vtransfer.utils.hashing import file_stamp
 
@@ -52,6 +53,10 @@ def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preproces
     ``flow_frames(n)`` is called with each video's flow-field count as it is computed.
     """
 
+    if preprocessing.stream == "two-stream":  # the two streams' readers, each cached (and shared) as for one stream
+        rgb, flow = preprocessing.split_streams()
+        return TwoStreamReader(shared_reader(cache, cache_dir, records, rgb),
+                               shared_reader(cache, cache_dir, records, flow, flow_frames))
     flow = preprocessing.flow.key() if preprocessing.flow is not None else None
     key = (preprocessing.resize_short, flow, preprocessing.stride if flow else None,
            tuple(sorted((str(r.path), *file_stamp(r.path)) for r in records)))
@@ -68,6 +73,8 @@ def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preproces
         reader = make_reader(cache, cache_dir, records, preprocessing)
     cached = getattr(reader, "cache", None)
     if cached is not None and cached.mode == "memory":
-        _READERS.clear()  # keep one dataset's frames at a time
+        # keep one dataset's frames, and its flow, at a time
+        for other in [k for k in _READERS if k[-1] != key[-1] or (k[1] is None) == (key[1] is None)]:
+            del _READERS[other]
         _READERS[key] = reader
     return reader

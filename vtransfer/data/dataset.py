@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from vtransfer.data.decode import ClipReader, DirectReader
-from vtransfer.data.flow_reader import DirectFlowReader
+from vtransfer.data.decode import ClipReader
 from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.data.records import VideoRecord
 from vtransfer.data.sampling import random_clip_start, uniform_clip_starts
 from vtransfer.data.spatial_crops import SpatialCropsTransform, validate_test_crops
 from vtransfer.data.transforms import DEFAULT_CROP_SCALE, eval_clip_transform, train_clip_transform
+from vtransfer.data.two_stream_reader import direct_reader
 from vtransfer.utils.errors import ConfigError, VideoDecodeError
 
 MODES = ("train", "eval")
@@ -105,11 +105,11 @@ class ClipDataset(Dataset):
         self.crops = crops
         self.seed = seed
         if reader is None:  # decode every clip from its file: frames, or the flow at the clip's frames
-            reader = DirectFlowReader(preprocessing.flow) if preprocessing.stream == "flow" else DirectReader()
+            reader = direct_reader(preprocessing)
         self.reader: ClipReader = reader
         if mode == "train":
             self.transform = train_clip_transform(preprocessing.crop_size, tuple(crop_scale or DEFAULT_CROP_SCALE),
-                                                  flow=preprocessing.stream == "flow")
+                                                  flow_from=preprocessing.flow_from)
         elif crops == 1:
             self.transform = eval_clip_transform(preprocessing.crop_size)
         else:

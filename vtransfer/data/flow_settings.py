@@ -20,8 +20,12 @@ FLOW_METHODS: dict[str, str] = {
     "tvl1": "Dual TV-L1 flow (cv2.optflow, OpenCV's defaults: 5 scales, 5 warps); I3D's flow; much slower",
 }
 
-#: What a clip can hold: RGB frames, or the optical flow at the same frame positions.
-STREAMS = ("rgb", "flow")
+#: What a run's network sees: RGB frames, the optical flow at the same frame positions, or both
+#: (two networks, one a stream, whose class probabilities are fused: a two-stream model's clips hold
+#: the RGB channels then the flow channels).
+STREAMS = ("rgb", "flow", "two-stream")
+#: The streams that carry flow (and so need flow settings).
+FLOW_STREAMS = ("flow", "two-stream")
 
 #: How frames are paired: see :func:`flow_pairs`.
 PAIRINGS: tuple[str, ...] = ("next-frame", "next-sampled")

@@ -56,13 +56,13 @@ class TrainClipTransform:
         scale: tuple[float, float] = (0.35, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip_p: float = 0.5,
-        flow: bool = False,
+        flow_from: int | None = None,
     ):
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.scale = scale
         self.ratio = ratio
         self.flip_p = flip_p
-        self.flow = flow  # quantised optical flow: a flip also negates its x channel
+        self.flow_from = flow_from  # channels from here on are quantised optical flow: a flip also negates its x
 
     def crop_box(self, height: int, width: int, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
         """(top, left, box height, box width) of a random crop of a ``height x width`` frame."""
@@ -91,8 +91,9 @@ class TrainClipTransform:
         video = F.resized_crop(video, top, left, h, w, list(self.crop_size), antialias=True)
         if float(torch.rand((), generator=generator)) < self.flip_p:
             video = F.horizontal_flip(video)
-            if self.flow:
-                video = flip_flow_x(video)
+            if self.flow_from is not None:
+                k = self.flow_from
+                video = torch.cat([video[:, :k], flip_flow_x(video[:, k:])], dim=1) if k else flip_flow_x(video)
         return video.as_subclass(torch.Tensor)
 
     def __repr__(self) -> str:
@@ -124,13 +125,13 @@ DEFAULT_CROP_SCALE = (0.35, 1.0)
 
 
 def train_clip_transform(crop_size: tuple[int, int], scale: tuple[float, float] = DEFAULT_CROP_SCALE,
-                         flow: bool = False) -> TrainClipTransform:
+                         flow_from: int | None = None) -> TrainClipTransform:
     """Training augmentation: random resized crop (area fraction ``scale``) + horizontal flip.
 
-    ``flow``: the clips are quantised optical flow, whose x channel a flip negates.
+    ``flow_from``: the clip's channels from this one on are quantised optical flow, whose x channel a flip negates.
     The returned callable takes ``(clip, generator=None)``.
     """
-    return TrainClipTransform(crop_size, scale=scale, flow=flow)
+    return TrainClipTransform(crop_size, scale=scale, flow_from=flow_from)
 
 
 def eval_clip_transform(crop_size: tuple[int, int]) -> EvalClipTransform:

@@ -365,13 +365,19 @@ def inspect_backbone(
     return out
 
 
-def check_weights_stream(weights: str | Path | None, stream: str) -> None:
+def check_weights_stream(weights: str | Path | None, stream: str, flow_weights: str | Path | None = None) -> None:
     """Raise :class:`ConfigError` when ``weights`` cannot start a network for input ``stream`` (reads no video).
 
     A built-in source says which streams it can start (2D ImageNet weights start RGB and, by
     cross-modality averaging, flow; a video network only the stream it was trained on); a
-    vtransfer checkpoint starts only the stream its preprocessing records.
+    vtransfer checkpoint starts only the stream its preprocessing records. A two-stream run
+    checks both networks' weights (:func:`stream_weights`); ``flow_weights`` is only for it.
     """
+    if stream == "two-stream":
+        stream_weights(weights, flow_weights)
+        return
+    if flow_weights is not None:
+        raise ConfigError(f"--flow-weights is for --stream two-stream; this run is --stream {stream}")
     if weights is None:
         return
     text = str(weights)
@@ -387,3 +393,31 @@ def check_weights_stream(weights: str | Path | None, stream: str) -> None:
         saved = meta["preprocessing"].get("stream", "rgb")
         if saved != stream:
             raise ConfigError(f"--weights {path} is a {saved} network, but --stream is {stream}")
+
+
+def stream_weights(weights: str | Path | None, flow_weights: str | Path | None) -> tuple[str | None, str | None]:
+    """The RGB and the flow network's weights of a two-stream run, each checked (reads no video).
+
+    The flow network takes ``flow_weights`` when given; else ``weights`` when
+    they can start a flow network (2D ImageNet weights, by averaging over
+    colour); else the source's flow twin (``i3d:kinetics400`` ->
+    ``i3d:kinetics400-flow``). No weights at all: both start at random.
+
+    Raises:
+        ConfigError: weights that cannot start the stream they are given for,
+            or RGB weights with no flow counterpart and no ``flow_weights``.
+    """
+    rgb = None if weights is None else str(weights)
+    check_weights_stream(rgb, "rgb")
+    if flow_weights is None and rgb is not None:
+        source = BUILTIN_SOURCES.get(rgb)
+        if source is not None and "flow" in source.streams:
+            flow_weights = rgb
+        elif f"{rgb}-flow" in BUILTIN_SOURCES:
+            flow_weights = f"{rgb}-flow"
+        else:
+            raise ConfigError(f"--stream two-stream: --weights {rgb} cannot start the flow network; "
+                              "give its weights with --flow-weights")
+    flow = None if flow_weights is None else str(flow_weights)
+    check_weights_stream(flow, "flow")
+    return rgb, flow

@@ -15,6 +15,7 @@ import torch
 from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.models.base import VideoBackbone
 from vtransfer.models.registry import backbone_names, build_from_config, is_backbone_name
+from vtransfer.models.two_stream import STREAM_NAMES, TWO_STREAM, TwoStreamBackbone
 from vtransfer.policies.peft import merge_lora, restore_structure, structure_of
 from vtransfer.utils.errors import ConfigError, WeightsError
 from vtransfer.weights.checkpoint import (
@@ -29,7 +30,7 @@ from vtransfer.weights.checkpoint import (
 def _read_known(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
     """:func:`~vtransfer.weights.checkpoint.read_checkpoint_file`, plus: its backbone is one this vtransfer has."""
     path, meta, state = read_checkpoint_file(path)
-    if not is_backbone_name(meta["backbone"]):
+    if meta["backbone"] != TWO_STREAM and not is_backbone_name(meta["backbone"]):
         raise checkpoint_error(path, f"unknown backbone {meta['backbone']!r}; known backbones: {', '.join(backbone_names())}")
     return path, meta, state
 
@@ -37,6 +38,8 @@ def _read_known(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch
 def _build(path: Path, backbone: str, config: dict[str, Any], *, meta_device: bool,
            structure: dict[str, Any] | None = None) -> VideoBackbone:
     """Rebuild the stored architecture (and its policy ``structure``); on the meta device only shapes are made."""
+    if backbone == TWO_STREAM:
+        return _build_two_stream(path, config, meta_device=meta_device)
     if meta_device:
         try:
             with torch.device("meta"):
@@ -50,6 +53,25 @@ def _build(path: Path, backbone: str, config: dict[str, Any], *, meta_device: bo
     except Exception as e:  # noqa: BLE001 - any constructor failure means the stored config is bad
         raise checkpoint_error(path, f"metadata config does not build a {backbone}: {type(e).__name__}: {e}") from e
     return _with_structure(path, model, structure)
+
+
+def _build_two_stream(path: Path, config: dict[str, Any], *, meta_device: bool) -> TwoStreamBackbone:
+    """Rebuild a fused two-stream model: each stream as a one-stream checkpoint would be, then the fusion."""
+    try:
+        streams = [config["streams"][name] for name in STREAM_NAMES]
+        nets = []
+        for s in streams:
+            if not is_backbone_name(s["backbone"]):
+                raise checkpoint_error(path, f"its {s['backbone']!r} stream is not a backbone this vtransfer has")
+            net = _build(path, s["backbone"], s["config"], meta_device=meta_device, structure=s.get("structure"))
+            net.preprocessing = Preprocessing.from_dict(s["preprocessing"])
+            nets.append(net)
+        return TwoStreamBackbone(*nets, flow_weight=config["flow_weight"],
+                                 temperatures=tuple(s.get("temperature") for s in streams))
+    except WeightsError:
+        raise
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise checkpoint_error(path, f"malformed two-stream metadata: {type(e).__name__}: {e}") from e
 
 
 def _with_structure(path: Path, model: VideoBackbone, structure: dict[str, Any] | None) -> VideoBackbone:
@@ -86,7 +108,7 @@ def _merge_preprocessing(
     path: Path, meta: dict[str, Any], built: Preprocessing, stored: Preprocessing, overridden: bool
 ) -> Preprocessing:
     """The stored preprocessing, except fields that config overrides changed (3-way merge)."""
-    if not overridden:
+    if not overridden or meta["backbone"] == TWO_STREAM:
         return stored
     default = _build(path, meta["backbone"], meta["config"], meta_device=True).preprocessing
     changed = {k: v for k, v in vars(built).items() if getattr(default, k) != v}

@@ -36,6 +36,7 @@ from typing import Any, Union
 
 import torch
 
+from vtransfer.data.flow_settings import FLOW_STREAMS
 from vtransfer.models.base import VideoBackbone
 from vtransfer.utils.errors import ConfigError
 
@@ -174,7 +175,7 @@ def takes_flow(name: str) -> bool:
 
 def check_stream(name: str, stream: str) -> None:
     """Raise :class:`ConfigError` when backbone ``name`` cannot take the input ``stream`` (before any data is read)."""
-    if stream == "flow" and not takes_flow(name):
+    if stream in FLOW_STREAMS and not takes_flow(name):
         flow_families = [b for b in backbone_names() if takes_flow(b)]
-        raise ConfigError(f"--stream flow: backbone {name!r} cannot take optical flow (its first layer is built for "
+        raise ConfigError(f"--stream {stream}: backbone {name!r} cannot take optical flow (its first layer is built for "
                           f"3 colour channels only); backbones that can: {', '.join(flow_families)}")

@@ -39,6 +39,12 @@ POLICY_METRICS = (
 """The metric attributes of a row, each of which may carry a standard deviation in ``row.std`` (over seeds)."""
 
 
+def row_label(row: "PolicyRowLike") -> str:
+    """A row's name in tables and charts: its policy, and its stream in a two-stream comparison (``top-layer (flow)``)."""
+    stream = getattr(row, "stream", None)
+    return f"{row.policy} ({stream})" if stream else row.policy
+
+
 class PolicyRowLike(Protocol):
     """What the compare-policies table reads from a row (:class:`vtransfer.workflows.compare_rows.PolicyRow` is one).
 
@@ -113,7 +119,7 @@ def policy_table(rows: Sequence[PolicyRowLike], title: str = "Freezing policies 
     numbers: list[list[float | None]] = []
     for r in rows:
         share = r.trainable_params / r.total_params if r.total_params else float("nan")
-        row = [r.policy] + ([",".join(str(s) for s in r.seeds)] if multi_seed else [])
+        row = [row_label(r)] + ([",".join(str(s) for s in r.seeds)] if multi_seed else [])
         row += [
             f"{format_count(r.trainable_params)} {_share(share)}" if not math.isnan(share)
             else format_count(r.trainable_params),
@@ -164,7 +170,8 @@ def _policy_csv(rows: Sequence[PolicyRowLike]) -> str:
         header += [column, f"{column}_std"]
     for cat in categories:
         header += [f"category:{cat}", f"category:{cat}_std"]
-    writer.writerow(header + ["run_dir"])
+    streams = any(getattr(r, "stream", None) for r in rows)
+    writer.writerow(header + ["run_dir"] + (["stream"] if streams else []))
 
     def num(v: float | None) -> str:
         return "" if v is None or math.isnan(v) else f"{v:.6g}"
@@ -175,7 +182,7 @@ def _policy_csv(rows: Sequence[PolicyRowLike]) -> str:
             line += [num(getattr(r, name)), num(r.std.get(name))]
         for cat in categories:
             line += [num(r.per_category.get(cat)), num(r.per_category_std.get(cat))]
-        writer.writerow(line + [r.run_dir or ""])
+        writer.writerow(line + [r.run_dir or ""] + ([getattr(r, "stream", None) or ""] if streams else []))
     return buf.getvalue()
 
 
@@ -184,9 +191,9 @@ def policy_category_png(rows: Sequence[PolicyRowLike], title: str | None = None)
 
     categories = row_categories(rows)
     groups = categories + ["overall"]
-    series = {r.policy: [r.per_category.get(c) for c in categories] + [r.test_video_hit1] for r in rows}
+    series = {row_label(r): [r.per_category.get(c) for c in categories] + [r.test_video_hit1] for r in rows}
     errors = {
-        r.policy: [r.per_category_std.get(c) for c in categories] + [r.std.get("test_video_hit1")] for r in rows
+        row_label(r): [r.per_category_std.get(c) for c in categories] + [r.std.get("test_video_hit1")] for r in rows
     }
     return plots.category_bars_png(groups, series, errors, title=title or "Test accuracy per category and policy")
 

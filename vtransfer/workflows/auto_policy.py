@@ -33,7 +33,7 @@ from vtransfer.policies.peft import PolicyOptions
 from vtransfer.run_config import RunConfig
 from vtransfer.utils.errors import ConfigError
 from vtransfer.workflows import runs
-from vtransfer.workflows.pipeline import run_finetune
+from vtransfer.workflows.two_stream import run_any
 from vtransfer.workflows.run_model import build_run_model
 
 AUTO = "auto"
@@ -92,7 +92,7 @@ def choose_policy(run_dir: Path, cfg: RunConfig, reporter=None) -> tuple[str, li
         _say(reporter, f"auto: trying {policy} for {trial_cfg.training.epochs} epochs")
         t0 = time.perf_counter()
         before = feature_cache.store_keys()
-        res = run_finetune(sub, trial_cfg.replace(out=str(sub)), resume=False, reporter=reporter, test=False)
+        res = run_any(sub, trial_cfg.replace(out=str(sub)), resume=False, reporter=reporter, test=False)
         trials.append(Trial(policy, int(trial_cfg.training.epochs), epochs is None, float(res.best_val_video_acc),
                             res.trainable_params, time.perf_counter() - t0, str(sub)))
         stores[policy] = feature_cache.store_keys() - before

@@ -22,6 +22,7 @@ from vtransfer.workflows.compare_rows import PolicyRow, aggregate_seed_rows
 from vtransfer.workflows.pipeline import FinetuneResult
 from vtransfer.workflows.run_model import build_run_model
 from vtransfer.workflows.shots import run_curve, write_curve
+from vtransfer.workflows.two_stream import FUSION_FILE
 
 #: Options that make the comparison's split; its runs then all read that split from ``OUT/split.csv``.
 SPLIT_KEYS = ("manifest", "split_files", "split_seed", "ratios", "group_pattern")
@@ -87,7 +88,7 @@ def compare_policies(
         write_manifest(out_dir / runs.SPLIT_FILE, open_dataset(DataConfig(data=Path(data), **split_options)))
     run_options = dict(options, data=data, manifest=out_dir / runs.SPLIT_FILE)
     rows, run_dirs, accuracy = _run_policies(order, seeds, out_dir, run_options, skipped, reporter, on_policy, finetune)
-    rows.sort(key=lambda r: list(policies).index(r.policy))  # the table keeps the order asked for
+    rows.sort(key=lambda r: list(policies).index(r.policy))  # the table keeps the order asked for (streams stay in order)
     setup = comparison_setup(run_dirs)
     figures, curve = [], None
     if shots and accuracy:
@@ -110,7 +111,7 @@ def _run_policies(order: list[str], seeds: list[int], out_dir: Path, options: di
 
     rows, run_dirs, accuracy = [], {}, {}
     for policy in order:
-        per_seed = []
+        per_seed: dict[str | None, list[PolicyRow]] = {}  # by stream: None for a one-stream run
         for seed in seeds:
             sub = out_dir / policy if len(seeds) == 1 else out_dir / policy / f"seed-{seed}"
             if on_policy:
@@ -124,14 +125,24 @@ def _run_policies(order: list[str], seeds: list[int], out_dir: Path, options: di
                 break
             run_dirs.setdefault(policy, []).append(sub)
             accuracy.setdefault(policy, []).append(res.test.video_hit1)
-            per_seed.append(PolicyRow.from_eval(
-                policy, seed, trainable_params=res.trainable_params, total_params=res.total_params,
-                train_time_s=res.train_time_s, val_video_acc=res.best_val_video_acc, test=res.test, run_dir=sub))
+            for stream, part, where in _stream_rows(res, sub):
+                per_seed.setdefault(stream, []).append(PolicyRow.from_eval(
+                    policy, seed, trainable_params=part.trainable_params, total_params=part.total_params,
+                    train_time_s=part.train_time_s, val_video_acc=part.best_val_video_acc, test=part.test,
+                    run_dir=where, stream=stream))
         if per_seed and policy not in skipped:
-            rows.append(aggregate_seed_rows(per_seed))
+            rows.extend(aggregate_seed_rows(seed_rows) for seed_rows in per_seed.values())
     for policy in skipped:
         accuracy.pop(policy, None)
     return rows, run_dirs, accuracy
+
+
+def _stream_rows(res: FinetuneResult, run_dir: Path) -> list[tuple[str | None, FinetuneResult, Path]]:
+    """The rows one run gives: itself; or, for two-stream, each stream's and the fused one ("RGB gets appearance,
+    flow gets motion, together both")."""
+    if not res.streams:
+        return [(None, res, run_dir)]
+    return [*((name, part, run_dir / name) for name, part in res.streams.items()), ("two-stream", res, run_dir)]
 
 
 def _learning_curve(shots, policies, seeds, out_dir: Path, accuracy: dict[str, list[float]], data, options: dict,
@@ -174,7 +185,7 @@ def comparison_setup(run_dirs: dict[str, list[Path]]) -> dict[str, str]:
     for policy, dirs in run_dirs.items():
         for d in dirs:
             try:
-                resolved = runs.read_json(d / runs.CONFIG_FILE)["resolved"]
+                resolved = _resolved_setup(d)
             except (OSError, KeyError, ValueError):
                 continue
             arch = resolved.get("architecture")
@@ -205,6 +216,18 @@ def comparison_setup(run_dirs: dict[str, list[Path]]) -> dict[str, str]:
     if len(seen) > 1:
         setup["architecture mismatch"] = "; ".join(", ".join(rows) for rows in seen.values())
     return setup
+
+
+def _resolved_setup(run_dir: Path) -> dict:
+    """A run's resolved configuration; a two-stream run's is its RGB stream's, with both streams' input."""
+    resolved = runs.read_json(run_dir / runs.CONFIG_FILE)["resolved"]
+    if "streams" not in resolved:
+        return resolved
+    rgb = runs.read_json(run_dir / "rgb" / runs.CONFIG_FILE)["resolved"]
+    flow = runs.read_json(run_dir / "flow" / runs.CONFIG_FILE)["resolved"]
+    return {**rgb, "preprocessing": {**rgb["preprocessing"], "stream": "two-stream",
+                                     "flow": flow["preprocessing"].get("flow")},
+            "total_params": rgb.get("total_params", 0) + flow.get("total_params", 0)}
 
 
 def plan_comparison(policies: list[str], options: dict) -> tuple[list[str], dict[str, str]]:
@@ -266,12 +289,25 @@ def _finished_or_run(run_dir: Path, reporter, finetune: Callable[..., FinetuneRe
     if same_options and not report_file.exists():
         return finetune(resume=run_dir, reporter=reporter)  # a sub-run that was stopped: continue it
     if same_options:
-
-        report = runs.read_json(report_file)
-        history = runs.read_metrics(run_dir)
-        res = saved["resolved"]
-        return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, report, history, res["trainable_params"],
-                              res["total_params"], sum(h["time_s"] for h in history),
-                              max((h["val_video_acc"] for h in history), default=0.0), res["policy"],
-                              test=EvalResult.from_dict(report))
+        return _finished_result(run_dir)
     return finetune(reporter=reporter, out=run_dir, overwrite=True, **options)
+
+
+def _finished_result(run_dir: Path) -> FinetuneResult:
+    """A finished run's result read back from its folder (a two-stream run's with each stream's)."""
+    report = runs.read_json(run_dir / "report" / "report.json")
+    resolved = runs.read_json(run_dir / runs.CONFIG_FILE)["resolved"]
+    if "streams" in resolved:  # two-stream: the streams' runs hold the training numbers
+        streams = {name: _finished_result(run_dir / name) for name in resolved["streams"]}
+        fusion = runs.read_json(run_dir / FUSION_FILE)
+        first = next(iter(streams.values()))
+        return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, report, [h for r in streams.values() for h in r.history],
+                              sum(r.trainable_params for r in streams.values()),
+                              sum(r.total_params for r in streams.values()),
+                              sum(r.train_time_s for r in streams.values()), fusion["fused_val_video_acc"], first.plan,
+                              test=EvalResult.from_dict(report), streams=streams, fusion_weight=fusion["flow_weight"])
+    history = runs.read_metrics(run_dir)
+    return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, report, history, resolved["trainable_params"],
+                          resolved["total_params"], sum(h["time_s"] for h in history),
+                          max((h["val_video_acc"] for h in history), default=0.0), resolved["policy"],
+                          test=EvalResult.from_dict(report))

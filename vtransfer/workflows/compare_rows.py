@@ -61,6 +61,7 @@ class PolicyRow:
     top_k: int = 5
     run_dir: str | None = None
     num_classes: int | None = None
+    stream: str | None = None  # a two-stream comparison's rgb, flow or two-stream (fused) row; None: one stream
 
     @property
     def hit_k_is_trivial(self) -> bool:
@@ -79,6 +80,7 @@ class PolicyRow:
         val_video_acc: float | None,
         test: EvalResult,
         run_dir: str | Path | None = None,
+        stream: str | None = None,
     ) -> "PolicyRow":
         """A single-seed row from a policy's test-split :class:`EvalResult` and its training numbers."""
         return cls(
@@ -96,6 +98,7 @@ class PolicyRow:
             top_k=test.top_k,
             run_dir=None if run_dir is None else str(run_dir),
             num_classes=len(test.classes),
+            stream=stream,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,9 +152,10 @@ def aggregate_seed_rows(rows_per_seed: Sequence[PolicyRow]) -> PolicyRow:
     rows = list(rows_per_seed)
     if not rows:
         raise ValueError("aggregate_seed_rows needs at least one row")
-    policies = {r.policy for r in rows}
+    policies = {(r.policy, r.stream) for r in rows}
     if len(policies) > 1:
-        raise ValueError(f"rows of different policies cannot be aggregated: {', '.join(sorted(policies))}")
+        raise ValueError("rows of different policies or streams cannot be aggregated: "
+                         + ", ".join(sorted(f"{p}{f' ({s})' if s else ''}" for p, s in policies)))
     for attr in ("trainable_params", "total_params", "top_k", "num_classes"):
         values = {getattr(r, attr) for r in rows}
         if len(values) > 1:
@@ -185,5 +189,6 @@ def aggregate_seed_rows(rows_per_seed: Sequence[PolicyRow]) -> PolicyRow:
         top_k=first.top_k,
         run_dir=None,
         num_classes=first.num_classes,
+        stream=first.stream,
         **means,
     )

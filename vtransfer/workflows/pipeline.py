@@ -61,6 +61,9 @@ class FinetuneResult:
     best_val_video_acc: float
     plan: dict[str, Any] = field(default_factory=dict)
     test: Any = None  # vtransfer.evaluation.metrics.EvalResult of the test split (None for an interrupted run)
+    finished: bool = True  # False: stopped on purpose before its last epoch (resumable)
+    streams: dict[str, "FinetuneResult"] | None = None  # two-stream: each stream's own run, with its test result
+    fusion_weight: float | None = None  # two-stream: the flow stream's share of the fused probabilities
 
 
 @dataclass
@@ -351,6 +354,6 @@ def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, sto
         # stopped on purpose (stop_after_epochs): resumable, no report yet; other ranks leave the test to rank 0
         return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, {}, state.history, plan.trainable_count(model),
                               sum(p.numel() for p in model.parameters()), sum(h["time_s"] for h in state.history),
-                              state.best_score, plan.to_dict())
+                              state.best_score, plan.to_dict(), finished=state.epoch >= epochs or state.stopped_early)
     result, preds = evaluate_best(run, data, plan, training)
     return write_report(run, data, model, plan, state, result, preds)

@@ -46,7 +46,7 @@ def build_run_model(cfg: RunConfig | dict, num_classes: int) -> tuple[VideoBackb
     m, c = cfg.model, cfg.clips
     flow = c.flow_settings()
     check_stream(m.backbone, c.stream)
-    check_weights_stream(m.weights, c.stream)
+    check_weights_stream(m.weights, c.stream, m.flow_weights)
     arch_overrides = {}
     if m.dropout is not None:
         arch_overrides["dropout"] = m.dropout

@@ -109,8 +109,8 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
 
 
 def has_resume_state(run_dir: Path) -> bool:
-    """True when ``run_dir`` holds the state of at least one finished epoch."""
-    return (Path(run_dir) / RESUME_FILE).exists()
+    """True when ``run_dir`` (or, for a two-stream run, one of its streams' folders) holds a finished epoch's state."""
+    return any((Path(run_dir) / sub / RESUME_FILE).exists() for sub in ("", "rgb", "flow"))
 
 
 def write_bad_videos(run_dir: Path, entries: list[dict]) -> None:
