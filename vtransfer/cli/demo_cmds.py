@@ -33,7 +33,10 @@ def demo(
 
     res = run_demo(out, overwrite=overwrite, settings=settings, reporter=reporter, on_step=lambda text: console.rule(text),
                    on_policy=on_policy)
-    render_policy_table(res.rows, console, title="demo: ImageNet-pretrained effnet3d on new video classes")
-    for policy, why in res.skipped.items():
+    render_policy_table(res.policies.rows, console, title="demo: ImageNet-pretrained effnet3d on new video classes")
+    for policy, why in res.policies.skipped.items():
         console.print(f"[yellow]skipped {policy}:[/] {why}")
+    if res.streams is not None:
+        render_policy_table(res.streams.rows, console,
+                            title="demo: RGB frames, optical flow, and both fused (two-stream)")
     console.print(f"[bold]everything is in[/] {out}  ({time.perf_counter() - t0:.0f}s)")

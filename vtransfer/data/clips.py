@@ -67,7 +67,10 @@ def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preproces
             if done == total:
                 flow_frames(total)
 
-        reader = make_flow_reader(cache, cache_dir, records, preprocessing,
+        # the RGB stream's decoded frames, when this process holds them (a two-stream run): decode each video once
+        rgb = _READERS.get((preprocessing.resize_short, None, None, key[-1])) if cache in ("auto", "memory") else None
+        frames = getattr(rgb, "cache", None)
+        reader = make_flow_reader(cache, cache_dir, records, preprocessing, frames=frames,
                                   frame_progress=video_done if flow_frames is not None else None)
     else:
         reader = make_reader(cache, cache_dir, records, preprocessing)

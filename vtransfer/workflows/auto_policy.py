@@ -17,6 +17,12 @@ winner won. A trial's frozen-prefix feature stores are let go as soon as it
 can no longer win, so memory holds the leader's features, not every trial's.
 ``scratch`` is never a candidate: it is the baseline, not a way to
 transfer.
+
+With ``--stream two-stream`` the stream is chosen too: each trial trains
+both streams, and the RGB network, the flow network and the fused pair are
+three candidates, scored the same way (a single stream trains half the
+parameters, so it wins a tie with the pair). The winner's stream is the one
+trained in full.
 """
 
 from __future__ import annotations
@@ -51,6 +57,12 @@ class Trial:
     trainable_params: int
     time_s: float
     run_dir: str
+    stream: str = "rgb"
+
+    @property
+    def label(self) -> str:
+        """The policy, with its stream when that is not RGB (``top-layer (flow)``)."""
+        return self.policy if self.stream == "rgb" else f"{self.policy} ({self.stream})"
 
 
 def candidate_policies(cfg: RunConfig) -> tuple[list[str], list[tuple[int, str]]]:
@@ -93,20 +105,24 @@ def choose_policy(run_dir: Path, cfg: RunConfig, reporter=None) -> tuple[str, li
         t0 = time.perf_counter()
         before = feature_cache.store_keys()
         res = run_any(sub, trial_cfg.replace(out=str(sub)), resume=False, reporter=reporter, test=False)
-        trials.append(Trial(policy, int(trial_cfg.training.epochs), epochs is None, float(res.best_val_video_acc),
-                            res.trainable_params, time.perf_counter() - t0, str(sub)))
+        elapsed, n = time.perf_counter() - t0, int(trial_cfg.training.epochs)
+        parts = {**res.streams, "two-stream": res} if res.streams else {trial_cfg.clips.stream: res}
+        for stream, part in parts.items():
+            where = sub / stream if res.streams and stream != "two-stream" else sub
+            trials.append(Trial(policy, n, epochs is None, float(part.best_val_video_acc), part.trainable_params,
+                                elapsed, str(where), stream=stream))
         stores[policy] = feature_cache.store_keys() - before
         _drop_losers(trials, stores, reporter)
     if not trials:
         raise ConfigError(f"--policy auto: no policy applies to backbone {cfg.model.backbone!r}")
     best, why = pick_winner(trials)
-    return best.policy, trials, why
+    return best, trials, why
 
 
 def _drop_losers(trials: list[Trial], stores: dict[str, set], reporter) -> None:
     """Free the feature stores of trials that can no longer win; the leader's stay for its full run."""
 
-    leader = pick_winner(trials)[0].policy
+    leader = pick_winner(trials)[0].policy  # a two-stream trial's streams share its stores
     keep = stores.get(leader, set())
     for policy in [p for p in stores if p != leader]:
         freed = feature_cache.drop_stores(stores.pop(policy) - keep)
@@ -117,23 +133,23 @@ def _drop_losers(trials: list[Trial], stores: dict[str, set], reporter) -> None:
 def pick_winner(trials: list[Trial]) -> tuple[Trial, str]:
     """The trial with the best validation video accuracy (ties: fewest trainable parameters), and why it won."""
     best = max(trials, key=lambda t: (t.val_video_acc, -t.trainable_params))
-    tied = [t.policy for t in trials if t.val_video_acc == best.val_video_acc and t is not best]
-    why = (f"{best.policy} has the best validation video accuracy ({best.val_video_acc:.3f})"
+    tied = [t.label for t in trials if t.val_video_acc == best.val_video_acc and t is not best]
+    why = (f"{best.label} has the best validation video accuracy ({best.val_video_acc:.3f})"
            + (f"; tied with {', '.join(tied)}, it trains the fewest parameters ({best.trainable_params:,})" if tied else ""))
     return best, why
 
 
-def write_choice(run_dir: Path, winner: str, trials: list[Trial], why: str, total_s: float) -> Path:
-    """``RUN/auto.json``: the trials, the winner and why."""
+def write_choice(run_dir: Path, winner: Trial, trials: list[Trial], why: str, total_s: float) -> Path:
+    """``RUN/auto.json``: the trials, the winner (policy and stream) and why."""
 
     path = run_dir / "auto.json"
-    runs.write_json(path, {"winner": winner, "why": why, "trials": [asdict(t) for t in trials], "trials_time_s": total_s})
+    runs.write_json(path, {"winner": winner.policy, "stream": winner.stream, "why": why, "trials": [asdict(t) for t in trials], "trials_time_s": total_s})
     return path
 
 
 def describe(trials: list[Trial]) -> list[str]:
     """One line per trial, for the log."""
-    return [f"  {t.policy:<12} {'full' if t.full else 'trial'} {t.epochs:>3} epochs  val video acc {t.val_video_acc:.3f}  "
+    return [f"  {t.label:<25} {'full' if t.full else 'trial'} {t.epochs:>3} epochs  val video acc {t.val_video_acc:.3f}  "
             f"{t.trainable_params:>10,} trainable  {t.time_s:6.1f}s" for t in trials]
 
 

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from vtransfer.data.preprocessing import describe_input
 from vtransfer.data.run_data import open_dataset
 from vtransfer.data.splits import read_manifest, write_manifest
+from vtransfer.engine import feature_cache
 from vtransfer.engine.trainer import TrainingDiverged
 from vtransfer.evaluation.metrics import EvalResult
 from vtransfer.policies.freezing import plan_policy
@@ -110,8 +111,10 @@ def _run_policies(order: list[str], seeds: list[int], out_dir: Path, options: di
     """
 
     rows, run_dirs, accuracy = [], {}, {}
+    earlier_stores: set = set()  # frozen-prefix feature stores the policies run so far added
     for policy in order:
         per_seed: dict[str | None, list[PolicyRow]] = {}  # by stream: None for a one-stream run
+        before = feature_cache.store_keys()
         for seed in seeds:
             sub = out_dir / policy if len(seeds) == 1 else out_dir / policy / f"seed-{seed}"
             if on_policy:
@@ -132,6 +135,11 @@ def _run_policies(order: list[str], seeds: list[int], out_dir: Path, options: di
                     run_dir=where, stream=stream))
         if per_seed and policy not in skipped:
             rows.extend(aggregate_seed_rows(seed_rows) for seed_rows in per_seed.values())
+        added = feature_cache.store_keys() - before
+        if added:  # the policies after it (deeper prefixes: shallow_prefixes_first) derive theirs from these
+            feature_cache.drop_stores(earlier_stores - added)
+            earlier_stores = added
+    feature_cache.drop_stores(earlier_stores)  # nothing after the comparison reads them
     for policy in skipped:
         accuracy.pop(policy, None)
     return rows, run_dirs, accuracy

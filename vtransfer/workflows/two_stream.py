@@ -146,7 +146,8 @@ def _fuse(run_dir: Path, cfg: RunConfig, results: dict[str, FinetuneResult], rep
                        history=[h for n in STREAM_NAMES for h in results[n].history],
                        trainable_params=sum(results[n].trainable_params for n in STREAM_NAMES),
                        total_params=sum(results[n].total_params for n in STREAM_NAMES),
-                       train_time_s=sum(results[n].train_time_s for n in STREAM_NAMES), best_val_video_acc=fused_val)
+                       train_time_s=sum(results[n].train_time_s for n in STREAM_NAMES), best_val_video_acc=fused_val,
+                       streams=results, fusion_weight=choice.weight)
     if not test:
         return combined
     fused = _fused_test(scores, test_records, classes, cfg, choice.weight)
