@@ -40,6 +40,7 @@ from vtransfer.policies.names import FREEZING_POLICY_NAMES
 from vtransfer.reporting.report import write_eval_report
 from vtransfer.run_config import DEFAULT_POLICY, ClipConfig, DataConfig, RunConfig, check_training, run_parameters
 from vtransfer.utils import distributed
+from vtransfer.utils.allocator import tune_malloc
 from vtransfer.utils.errors import ConfigError, DatasetError, VideoDecodeError
 from vtransfer.utils.interrupts import catch_sigint
 from vtransfer.utils.runtime import configure_threads, resolve_device
@@ -47,7 +48,9 @@ from vtransfer.workflows import runs
 from vtransfer.workflows.auto_policy import AUTO, choose_policy, describe, write_choice
 from vtransfer.workflows.compare import CompareResult, comparison_setup, plan_comparison, shallow_prefixes_first
 from vtransfer.workflows.compare import compare_policies as _compare
-from vtransfer.workflows.pipeline import FinetuneResult, run_finetune
+from vtransfer.workflows.explain import ExplainReport
+from vtransfer.workflows.explain import explain as _explain
+from vtransfer.workflows.pipeline import FinetuneResult
 from vtransfer.workflows.run_model import build_run_model, geometry_overrides
 from vtransfer.workflows.scoring import (
     EvalSelection,
@@ -57,6 +60,11 @@ from vtransfer.workflows.scoring import (
     select_eval_records,
 )
 from vtransfer.workflows.shots import parse_shots
+from vtransfer.workflows.two_stream import run_any
+
+# The API gets what the CLI gets: large tensors reuse the process's freed memory instead of fresh, zero-filled
+# mappings (half of a run's CPU time otherwise; VTRANSFER_MALLOC=default opts out). Once per process, never raises.
+tune_malloc()
 
 # The names the sections had before the typed configuration (kept for callers of the Python API).
 DataOptions = DataConfig
@@ -67,7 +75,7 @@ __all__ = [
     "CompareResult", "EvalSelection", "DEFAULT_POLICY", "DataOptions", "ClipOptions", "adapt_preprocessing",
     "make_clip_dataset", "shared_reader", "comparison_setup", "plan_comparison", "shallow_prefixes_first",
     "load_categories_for", "open_dataset", "evaluate_records", "resolve_model_path", "select_eval_records",
-    "build_run_model", "geometry_overrides",
+    "build_run_model", "geometry_overrides", "explain", "ExplainReport",
 ]
 
 
@@ -100,7 +108,7 @@ def finetune(
         cfg = cfg.replace(data=data)
     check_training(cfg.training, cfg.clips)  # out-of-range options fail before a run folder exists
     check_stream(cfg.model.backbone, cfg.clips.stream)
-    check_weights_stream(cfg.model.weights, cfg.clips.stream)
+    check_weights_stream(cfg.model.weights, cfg.clips.stream, cfg.model.flow_weights)
     ctx = distributed.init_from_env(resolve_device(cfg.runtime.device))
     if resume is not None:
         run_dir = runs.prepare_run_dir(Path(resume), resume=True) if ctx.is_main else Path(resume)
@@ -122,7 +130,7 @@ def finetune(
             if cfg.policy.policy == AUTO and resume is None:
                 cfg = _choose_policy(run_dir, cfg, reporter)
             cfg = cfg.with_policy_epochs()  # a run's config.json records the number
-            return run_finetune(run_dir, cfg, resume is not None, reporter=reporter, stop_after=stop_after_epochs)
+            return run_any(run_dir, cfg, resume is not None, reporter=reporter, stop_after=stop_after_epochs)
         except (KeyboardInterrupt, RuntimeError) as e:
             # Ctrl-C anywhere (cache filling, an epoch, the final test) leaves the saved epochs resumable.
             # Ctrl-C also reaches DataLoader workers; one that dies of it surfaces here as a RuntimeError.
@@ -145,9 +153,10 @@ def _choose_policy(run_dir: Path, cfg: RunConfig, reporter) -> RunConfig:
     winner, trials, why = choose_policy(run_dir, cfg, reporter)
     write_choice(run_dir, winner, trials, why, time.perf_counter() - t0)
     if reporter is not None:
-        for line in ["auto: tried", *describe(trials), f"auto: {why}; training {winner} in full"]:
+        for line in ["auto: tried", *describe(trials), f"auto: {why}; training {winner.label} in full"]:
             reporter.message(line)
-    return cfg.replace(policy=winner, merge=cfg.policy.merge and winner == "lora")
+    stream = {"stream": winner.stream, "fusion_weight": None} if winner.stream != cfg.clips.stream else {}
+    return cfg.replace(policy=winner.policy, merge=cfg.policy.merge and winner.policy == "lora", **stream)
 
 
 def _with_generated_signature(fn, exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None):
@@ -279,6 +288,38 @@ def predict(
             out.append({"path": str(rec.path), "top": [{"label": ckpt.classes[j], "prob": float(scores[i][j])} for j in order]})
     order_map = {str(v): i for i, v in enumerate(videos)}
     return sorted(out, key=lambda d: order_map.get(d["path"], 0))
+
+
+# -- explain --------------------------------------------------------------------------
+def explain(
+    model: str | Path,
+    videos: list[str | Path],
+    *,
+    out: str | Path = "explain",
+    clips: int = 1,
+    target: str | None = None,
+    gif: bool = True,
+    device: str = "auto",
+    threads: int | None = None,
+    overwrite: bool = False,
+    on_video=None,
+) -> ExplainReport:
+    """Where the model looks in each video, and when: Grad-CAM and per-frame occlusion, written to ``out``.
+
+    Per video ``out/<name>.gif`` (the heat map over the clip's frames) and
+    ``out/<name>.png`` (8 frames with the map over a bar of each frame's
+    importance); ``out/explain.json`` has the predicted class, its score, the
+    method, the temporal importance per frame and where the map's mass lies.
+    ``clips`` clips are scored per video and the one that speaks most for the
+    class is explained; ``target`` explains that class instead of the
+    predicted one. A video that cannot be decoded is skipped with its reason.
+    See :mod:`vtransfer.workflows.explain`.
+    """
+
+    dev = resolve_device(device)
+    configure_threads(threads)
+    return _explain(model, videos, out, clips=clips, target=target, gif=gif, device=dev, overwrite=overwrite,
+                    on_video=on_video)
 
 
 # -- load_backbone --------------------------------------------------------------------

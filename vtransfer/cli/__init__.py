@@ -25,14 +25,18 @@ def _register_commands() -> None:
 
 
 def prepare_process() -> None:
-    """What the command does before anything imports torch: the OpenMP defaults of a shared machine.
+    """What the command does before anything imports torch: the OpenMP defaults of a shared machine, and malloc.
 
     Sets each variable of :data:`vtransfer.utils.runtime.THREAD_ENVIRONMENT` that the
-    user has not set (libgomp reads them once, when torch loads it).
+    user has not set (libgomp reads them once, when torch loads it), and keeps large
+    tensors' memory in the process (:func:`vtransfer.utils.allocator.tune_malloc`;
+    ``VTRANSFER_MALLOC=default`` opts out).
     """
+    from vtransfer.utils.allocator import tune_malloc
     from vtransfer.utils.runtime import apply_thread_environment
 
     apply_thread_environment()
+    tune_malloc()
 
 
 def main() -> None:

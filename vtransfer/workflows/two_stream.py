@@ -11,9 +11,13 @@ The run folder holds the two one-stream runs and what joins them::
 
 Each stream trains exactly as ``--stream rgb`` or ``--stream flow`` would
 (its frozen-prefix feature cache included); ``--resume RUN`` resumes
-whichever stream stopped. The weight is fixed by ``--fusion-weight`` or
-chosen on the validation split (:mod:`vtransfer.evaluation.fusion`); the
-test split is scored once, by both streams, and fused with that weight.
+whichever stream stopped. Each stream's probabilities are first
+calibrated on the validation split (a temperature each, unless the stream
+was trained with ``--calibrate`` and has its own), so that a stream sure of
+what it cannot see does not outvote the other. The weight is fixed by
+``--fusion-weight`` or chosen on the validation split
+(:mod:`vtransfer.evaluation.fusion`); the test split is scored once, by both
+streams, and fused with that weight.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from vtransfer.data.clips import shared_reader
 from vtransfer.data.run_data import load_categories_for, open_dataset
 from vtransfer.data.splits import read_manifest, write_manifest
 from vtransfer.engine.inference import ClipPredictions
-from vtransfer.evaluation.calibration import scaled
+from vtransfer.evaluation.calibration import calibrate_on_validation, scaled
 from vtransfer.evaluation.fusion import FusionChoice, choose_fusion_weight, paired_clips
 from vtransfer.evaluation.metrics import EvalResult, classification_report
 from vtransfer.loading.backbone import stream_weights
@@ -176,8 +180,25 @@ def _score_stream(name: str, result: FinetuneResult, cfg: RunConfig, run_dir: Pa
                                                    reader=reader, prefix_stop=prefix, crops=clips.test_crops,
                                                    temperature=ckpt.temperature)
     net.cpu()
-    t = ckpt.temperature  # fused as the saved model fuses: each stream's probabilities at its own temperature
+    t = ckpt.temperature if ckpt.temperature is not None else _fusion_temperature(val_preds, val, classes)
+    # fused as the saved model fuses: each stream's probabilities at its temperature
     return StreamScores(name, result, scaled(val_preds, t), scaled(test_preds, t), test_result, t), net
+
+
+def _fusion_temperature(val_preds: ClipPredictions, val, classes) -> float | None:
+    """The temperature that calibrates a stream on the validation videos (``None`` without usable predictions).
+
+    Averaging probabilities trusts each stream as far as it is sure; a stream
+    trained to certainty on its training clips is sure even where it cannot
+    see (RGB on classes that differ only by motion), and would outvote the
+    stream that can. Calibrated, its wrong answers carry the weight they earned.
+    """
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    try:
+        fit = calibrate_on_validation(val_preds, [class_to_idx[r.label] for r in val])
+    except ValueError:
+        return None
+    return fit.temperature  # at an end of the searched range too: a bounded softening beats none
 
 
 def _choose(rgb: ClipPredictions, flow: ClipPredictions, rows_r, rows_f, labels) -> FusionChoice:
