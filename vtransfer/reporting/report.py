@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,6 +21,7 @@ from rich.rule import Rule
 from vtransfer.evaluation.metrics import EvalResult, views_text
 from vtransfer.reporting import plots
 from vtransfer.reporting.formatting import format_pct
+from vtransfer.reporting.gallery import GalleryItem, gallery_sections
 from vtransfer.reporting.html_page import render_page
 from vtransfer.reporting.tables import Table, markdown_table, print_table, run_table
 from vtransfer.utils.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -190,6 +192,8 @@ def write_eval_report(
     title: str = "Evaluation report",
     extra: Mapping[str, Any] | None = None,
     history: Sequence[Mapping[str, Any]] | None = None,
+    gallery: Sequence[GalleryItem] | None = None,
+    gallery_note: str | None = None,
 ) -> dict[str, Path]:
     """Write the evaluation report files into ``out_dir`` (created if needed), each atomically.
 
@@ -205,6 +209,9 @@ def write_eval_report(
     ``extra`` is free-form run information (backbone, policy, checkpoint, config…)
     shown as a "Run" table; ``history`` is the per-epoch list of dicts with keys
     ``epoch``, ``train_loss``, ``train_acc``, ``val_video_acc``, ``lr``.
+    ``gallery``: strips of the videos behind the numbers (:mod:`vtransfer.reporting.gallery`; their PNGs
+    already in ``out_dir``, named relative to it), shown in report.html and listed in report.json;
+    ``gallery_note`` says what the strips show.
     """
 
     out = Path(out_dir)
@@ -213,7 +220,8 @@ def write_eval_report(
     history = list(history or [])
     paths: dict[str, Path] = {}
 
-    doc = {"title": title, **result.to_dict(), "extra": to_jsonable(extra), "history": to_jsonable(history)}
+    doc = {"title": title, **result.to_dict(), "extra": to_jsonable(extra), "history": to_jsonable(history),
+           **({"gallery": [to_jsonable(asdict(item)) for item in gallery]} if gallery else {})}
     paths["json"] = atomic_write_json(out / "report.json", to_jsonable(doc))
     paths["per_class_csv"] = atomic_write_text(out / "per_class.csv", _per_class_csv(result))
     paths["confusion_csv"] = atomic_write_text(out / "confusion.csv", _confusion_csv(result))
@@ -258,6 +266,10 @@ def write_eval_report(
         md.append(markdown_table(history_table))
     if wrong.rows:
         md.append(markdown_table(wrong))
+    if gallery:
+        md.append("## The videos behind the numbers\n")
+        md += [f"![{item.name}]({item.strip}) {item.name}: {item.true} -> {item.predicted} ({100 * item.confidence:.0f}%)\n"
+               for item in gallery if item.strip]
     paths["markdown"] = atomic_write_text(out / "report.md", "\n".join(md))
 
     page = render_page(
@@ -269,6 +281,8 @@ def write_eval_report(
         history=history_table,
         predictions=_predictions_table(result, only_wrong=False),
         wrong=len(wrong.rows),
+        galleries=gallery_sections(result, gallery) if gallery else [],
+        gallery_note=gallery_note,
     )
     paths["html"] = atomic_write_text(out / "report.html", page)
     return paths
