@@ -190,7 +190,7 @@ class MethodRunner:
             reader = None
             if spec["method"] == "cached":
                 t = time.perf_counter()
-                reader = make_reader("memory", None, records, self.pre)
+                reader = make_reader("memory", None, records, self.pre, cache_format="raw")  # bench_frame_cache: jpeg
                 self.prefill_s = time.perf_counter() - t
                 self.cache_bytes = reader.cache.stats()["bytes"]
             self.dataset = ClipDataset(records, {"x": 0}, self.pre, mode="train", reader=reader)

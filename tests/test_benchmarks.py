@@ -37,6 +37,13 @@ def test_bench_memory_quick():
 
 
 @pytest.mark.slow
+def test_bench_budget_quick_runs_with_and_without_the_budget_and_compares_the_results():
+    out = run_script("bench_budget.py", "--threads", "1", "--videos", "12")
+    assert "same test accuracies with and without --max-memory 1G: yes" in out
+    assert "peak anon MiB" in out and "peak memory (RSS):" in out
+
+
+@pytest.mark.slow
 def test_bench_transfer_quick_prints_the_table_and_the_baseline():
     out = run_script("bench_transfer.py", "--threads", "1", "--policies", "scratch,top-layer")
     assert "motion+LR" in out and "flowhist+LR" in out and "chance" in out and "best pretrained policy: top-layer" in out
@@ -79,3 +86,11 @@ def test_bench_motion_quick_builds_the_arrow_of_time_and_runs_both_streams(demo_
     rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:4]}
     assert set(rows) == {"rgb", "flow"} and all(v.endswith("%") for v in rows.values())
     assert "motion+LR" in table and "flowhist+LR" in table
+
+
+@pytest.mark.slow
+def test_bench_frame_cache_quick_prints_sizes_codecs_and_epochs():
+    out = run_script("bench_frame_cache.py", "--threads", "1")
+    assert out.count("raw/jpeg") == 2 and "jpeg opencv (the cache)" in out
+    assert "loader only:" in out and "ratio jpeg/raw:" in out
+    assert "peak memory (RSS):" in out

@@ -89,6 +89,15 @@ def _all_videos_usable(ws, result) -> None:
     assert "12 of 12 videos usable" in result.output
 
 
+def _audited(ws, result) -> None:
+    audit = json.loads((ws.root / "audit" / "audit.json").read_text())
+    assert audit["videos"] == 12 and audit["duplicates"]["pairs_compared"] > 0 and audit["skipped"] == []
+
+
+def _audited_labels(ws, result) -> None:
+    assert "label audit: confident learning" in " ".join(result.output.split())
+
+
 def _trained(run: str) -> Callable[[Any, Any], None]:
     def check(ws, result) -> None:
         assert (ws.root / run / "model.safetensors").is_file() and (ws.root / run / "report" / "report.json").is_file()
@@ -166,16 +175,29 @@ def _exported_onnx(ws, result) -> None:
     assert (ws.root / "model.onnx").is_file() and (ws.root / "model.onnx.preprocessing.json").is_file()
 
 
+def _explained(ws, result) -> None:
+    report = json.loads((ws.root / "explain" / "explain.json").read_text())
+    (video,) = report["videos"]
+    assert video["png"] == "clip1.png" and video["gif"] == "clip1.gif" and not report["skipped"]
+    assert (ws.root / "explain" / "clip1.png").is_file() and (ws.root / "explain" / "clip1.gif").is_file()
+    assert video["method"] == "grad-cam" and len(video["temporal"]["importance"]) == 4  # 4-frame clips (SMALL)
+
+
 PRETRAIN_HINT = "vtransfer finetune DATA --backbone vivit --weights runs/P/model.safetensors"
 
 DOCUMENTED: dict[str, How] = {
     # README.md
     "vtransfer demo": How(extra=("--recipe", "demo-tiny.toml"), check=_demo_compared),
     "vtransfer check DATA": How(check=_all_videos_usable),
+    "vtransfer check DATA --audit --out audit/": How(check=_audited),
+    "vtransfer check DATA --audit --backbone effnet3d --weights effnet3d:imagenet":
+        How(extra=("--preset", "tiny"), check=_audited_labels),
     "vtransfer finetune DATA --backbone effnet3d --weights effnet3d:imagenet --policy top-3":
         How(extra=("--preset", "tiny", *SMALL, "--out", "runs/X"), check=_trained("runs/X")),
     "vtransfer finetune DATA --backbone effnet3d --weights effnet3d:imagenet --policy top-layer --stream flow":
         How(extra=("--preset", "tiny", *SMALL, "--out", "runs/F"), check=_trained("runs/F")),
+    "vtransfer finetune DATA --backbone effnet3d --weights effnet3d:imagenet --policy top-layer --stream two-stream":
+        How(extra=("--preset", "tiny", *SMALL, "--out", "runs/T"), check=_trained("runs/T")),
     "vtransfer finetune DATA --backbone vivit --policy temporal --weights vivit:imagenet":
         How("offline", check=_no_output_and_offline_hint("vivit:imagenet"),
             why="downloads torchvision's ViT-B/16 (330 MB)"),
@@ -192,6 +214,8 @@ DOCUMENTED: dict[str, How] = {
         needs=("vtransfer finetune DATA --backbone effnet3d --weights effnet3d:imagenet --policy top-3",)),
     "vtransfer export runs/X --format onnx --out model.onnx": How(
         check=_exported_onnx, needs=("vtransfer finetune DATA --backbone effnet3d --weights effnet3d:imagenet --policy top-3",)),
+    "vtransfer explain runs/X clip1.mp4 --out explain/": How(
+        check=_explained, needs=("vtransfer finetune DATA --backbone effnet3d --weights effnet3d:imagenet --policy top-3",)),
     "vtransfer backbones": How(check=lambda ws, r: assert_in(("effnet3d", "vivit:imagenet"), r.output)),
     "vtransfer inspect --backbone i3d --policy temporal": How(check=lambda ws, r: assert_in(("policy temporal: trains",), r.output)),
     "vtransfer inspect --backbone vivit --preset b16x2-fe --policy lora":

@@ -39,3 +39,22 @@ def test_the_report_shows_the_strips_by_relative_path_and_lists_them(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert 'src="gallery/1.png"' in html and "The videos behind the numbers" in html and str(tmp_path) not in html
     assert len(json.loads((tmp_path / "report.json").read_text())["gallery"]) == 6
+
+
+def test_a_run_s_report_draws_its_test_videos_and_a_moved_report_keeps_them(demo_dataset, tmp_path):
+    import shutil
+
+    from vtransfer import api
+
+    options = dict(backbone="effnet3d", frames=4, stride=2, size=48, policy="top-layer", epochs=1, clips_per_video=1,
+                   val_clips=1)
+    res = api.finetune(demo_dataset, **options, report_videos=4, out=tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    strips = [item["strip"] for item in report["gallery"]]
+    assert len(strips) == min(4, len(res.test.predictions)) and all(s.startswith("videos/") for s in strips)
+    shutil.move(str(tmp_path / "run" / "report"), str(tmp_path / "moved"))
+    html = (tmp_path / "moved" / "report.html").read_text()
+    for strip in strips:
+        assert f'src="{strip}"' in html and (tmp_path / "moved" / strip).is_file()
+    api.finetune(demo_dataset, **options, report_videos=0, out=tmp_path / "none")
+    assert "gallery" not in json.loads((tmp_path / "none" / "report" / "report.json").read_text())

@@ -40,7 +40,7 @@ LAZY_PACKAGES = {
     "onnxruntime": "optional: vtransfer[export]",
     "torch.utils.tensorboard": "optional: vtransfer[tensorboard]",
     "tensorboard": "optional: vtransfer[tensorboard]",
-    "cv2": "optical flow only: opencv is needed by --stream flow",
+    "cv2": "optical flow and the jpeg frame cache only: opencv is needed by --stream flow and --cache-format jpeg",
     "efficientnet_lite_pytorch": "test extra: reference EfficientNet-Lite",
     "vit_pytorch": "test extra: reference ViViT",
     "huggingface_hub": "optional: comes with transformers",

@@ -13,7 +13,7 @@ from vtransfer.utils.version import package_version
 
 __version__ = package_version()
 
-_API = ("load_backbone", "finetune", "evaluate", "compare_policies", "pretrain", "predict")
+_API = ("load_backbone", "finetune", "evaluate", "compare_policies", "pretrain", "predict", "explain")
 
 
 def __getattr__(name: str):

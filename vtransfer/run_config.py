@@ -34,6 +34,7 @@ from vtransfer.data.flow_settings import DEFAULT_FLOW, FLOW_BOUND_AT, FLOW_METHO
 from vtransfer.policies.names import default_epochs
 from vtransfer.utils.errors import ConfigError
 from vtransfer.utils.jsonable import to_jsonable
+from vtransfer.utils.memory_budget import check_max_memory
 
 DEFAULT_POLICY = "top-3"
 
@@ -97,6 +98,20 @@ def parse_pair(text: Any, option: str = "--crop-scale") -> tuple[float, float] |
     return lo, hi
 
 
+#: Storage formats of the decoded-frame cache (``--cache-format``); the frame cache
+#: (:mod:`vtransfer.data.frame_cache`) implements them and resolves auto.
+CACHE_FORMATS = ("auto", "raw", "jpeg")
+DEFAULT_CACHE_FORMAT = "auto"
+
+
+def parse_cache_format(text: Any) -> str:
+    """``--cache-format`` checked against :data:`CACHE_FORMATS` (when the options are read, before any video)."""
+    value = str(text).strip().lower()
+    if value not in CACHE_FORMATS:
+        raise ConfigError(f"--cache-format must be one of {', '.join(CACHE_FORMATS)}, got {text!r}")
+    return value
+
+
 def split_list(text: Any) -> list[str] | None:
     """Comma-separated text (or a list from a recipe) -> list of stripped names; ``None`` stays ``None``."""
     if text is None:
@@ -141,6 +156,11 @@ class DataConfig:
     group_pattern: Optional[str] = option(
         None, "Regex whose capture keeps related clips in one split (UCF-101: '_(g\\d+)_', KTH: '(person\\d+)').", PANEL_DATA)
     categories: Optional[Path] = option(None, "CSV class,category for per-category accuracy.", PANEL_DATA)
+    audit: bool = option(
+        True, "Before training, audit the split: near-duplicate videos on both sides of it (re-encoded, mirrored or "
+              "trimmed copies) and file names that carry a person or session id without --group-pattern. Warnings "
+              "only, also in RUN/audit.json; the check command's --audit with a --backbone also looks for "
+              "mislabelled videos.", PANEL_DATA)
 
 
 @dataclass
@@ -157,6 +177,19 @@ class ClipConfig:
     batch_size: int = option(8, "Clips per batch.", PANEL_TRAINING)
     cache: str = option("auto", "Decoded-frame cache: auto (by dataset size vs free memory), memory, disk or none.", PANEL_SPEED)
     cache_dir: Optional[Path] = option(None, "Folder of the disk frame cache (default: inside the run folder).", PANEL_SPEED)
+    max_memory: Optional[str] = option(
+        None, "Memory budget of the run: a size (12G, 800M) or a fraction of the memory available at start (0.8, "
+              "80%). The frame cache, the frozen layers' feature stores (written to memory-mapped files in the "
+              "run folder or --cache-dir past it) and the training batch (a micro-batch or gradient checkpointing "
+              "is picked when a measured step would not fit) stay within it; a run that cannot fit stops before "
+              "training. Default: 80% of the available memory.", PANEL_SPEED, metavar="SIZE",
+        parse=check_max_memory)
+    cache_format: str = option(
+        DEFAULT_CACHE_FORMAT, "How the frame cache stores frames: raw (uint8 RGB: exact, nothing to decode), jpeg "
+                              "(quality 90; measured 1/13 to 1/17 of raw on real videos at 256 px, 1/6 to 1/10 at "
+                              "72 px, mean error 1.2-1.4 grey levels at 256 px; each clip read decodes its frames, "
+                              "about 0.7 ms a frame at 256 px), or auto: raw when the raw frames fit in half the "
+                              "available memory, else jpeg.", PANEL_SPEED, parse=parse_cache_format)
     cached_views: Optional[int] = option(
         None, "Fixed augmented views per training video whose frozen-prefix features are computed once "
               "(default: auto = min(epochs, 5) when a frozen prefix exists; 0 = off).", PANEL_SPEED)
@@ -356,7 +389,8 @@ def check_training(training: TrainingConfig, clips: ClipConfig) -> None:
     Checks the choices (``--optimizer``, ``--balance``), ``--epochs`` and
     ``--batch-size`` at least 1 (an unset ``--epochs`` takes its policy's
     default later), ``--micro-batch``, ``--ema-decay``, ``--mixup``/``--cutmix``,
-    ``--layer-decay`` and ``--head-lr-scale`` > 0. Cheap and data-free: runs
+    ``--layer-decay`` and ``--head-lr-scale`` > 0, and ``--max-memory`` (a size or
+    a fraction; :func:`vtransfer.utils.memory_budget.parse_max_memory`). Cheap and data-free: runs
     before any video is read (:func:`vtransfer.api.finetune`,
     :func:`vtransfer.workflows.pipeline.run_finetune`, ``compare-policies``'
     planning) and again when :func:`resolve_training` builds the trainer's view.
@@ -379,6 +413,7 @@ def check_training(training: TrainingConfig, clips: ClipConfig) -> None:
     if t.head_lr_scale is not None and t.head_lr_scale <= 0:
         raise ConfigError(f"--head-lr-scale must be > 0, got {t.head_lr_scale:g}")
     clips.flow_settings()  # --stream and the --flow-* options
+    check_max_memory(clips.max_memory)
 
 
 @dataclass(frozen=True)
@@ -457,6 +492,14 @@ class RuntimeConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", PANEL_SPEED)
     tensorboard: bool = option(False, "Also log each epoch to RUN/tensorboard (needs the tensorboard package).",
                                PANEL_OUTPUT)
+    report_videos: int = option(
+        24, "Test videos the report draws as frame strips with where the model looked (Grad-CAM) and which frames "
+            "mattered (as the explain command draws them): the misclassified ones, most confident first, then one "
+            "correct video per class and the least confident correct ones, up to this many (0: none).", PANEL_OUTPUT)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_videos, bool) or not isinstance(self.report_videos, int) or self.report_videos < 0:
+            raise ConfigError(f"--report-videos must be a whole number >= 0, got {self.report_videos!r}")
 
 
 SECTIONS: dict[str, type] = {  # in the order --help shows them

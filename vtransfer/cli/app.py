@@ -30,7 +30,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 # Commands that load torch and read videos for seconds to minutes before their first progress bar.
-PREPARING_COMMANDS = frozenset({"finetune", "pretrain", "compare-policies", "evaluate", "predict", "demo"})
+PREPARING_COMMANDS = frozenset({"finetune", "pretrain", "compare-policies", "evaluate", "predict", "explain", "demo"})
 
 
 def require_data(data: Path | None) -> None:

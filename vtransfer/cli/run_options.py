@@ -34,9 +34,12 @@ def _cli_type(name: str) -> Any:
 
 
 def run_option(name: str) -> Any:
-    """The ``Annotated[type, typer.Option(...)]`` of run option ``name`` (flag ``--name-with-hyphens``)."""
+    """The ``Annotated[type, typer.Option(...)]`` of run option ``name`` (flag ``--name-with-hyphens``; ``--no-...`` too
+    for a switch that is on by default)."""
     meta = FIELDS[name][1].metadata
     flag = "--" + _cli_name(name).replace("_", "-")
+    if FIELDS[name][1].default is True:  # an option that is on by default needs its off switch
+        flag = f"{flag}/--no-{flag[2:]}"
     info = typer.Option(flag, *meta.get("flags", ()), help=meta["help"], rich_help_panel=meta["panel"],
                         metavar=meta.get("metavar"))
     return Annotated[_cli_type(name), info]

@@ -45,20 +45,21 @@ def make_clip_dataset(records, class_to_idx, preprocessing, mode, opts: ClipConf
 _READERS: dict[tuple, Any] = {}
 
 
-def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preprocessing, flow_frames=None):
+def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preprocessing, flow_frames=None, cache_format=None):
     """The decoded-frame (or flow) reader for ``--cache``; an in-memory one is reused by later runs on the same videos.
 
     Memory caches are keyed by the decode settings and each file's path, size and
     modification time, so a changed file is decoded again. For a flow stream,
     ``flow_frames(n)`` is called with each video's flow-field count as it is computed.
+    ``cache_format``: ``--cache-format`` (``None``: the default), part of the reuse key.
     """
 
     if preprocessing.stream == "two-stream":  # the two streams' readers, each cached (and shared) as for one stream
         rgb, flow = preprocessing.split_streams()
-        return TwoStreamReader(shared_reader(cache, cache_dir, records, rgb),
-                               shared_reader(cache, cache_dir, records, flow, flow_frames))
+        return TwoStreamReader(shared_reader(cache, cache_dir, records, rgb, cache_format=cache_format),
+                               shared_reader(cache, cache_dir, records, flow, flow_frames, cache_format))
     flow = preprocessing.flow.key() if preprocessing.flow is not None else None
-    key = (preprocessing.resize_short, flow, preprocessing.stride if flow else None,
+    key = (preprocessing.resize_short, flow, preprocessing.stride if flow else cache_format,
            tuple(sorted((str(r.path), *file_stamp(r.path)) for r in records)))
     if cache in ("auto", "memory") and key in _READERS:
         return _READERS[key]
@@ -68,12 +69,12 @@ def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preproces
                 flow_frames(total)
 
         # the RGB stream's decoded frames, when this process holds them (a two-stream run): decode each video once
-        rgb = _READERS.get((preprocessing.resize_short, None, None, key[-1])) if cache in ("auto", "memory") else None
+        rgb = _READERS.get((preprocessing.resize_short, None, cache_format, key[-1])) if cache in ("auto", "memory") else None
         frames = getattr(rgb, "cache", None)
         reader = make_flow_reader(cache, cache_dir, records, preprocessing, frames=frames,
                                   frame_progress=video_done if flow_frames is not None else None)
     else:
-        reader = make_reader(cache, cache_dir, records, preprocessing)
+        reader = make_reader(cache, cache_dir, records, preprocessing, cache_format=cache_format)
     cached = getattr(reader, "cache", None)
     if cached is not None and cached.mode == "memory":
         # keep one dataset's frames, and its flow, at a time

@@ -28,9 +28,10 @@ the dataset skips and reports it like any undecodable file.
   :class:`~vtransfer.data.frame_cache.DecodedFrameCache` at the working
   resolution and kept in memory or in ``.npy`` files exactly as that cache
   keeps frames (it is a subclass: same keys, atomic writes, memory maps,
-  remembered failures). The key is the frame cache's key (file content +
-  decode settings) combined with :meth:`FlowCache.settings` (the flow
-  settings' key, the OpenCV version, and the span for next-sampled).
+  remembered failures; always raw uint8, never JPEG). The key is the raw
+  frame cache's key (file content + decode settings) combined with
+  :meth:`FlowCache.settings` (the flow settings' key, the OpenCV version,
+  and the span for next-sampled).
 * :class:`FlowReader` - the :class:`~vtransfer.data.decode.ClipReader` over a
   :class:`FlowCache`.
 * :class:`DirectFlowReader` - ``--cache none``: decodes only each sampled
@@ -143,7 +144,10 @@ class FlowCache(DecodedFrameCache):
             RGB stream's cache, so that a two-stream run decodes each video
             once. ``None``: each video is decoded for its flow and the frames
             are dropped (a private frame cache at ``short_side`` only makes
-            the keys).
+            the keys). A ``jpeg`` frame cache is not read (its frames are
+            lossy): the flow is always computed from the exact decoded
+            frames, so it is the same whatever ``--cache-format``, at the
+            cost of a second decode of each video in a two-stream run.
 
     ``frame_progress``, when set, is called as ``frame_progress(path, done,
     total)`` after each flow field computed (from prefill's threads too).
@@ -180,15 +184,16 @@ class FlowCache(DecodedFrameCache):
         return f"{_FLOW_VERSION}|opencv={self.opencv}|{self.flow.key()}{span}"
 
     def key(self, path: str | Path) -> str:
-        """The frame cache's key of ``path`` (content + decode settings) combined with :meth:`settings`."""
-        return entry_key(self.frames.key(path), self.settings())
+        """The key of ``path``'s decoded frames (content + decode settings, :meth:`DecodedFrameCache.source_key`)
+        combined with :meth:`settings`."""
+        return entry_key(self.frames.source_key(path), self.settings())
 
     def _compute(self, path: str | Path) -> np.ndarray:
-        """Flow at every frame of ``path`` (see :func:`flow_pair`), ``N x H x W x C`` uint8."""
-        if self._keep_frames:
+        """Flow at every frame of ``path`` (see :func:`flow_pair`), ``N x H x W x C`` uint8, from the exact frames."""
+        if self._keep_frames and self.frames.cache_format == "raw":
             frames = self.frames.get(path)
         else:
-            frames = self.frames._compute(path)  # the whole video, not stored
+            frames = self.frames._compute(path)  # the whole video, not stored (a jpeg frame cache's frames are lossy)
         n = frames.shape[0]
         if n < 2:
             raise VideoDecodeError(path, TOO_SHORT)

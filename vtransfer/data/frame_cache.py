@@ -15,11 +15,26 @@ resolution is never served stale frames.
   atomically (temporary file + rename) and memory-mapped on every read, so
   any number of worker processes (and later runs) share it and the resident
   set does not grow across epochs.
+
+Two storage formats (``--cache-format``, :data:`STORAGE_FORMATS`; its default,
+``auto``, takes raw when the raw frames fit in half the available memory, else
+jpeg: :func:`resolve_cache`):
+
+* ``raw`` - the uint8 array itself: exact, and a clip is a slice.
+* ``jpeg`` - each frame a JPEG image at the working resolution (quality
+  :data:`JPEG_QUALITY`, libjpeg-turbo through OpenCV), all of a
+  video's in one :class:`JpegFrames` buffer (a ``<key>.jpeg.npy`` on disk):
+  1/13 to 1/17 of raw on real videos at 256 px, and a clip decodes only its own
+  frames. A miss returns the JPEG round trip too, so a video's frames are the
+  same whether it was just decoded or read back. The key adds the JPEG
+  settings, so raw and jpeg entries never share a key and raw keys are those
+  raw entries always had.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -36,18 +51,150 @@ from torch.utils.data import get_worker_info
 from vtransfer.data.decode import DirectReader, probe_video, read_video
 from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.data.records import VideoRecord
+from vtransfer.run_config import CACHE_FORMATS, DEFAULT_CACHE_FORMAT
 from vtransfer.utils.errors import ConfigError, VideoDecodeError
 from vtransfer.utils.hashing import file_sha256
+from vtransfer.utils import memory_budget
 
 CACHE_MODES = ("memory", "disk")
+#: What an entry can be stored as (``--cache-format auto`` resolves to one of them: :func:`resolve_cache`).
+STORAGE_FORMATS = ("raw", "jpeg")
 # Bump when decoding changes in a way that changes the frames (grid rule, scaler).
 _DECODE_VERSION = "grid-v1|rgb24|bilinear|nhwc|upright"
 _COUNTER_SLOTS = 65
+#: JPEG quality of ``jpeg`` entries (libjpeg's scale; chroma subsampled 4:2:0, as in the videos themselves).
+JPEG_QUALITY = 90
+#: What to install for the jpeg format (a dependency of vtransfer; also the optical flow's).
+OPENCV_PACKAGE = "opencv-contrib-python-headless"
+# Part of a jpeg entry's key; bump when the encoding or the buffer layout changes.
+_JPEG_VERSION = f"jpeg-v1|q={JPEG_QUALITY}"
+_JPEG_MAGIC = 0x3176_6765_706A_7476  # b"vtjpegv1" read as little-endian int64: ends every JpegFrames buffer
+#: ``--cache auto``'s estimate of a JPEG frame of ``w x h`` pixels (short side ``s``):
+#: ``JPEG_FRAME_OVERHEAD + JPEG_BYTES_PER_PIXEL * (256 / s) ** 0.7 * w * h`` bytes. Smaller frames
+#: hold more detail a pixel: the largest frames measured (benchmarks/bench_frame_cache.py, quality
+#: 90) took 0.24 bytes a pixel at 256 px, 0.40 at 128 and 0.56 at 72 (160x120 sources; phone
+#: videos 0.22, 0.23, 0.38); this bound is 1.3x the first three. The headers take about 630 bytes.
+JPEG_BYTES_PER_PIXEL = 0.33
+JPEG_FRAME_OVERHEAD = 700
+
+
+def _opencv():
+    """OpenCV's ``cv2`` (the JPEG codec: libjpeg-turbo), or a :class:`ConfigError` naming what to install."""
+    try:
+        import cv2  # 0.1 s to import: only the jpeg format (and optical flow) load it
+    except ImportError as e:
+        raise ConfigError(f"--cache-format jpeg needs OpenCV, which is not installed ({e}): run "
+                          f"`pip install {OPENCV_PACKAGE}`, or use --cache-format raw") from None
+    return cv2
 
 
 def entry_key(content: str, settings: str) -> str:
     """A cache entry's key: SHA-256 of a content identity and the settings that made the entry (40 hex digits)."""
     return hashlib.sha256(f"{content}|{settings}".encode()).hexdigest()[:40]
+
+
+class JpegFrames:
+    """A video's frames as one JPEG image each, in one flat uint8 buffer (a ``jpeg`` cache entry).
+
+    The buffer (``blob``; a disk entry is exactly this, saved as a 1-D
+    ``.npy`` and memory-mapped) holds the JPEG streams back to back, then
+    ``N + 1`` little-endian int64 offsets (frame ``i`` is
+    ``blob[offsets[i]:offsets[i + 1]]``), then four int64: ``N``, ``H``,
+    ``W`` and a magic number. One buffer per video keeps a memory entry to
+    two Python objects, so forked DataLoader workers share its pages.
+
+    Frame-array-like where the cache needs it: ``shape`` (``N x H x W x 3``),
+    ``len()``, ``nbytes`` (the stored bytes), and ``entry[indices]`` decoding
+    those frames to uint8 ``len(indices) x H x W x 3``.
+
+    Raises:
+        ValueError: ``blob`` is not such a buffer (a truncated or foreign file).
+    """
+
+    _TRAILER = 4 * 8
+
+    def __init__(self, blob: np.ndarray):
+        if blob.dtype != np.uint8 or blob.ndim != 1 or blob.shape[0] < self._TRAILER:
+            raise ValueError("not a JPEG frame buffer")
+        n, h, w, magic = (int(v) for v in np.frombuffer(blob[-self._TRAILER:].tobytes(), dtype="<i8"))
+        table = 8 * (n + 1)
+        if magic != _JPEG_MAGIC or n < 0 or h < 1 or w < 1 or blob.shape[0] < self._TRAILER + table:
+            raise ValueError("not a JPEG frame buffer")
+        end = blob.shape[0] - self._TRAILER
+        offsets = np.frombuffer(blob[end - table:end].tobytes(), dtype="<i8").astype(np.int64)
+        if offsets[0] != 0 or offsets[-1] != end - table or (n and np.any(np.diff(offsets) <= 0)):
+            raise ValueError("JPEG frame buffer with inconsistent offsets")
+        self.blob = blob
+        self.offsets = offsets
+        self.shape = (n, h, w, 3)
+
+    @classmethod
+    def encode(cls, frames: np.ndarray | torch.Tensor, quality: int = JPEG_QUALITY) -> "JpegFrames":
+        """Encode uint8 RGB ``N x H x W x 3`` frames (or a ``T x 3 x H x W`` tensor) at ``quality``."""
+        cv2 = _opencv()
+        if isinstance(frames, torch.Tensor):
+            frames = frames.permute(0, 2, 3, 1).numpy()  # no copy for a decoded clip (channels-last strides)
+        n, h, w, _ = frames.shape
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+        if hasattr(cv2, "IMWRITE_JPEG_SAMPLING_FACTOR"):
+            params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420]
+        streams = []
+        for i in range(n):
+            ok, stream = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(frames[i]), cv2.COLOR_RGB2BGR), params)
+            if not ok:  # pragma: no cover - OpenCV fails only on empty images
+                raise ValueError(f"OpenCV could not encode a {w}x{h} frame as JPEG")
+            streams.append(stream.reshape(-1))
+        offsets = np.zeros(n + 1, dtype="<i8")
+        np.cumsum([len(b) for b in streams], out=offsets[1:])
+        trailer = np.array([n, h, w, _JPEG_MAGIC], dtype="<i8")
+        blob = np.concatenate([*streams, offsets.view(np.uint8), trailer.view(np.uint8)]) if n else \
+            np.concatenate([offsets.view(np.uint8), trailer.view(np.uint8)])
+        return cls(blob)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored (the whole buffer)."""
+        return int(self.blob.nbytes)
+
+    def stream(self, i: int) -> np.ndarray:
+        """Frame ``i``'s JPEG bytes (a view of the buffer)."""
+        return self.blob[self.offsets[i]:self.offsets[i + 1]]
+
+    def clip(self, indices: list[int]) -> torch.Tensor:
+        """Frames ``indices`` decoded, uint8 ``T x 3 x H x W`` with channels-last strides, as a raw entry's
+        clip (each distinct frame decoded once)."""
+        distinct = sorted(set(indices))
+        if any(not 0 <= i < len(self) for i in distinct):
+            raise IndexError(f"frame index out of range 0..{len(self) - 1}: {indices}")
+        _, h, w, c = self.shape
+        if not indices:
+            return torch.empty((0, c, h, w), dtype=torch.uint8)
+        cv2 = _opencv()
+        rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes straight to RGB
+        at = {}
+        for i in distinct:
+            img = cv2.imdecode(self.stream(i), cv2.IMREAD_COLOR if rgb is None else rgb)
+            if img is None or img.shape != (h, w, c):
+                raise ValueError(f"JPEG frame {i} of a cache entry does not decode to {w}x{h}")
+            at[i] = img if rgb is not None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        # stacked by numpy into N x H x W x 3, the raw entries' layout (torch's copies of such
+        # strided images were up to 100x slower on a busy machine)
+        return torch.from_numpy(np.stack([at[i] for i in indices])).permute(0, 3, 1, 2)
+
+    def __getitem__(self, indices) -> np.ndarray:
+        """Frames ``indices`` (an int, a slice or a list) decoded, uint8 ``T x H x W x 3`` (``H x W x 3`` for an int)."""
+        if isinstance(indices, (int, np.integer)):
+            return self.clip([int(indices) % len(self)])[0].permute(1, 2, 0).numpy()
+        if isinstance(indices, slice):
+            indices = range(*indices.indices(len(self)))
+        return self.clip([int(i) for i in indices]).permute(0, 2, 3, 1).numpy()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        frames = self[:]
+        return frames if dtype is None else frames.astype(dtype)
 
 
 class DecodedFrameCache:
@@ -57,18 +204,26 @@ class DecodedFrameCache:
         mode: ``"memory"`` or ``"disk"``.
         cache_dir: folder for ``disk`` mode (created if missing); ignored for memory.
         short_side: working resolution (short side in pixels); ``None`` keeps the source size.
+        cache_format: ``"raw"`` (uint8 arrays) or ``"jpeg"`` (:class:`JpegFrames`); see the module docstring.
 
     A subclass that stores something else per video (``N x H x W x C``
     uint8, one row per frame) overrides :meth:`_compute`, :meth:`settings`
     and ``entry_channels``; keys, storage and failure memory stay as here.
+    Such a subclass stores raw arrays (the default ``cache_format``): JPEG is
+    only for RGB frames.
     """
 
     #: Channels (last axis) of a stored entry; a disk entry with another count is rewritten.
     entry_channels = 3
 
-    def __init__(self, mode: str, cache_dir: Path | str | None = None, short_side: int | None = None):
+    def __init__(self, mode: str, cache_dir: Path | str | None = None, short_side: int | None = None,
+                 cache_format: str = "raw"):
         if mode not in CACHE_MODES:
             raise ConfigError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}")
+        if cache_format not in STORAGE_FORMATS:
+            raise ConfigError(f"a frame cache stores {' or '.join(STORAGE_FORMATS)} entries, got {cache_format!r}")
+        if cache_format == "jpeg":
+            _opencv()  # a missing codec fails here, before any video is decoded
         if mode == "disk":
             if cache_dir is None:
                 raise ConfigError("the disk cache needs a cache directory (--cache-dir)")
@@ -80,7 +235,8 @@ class DecodedFrameCache:
         self.mode = mode
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.short_side = short_side
-        self._memory: dict[str, np.ndarray] = {}
+        self.cache_format = cache_format
+        self._memory: dict[str, np.ndarray | JpegFrames] = {}
         self._failed: dict[str, str] = {}
         self._digests: dict[str, tuple[tuple[int, int, int], str]] = {}  # path -> (stat, content hash)
         # (hits, misses) per process slot (0 = main, 1 + worker id), in shared
@@ -100,18 +256,34 @@ class DecodedFrameCache:
         self._lock = threading.Lock()
 
     # -- keys ------------------------------------------------------------------------
-    def settings(self) -> str:
-        """The decode settings that are part of every key."""
+    def _decode_settings(self) -> str:
         return f"{_DECODE_VERSION}|short_side={self.short_side}"
 
+    def settings(self) -> str:
+        """The decode settings (and for jpeg, the JPEG settings) that are part of every key."""
+        if self.cache_format == "jpeg":
+            return f"{self._decode_settings()}|{_JPEG_VERSION}"
+        return self._decode_settings()
+
     def key(self, path: str | Path) -> str:
-        """Cache key of ``path``: SHA-256 of (content hash, decode settings).
+        """Cache key of ``path``: SHA-256 of (content hash, :meth:`settings`).
 
         The content hash is recomputed whenever the file's size, mtime or
         inode change, so a rewritten file gets a new key. In disk mode the
         (stat, content hash) pairs are also kept under ``cache_dir/digests``
         so worker processes and later runs do not re-hash unchanged files.
         """
+        return entry_key(self._content_digest(path), self.settings())
+
+    def source_key(self, path: str | Path) -> str:
+        """Key of ``path``'s exact decoded frames, whatever this cache's format: a raw entry's :meth:`key`.
+
+        What a cache computed from the decoded frames (the flow cache) keys on.
+        """
+        return entry_key(self._content_digest(path), self._decode_settings())
+
+    def _content_digest(self, path: str | Path) -> str:
+        """SHA-256 of the file's bytes, remembered per (size, mtime, inode)."""
         path = Path(path)
         try:
             st = path.stat()
@@ -125,7 +297,7 @@ class DecodedFrameCache:
             except OSError as e:
                 raise VideoDecodeError(path, f"cannot read file ({e.strerror or e})") from None
             self._remember_digest(path, stamp, digest)
-        return entry_key(digest, self.settings())
+        return digest
 
     def _digest_file(self, path: Path) -> Path | None:
         if self.cache_dir is None:
@@ -172,11 +344,12 @@ class DecodedFrameCache:
 
     def _entry_path(self, key: str) -> Path:
         assert self.cache_dir is not None
-        return self.cache_dir / f"{key}.npy"
+        return self.cache_dir / (f"{key}.jpeg.npy" if self.cache_format == "jpeg" else f"{key}.npy")
 
     # -- reading ---------------------------------------------------------------------
-    def get(self, path: str | Path) -> np.ndarray:
-        """All frames of ``path`` as uint8 ``N x H x W x 3`` (a read-only memmap in disk mode).
+    def get(self, path: str | Path) -> np.ndarray | JpegFrames:
+        """All frames of ``path`` as uint8 ``N x H x W x 3`` (a read-only memmap in disk mode),
+        or for jpeg the :class:`JpegFrames` (index it to decode frames).
 
         Decodes and stores the video on a miss. Raises VideoDecodeError for a
         file that cannot be decoded (remembered, so it is not retried each epoch).
@@ -201,6 +374,8 @@ class DecodedFrameCache:
         except VideoDecodeError as e:
             self._failed[key] = e.reason
             raise
+        if self.cache_format == "jpeg":
+            decoded = JpegFrames.encode(decoded)
         if self.mode == "memory":
             with self._lock:
                 self._memory[key] = decoded
@@ -212,7 +387,7 @@ class DecodedFrameCache:
         """The entry for ``path`` on a miss: the whole video decoded, uint8 ``N x H x W x 3`` (stores nothing)."""
         return read_video(path, short_side=self.short_side).permute(0, 2, 3, 1).numpy()  # no copy
 
-    def _load(self, key: str) -> np.ndarray | None:
+    def _load(self, key: str) -> np.ndarray | JpegFrames | None:
         """Memory-map a disk entry, or ``None`` if it is missing or unreadable."""
         entry = self._entry_path(key)
         try:
@@ -222,12 +397,18 @@ class DecodedFrameCache:
         except (OSError, ValueError):
             entry.unlink(missing_ok=True)  # a corrupt entry is rewritten
             return None
+        if self.cache_format == "jpeg":
+            try:
+                return JpegFrames(frames)
+            except ValueError:
+                entry.unlink(missing_ok=True)
+                return None
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != self.entry_channels:
             entry.unlink(missing_ok=True)
             return None
         return frames
 
-    def _store(self, key: str, frames: np.ndarray) -> None:
+    def _store(self, key: str, frames: np.ndarray | JpegFrames) -> None:
         """Write an entry atomically: a private temporary file renamed into place.
 
         A failed write (disk full, read-only folder) is remembered in
@@ -238,7 +419,7 @@ class DecodedFrameCache:
         tmp = entry.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with open(tmp, "wb") as f:
-                np.save(f, frames, allow_pickle=False)
+                np.save(f, frames.blob if isinstance(frames, JpegFrames) else frames, allow_pickle=False)
             os.replace(tmp, entry)
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -260,6 +441,8 @@ class DecodedFrameCache:
         frames = self.get(path)
         last = frames.shape[0] - 1
         indices = [min(start + i * stride, last) for i in range(num_frames)]
+        if isinstance(frames, JpegFrames):
+            return frames.clip(indices)
         return torch.from_numpy(np.ascontiguousarray(frames[indices])).permute(0, 3, 1, 2)
 
     def prefill(
@@ -304,8 +487,8 @@ class DecodedFrameCache:
     def stats(self) -> dict[str, int]:
         """``hits``, ``misses`` (all processes sharing this object), ``bytes`` and ``entries`` stored.
 
-        Memory mode counts this process's arrays; disk mode counts the
-        ``.npy`` files in ``cache_dir``.
+        Memory mode counts this process's entries; disk mode counts the
+        entry files of this cache's format in ``cache_dir``.
         """
         hits, misses = (int(v) for v in self._counters.sum(0).tolist())
         if self.mode == "memory":
@@ -314,7 +497,8 @@ class DecodedFrameCache:
                 entries = len(self._memory)
         else:
             assert self.cache_dir is not None
-            files = [f for f in self.cache_dir.glob("*.npy") if f.is_file()]
+            jpeg = self.cache_format == "jpeg"
+            files = [f for f in self.cache_dir.glob("*.npy") if f.is_file() and f.name.endswith(".jpeg.npy") == jpeg]
             size = sum(f.stat().st_size for f in files)
             entries = len(files)
         return {"hits": hits, "misses": misses, "bytes": size, "entries": entries}
@@ -354,7 +538,10 @@ class CachedReader:
                 f"clip asked at short side {short_side}, but the frame cache holds short side {self.cache.short_side}"
             )
         if self._bypass(path):
-            return self._direct.read_clip(path, start, num_frames, stride, short_side)
+            clip = self._direct.read_clip(path, start, num_frames, stride, short_side)
+            if self.cache.cache_format == "jpeg":  # the frames the cache would have served
+                clip = JpegFrames.encode(clip).clip(list(range(clip.shape[0])))
+            return clip
         return self.cache.read_clip(path, start, num_frames, stride)
 
     def num_frames(self, path: str | Path) -> int:
@@ -373,19 +560,23 @@ def make_reader(
     available_memory: int | None = None,
     on_error: Callable[[Path, str], None] | None = None,
     progress: Callable[[Path], None] | None = None,
+    cache_format: str | None = None,
 ) -> CachedReader | None:
     """The clip reader for ``--cache {auto,memory,disk,none}``; ``None`` means decode directly.
 
-    ``auto`` picks with :func:`choose_cache_mode` from the decoded size of
-    ``records`` at ``preprocessing.resize_short`` and the available memory.
-    Memory mode decodes ``records`` now, on all cores, so DataLoader workers
-    inherit the frames; disk mode fills lazily (workers share the files).
+    The mode and the storage format (``cache_format``, ``--cache-format``;
+    ``None``: the default, auto) are resolved by :func:`resolve_cache` from
+    the stored size of ``records`` at ``preprocessing.resize_short`` and the
+    available memory. Memory mode decodes ``records`` now, on all cores, so
+    DataLoader workers inherit the frames; disk mode fills lazily (workers
+    share the files).
     """
     short_side = preprocessing.resize_short
-    mode, cache_dir = resolve_cache_mode(mode, cache_dir, records, short_side, available_memory=available_memory)
+    mode, cache_dir, cache_format = resolve_cache(mode, cache_dir, records, short_side,
+                                                  available_memory=available_memory, cache_format=cache_format)
     if mode == "none":
         return None
-    cache = DecodedFrameCache(mode, cache_dir, short_side=short_side)
+    cache = DecodedFrameCache(mode, cache_dir, short_side=short_side, cache_format=cache_format)
     if mode == "memory":
         cache.prefill([r.path for r in records], on_error=on_error, progress=progress, threads=os.cpu_count() or 1)
     return CachedReader(cache)
@@ -402,24 +593,66 @@ def resolve_cache_mode(
     *,
     available_memory: int | None = None,
     channels: int = 3,
+    cache_format: str = "raw",
 ) -> tuple[str, Path | None]:
     """``--cache`` as a concrete mode and folder: ``("memory", None)``, ``("disk", folder)`` or ``("none", None)``.
 
     ``auto`` picks with :func:`choose_cache_mode` (entries of ``channels``
-    uint8 channels per pixel); disk without a folder uses
-    ``<temp>/vtransfer-frame-cache``.
+    uint8 channels per pixel, stored in ``cache_format``); disk without a
+    folder uses ``<temp>/vtransfer-frame-cache``. See :func:`resolve_cache`.
 
     Raises:
         ConfigError: ``mode`` is not auto, memory, disk or none.
     """
+    mode, cache_dir, _ = resolve_cache(mode, cache_dir, records, short_side, available_memory=available_memory,
+                                       channels=channels, cache_format=cache_format)
+    return mode, cache_dir
+
+
+def resolve_cache(
+    mode: str,
+    cache_dir: Path | str | None,
+    records: list[VideoRecord],
+    short_side: int | None,
+    *,
+    available_memory: int | None = None,
+    channels: int = 3,
+    cache_format: str | None = None,
+    memory_fraction: float = 0.5,
+) -> tuple[str, Path | None, str]:
+    """``--cache`` and ``--cache-format`` as a concrete (mode, folder, format).
+
+    The format ``auto`` (``None``: :data:`~vtransfer.run_config.DEFAULT_CACHE_FORMAT`)
+    is ``raw`` (exact, nothing to decode) when the raw frames fit
+    ``memory_fraction`` of the available memory, else ``jpeg`` (a tenth of
+    the bytes or less at 256 px), whatever the mode; ``none`` keeps it
+    unresolved (nothing is stored). The mode ``auto`` then picks with the
+    chosen format's bytes (:func:`choose_cache_mode`). The videos are probed
+    once for both.
+
+    Raises:
+        ConfigError: ``mode`` is not auto, memory, disk or none, or the format is not auto, raw or jpeg.
+    """
     if mode not in ("auto", "none", *CACHE_MODES):
         raise ConfigError(f"--cache must be auto, memory, disk or none, got {mode!r}")
-    if mode == "auto":
-        memory = available_memory if available_memory is not None else available_memory_bytes()
-        mode = choose_cache_mode(records, short_side, memory, cache_dir=cache_dir, channels=channels)
+    cache_format = DEFAULT_CACHE_FORMAT if cache_format is None else cache_format
+    if cache_format not in CACHE_FORMATS:
+        raise ConfigError(f"--cache-format must be one of {', '.join(CACHE_FORMATS)}, got {cache_format!r}")
+    if mode == "none":
+        return mode, None, cache_format
+    need = None
+    if mode == "auto" or cache_format == "auto":
+        memory = available_memory if available_memory is not None else memory_budget.current().room()  # --max-memory
+        raw, jpeg = _stored_sizes(records, short_side, channels)
+        if cache_format == "auto":
+            cache_format = "raw" if raw <= memory_fraction * memory else "jpeg"
+        need = jpeg if cache_format == "jpeg" else raw
+        if mode == "auto":
+            mode = _mode_for(need, memory, cache_dir, memory_fraction)
     if mode != "disk":
-        return mode, None
-    return mode, Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "vtransfer-frame-cache"
+        return mode, None, cache_format
+    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "vtransfer-frame-cache"
+    return mode, folder, cache_format
 
 
 def available_memory_bytes() -> int:
@@ -437,12 +670,22 @@ def available_memory_bytes() -> int:
         return 0
 
 
-def estimate_cache_bytes(records: Iterable[VideoRecord], short_side: int | None, channels: int = 3) -> int:
-    """Decoded size of all videos at ``short_side``, ``channels`` bytes a pixel (3: RGB), from header probes only.
+def estimate_cache_bytes(records: Iterable[VideoRecord], short_side: int | None, channels: int = 3,
+                         cache_format: str = "raw") -> int:
+    """Stored size of all videos at ``short_side``, from header probes only.
 
+    ``raw``: ``channels`` bytes a pixel (3: RGB). ``jpeg``: a generous
+    estimate of the JPEG frames (:data:`JPEG_BYTES_PER_PIXEL`: the largest
+    frames measured, plus a margin; about 1/9 of raw at 256 px, 1/4 at 72).
     Files that cannot be probed count as 0 (they will be skipped anyway).
     """
-    total = 0
+    raw, jpeg = _stored_sizes(records, short_side, channels)
+    return jpeg if cache_format == "jpeg" else raw
+
+
+def _stored_sizes(records: Iterable[VideoRecord], short_side: int | None, channels: int = 3) -> tuple[int, int]:
+    """(raw bytes, JPEG estimate) of all videos at ``short_side`` (see :func:`estimate_cache_bytes`), one probe each."""
+    raw = jpeg = 0
     for r in records:
         try:
             info = probe_video(r.path)
@@ -454,8 +697,10 @@ def estimate_cache_bytes(records: Iterable[VideoRecord], short_side: int | None,
             w, h = short_side, round(info.height * short_side / info.width)
         else:
             w, h = round(info.width * short_side / info.height), short_side
-        total += info.num_frames * channels * w * h
-    return total
+        per_pixel = min(3.0, JPEG_BYTES_PER_PIXEL * (256 / max(1, min(w, h))) ** 0.7)
+        jpeg += info.num_frames * (JPEG_FRAME_OVERHEAD + math.ceil(per_pixel * w * h))
+        raw += info.num_frames * channels * w * h
+    return raw, jpeg
 
 
 def choose_cache_mode(
@@ -466,13 +711,20 @@ def choose_cache_mode(
     cache_dir: Path | str | None = None,
     memory_fraction: float = 0.5,
     channels: int = 3,
+    cache_format: str = "raw",
 ) -> str:
-    """``"memory"`` if the decoded dataset fits ``memory_fraction`` of available memory,
+    """``"memory"`` if the cached dataset fits ``memory_fraction`` of available memory,
     else ``"disk"`` if it fits (with 20% slack) on the disk holding ``cache_dir``
     (default: the temp folder), else ``"none"``. ``channels``: bytes per
-    pixel of an entry (3 for RGB frames; a flow cache stores 2 or 3).
+    pixel of a raw entry (3 for RGB frames; a flow cache stores 2 or 3);
+    ``cache_format`` ``"jpeg"`` counts the compressed size (:func:`estimate_cache_bytes`).
     """
-    need = estimate_cache_bytes(records, short_side, channels)
+    return _mode_for(estimate_cache_bytes(records, short_side, channels, cache_format), available_memory, cache_dir,
+                     memory_fraction)
+
+
+def _mode_for(need: int, available_memory: int, cache_dir: Path | str | None, memory_fraction: float) -> str:
+    """:func:`choose_cache_mode` for a cache of ``need`` bytes."""
     if need <= memory_fraction * available_memory:
         return "memory"
     target = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())

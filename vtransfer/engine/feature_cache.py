@@ -4,6 +4,10 @@ When every group below the policy's first trainable group is frozen and the
 clips are deterministic (evaluation sampling, or ``K`` fixed augmented views
 per training video), the prefix's output for each clip never changes. We
 compute it once, keep it in memory, and train the remaining groups on it.
+A store that does not fit the memory budget (``--max-memory``,
+:mod:`vtransfer.utils.memory_budget`) is written to a memory-mapped file in
+the run folder instead (:mod:`vtransfer.engine.spill`), deleted when the store
+is dropped; its numbers are the same.
 Within one process (``compare-policies``), stores are shared between runs
 whose frozen prefix has the same weights and the same clips; a store for a
 deeper prefix is derived from a shallower one by running only the groups in
@@ -25,6 +29,7 @@ import torch
 from vtransfer.data.clips import make_clip_dataset
 from vtransfer.engine.batches import LivePrefixSource, epoch_indices, make_loader, run_prefix
 from vtransfer.engine.inference import ClipPredictions, batch_inputs
+from vtransfer.engine.spill import RowBuffer, SpillFiles
 from vtransfer.models.base import VideoBackbone
 from vtransfer.policies.freezing import set_train_mode
 from vtransfer.utils import distributed
@@ -47,17 +52,37 @@ class FeatureStore:
     errors: list
     stop: int  # groups 0..stop-1 were applied
     item_index: torch.Tensor | None = None  # dataset item index of each row (failed items are absent)
+    spill: SpillFiles | None = None  # the memory-mapped files under ``state`` when it did not fit the budget
 
     def take(self, idx: torch.Tensor) -> Any:
-        """The prefix outputs of items ``idx``."""
+        """The prefix outputs of items ``idx`` (a copy in memory, also when the store is in a file)."""
+        if self.spill is not None:
+            self.spill.touched(len(idx) * self.row_bytes())
         if isinstance(self.state, tuple):
             return tuple(s[idx] for s in self.state)
         return self.state[idx]
 
+    def row_bytes(self) -> int:
+        """Bytes of one row (all parts)."""
+        parts = self.state if isinstance(self.state, tuple) else (self.state,)
+        return sum(p[0].numel() * p.element_size() for p in parts if p.shape[0])
+
     def nbytes(self) -> int:
-        """Memory the stored activations use."""
+        """Memory the stored activations use (0 for a store in a memory-mapped file)."""
+        if self.spill is not None:
+            return 0
         parts = self.state if isinstance(self.state, tuple) else (self.state,)
         return sum(p.numel() * p.element_size() for p in parts)
+
+    def release(self) -> None:
+        """Hand a spilled store's mapped pages back to the kernel (the end of an epoch); nothing in memory."""
+        if self.spill is not None:
+            self.spill.release()
+
+    def close(self) -> None:
+        """Delete a spilled store's files (the store is being dropped)."""
+        if self.spill is not None:
+            self.spill.close()
 
 
 def prefix_fingerprint(model: VideoBackbone, stop: int) -> str:
@@ -94,29 +119,32 @@ def clipset_key(dataset, extra: str = "") -> str:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
-def _stack(states: list[Any]) -> Any:
-    if isinstance(states[0], tuple):
-        return tuple(torch.cat([s[i] for s in states]) for i in range(len(states[0])))
-    return torch.cat(states)
-
-
 @torch.no_grad()
 def compute_store(model: VideoBackbone, dataset, stop: int, batch_size: int, workers: int, device: torch.device, precision: str) -> FeatureStore:
-    """Run groups ``0 .. stop-1`` once over every item of ``dataset`` (model in its current mode)."""
+    """Run groups ``0 .. stop-1`` once over every item of ``dataset`` (model in its current mode).
+
+    The rows go straight into a buffer of ``len(dataset)`` rows, in memory or,
+    past the memory budget, in a memory-mapped file (:class:`~vtransfer.engine.spill.RowBuffer`).
+    """
     loader = make_loader(dataset, batch_size, workers)
-    states, labels, videos, errors, keep = [], [], [], [], []
+    rows: RowBuffer | None = None
+    labels, videos, errors, keep = [], [], [], []
     for batch in loader:
         errors.extend(batch["errors"])
         if batch["clip"].shape[0] == 0:
             continue
         x = batch_inputs(batch, model.preprocessing, device)
-        states.append(_detach_cpu(run_prefix(model, x, stop, device, precision)))
+        state = _detach_cpu(run_prefix(model, x, stop, device, precision))
+        if rows is None:
+            rows = RowBuffer(state, len(dataset))
+        rows.append(state)
         labels.append(batch["label"])
         videos.append(batch["video"])
         keep.append(batch["video"] * max(1, getattr(dataset, "fixed_views", 1) or 1) + batch["view"])
-    if not states:
+    if rows is None:
         raise RuntimeError("no clip of the dataset could be decoded")
-    return FeatureStore(_stack(states), torch.cat(labels), torch.cat(videos), errors, stop, torch.cat(keep))
+    state, spill = rows.finish()
+    return FeatureStore(state, torch.cat(labels), torch.cat(videos), errors, stop, torch.cat(keep), spill)
 
 
 def _detach_cpu(state: Any) -> Any:
@@ -146,13 +174,18 @@ def get_store(model: VideoBackbone, dataset, stop: int, batch_size: int, workers
 @torch.no_grad()
 def _derive(model: VideoBackbone, base: FeatureStore, stop: int, batch_size: int, device: torch.device, precision: str) -> FeatureStore:
     n = base.labels.shape[0]
-    outs = []
+    rows: RowBuffer | None = None
     for i in range(0, n, batch_size):
         idx = torch.arange(i, min(n, i + batch_size))
         s = _to_device(base.take(idx), device)
         with autocast(device, precision):
-            outs.append(_detach_cpu(_float(model.forward_groups(s, base.stop, stop))))
-    return FeatureStore(_stack(outs), base.labels, base.video, base.errors, stop, base.item_index)
+            out = _detach_cpu(_float(model.forward_groups(s, base.stop, stop)))
+        if rows is None:
+            rows = RowBuffer(out, n)
+        rows.append(out)
+    base.release()
+    state, spill = rows.finish()  # type: ignore[union-attr]  # a store has at least one row
+    return FeatureStore(state, base.labels, base.video, base.errors, stop, base.item_index, spill)
 
 
 def _to_device(state: Any, device: torch.device) -> Any:
@@ -168,7 +201,9 @@ def _float(state: Any) -> Any:
 
 
 def clear_stores() -> None:
-    """Forget every shared store (tests, or to free memory)."""
+    """Forget every shared store (tests, or to free memory); spilled stores' files are deleted."""
+    for store in _STORES.values():
+        store.close()
     _STORES.clear()
 
 
@@ -178,12 +213,13 @@ def store_keys() -> set[tuple[str, str]]:
 
 
 def drop_stores(keys) -> int:
-    """Forget the shared stores under ``keys``; return the bytes of activations let go."""
+    """Forget the shared stores under ``keys`` (deleting spilled ones' files); return the bytes of memory let go."""
     freed = 0
     for key in keys:
         store = _STORES.pop(key, None)
         if store is not None:
             freed += store.nbytes()
+            store.close()
     return freed
 
 
@@ -202,6 +238,7 @@ def cached_clip_probs(model: VideoBackbone, dataset, stop: int, batch_size: int,
         with autocast(device, precision):
             logits = model.forward_groups(_to_device(store.take(idx), device), stop, n_groups)
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
+    store.release()
     model.train(was_training)
     return ClipPredictions(torch.cat(probs).numpy(), store.video.numpy(), list(store.errors))
 
@@ -249,6 +286,7 @@ class CachedPrefixSource:
                 yield None, torch.zeros(0, dtype=torch.long), errors
                 continue
             yield _to_device(self.store.take(idx), self.device), self.store.labels[idx], errors
+        self.store.release()
 
 
 def resolve_views(cached_views: int | None, epochs: int, prefix_groups: int) -> int:

@@ -21,6 +21,7 @@ from vtransfer.data.screening import screen_dataset
 from vtransfer.data.splits import write_manifest
 from vtransfer.engine.feature_cache import build_prefix_source
 from vtransfer.engine.mixing import check_mixing_applies
+from vtransfer.engine.step_memory import fit_step_to_memory
 from vtransfer.engine.trainer import QuietReporter, Trainer, class_weights
 from vtransfer.evaluation.calibration import calibrate_on_validation
 from vtransfer.loading.checkpoints import merge_lora_checkpoint, model_from_checkpoint
@@ -32,7 +33,7 @@ from vtransfer.policies.peft import PolicyOptions
 from vtransfer.reporting.progress import TensorBoardReporter
 from vtransfer.reporting.report import write_eval_report
 from vtransfer.run_config import ClipConfig, ResolvedTraining, RunConfig, check_training, resolve_training
-from vtransfer.utils import distributed
+from vtransfer.utils import distributed, memory_budget
 from vtransfer.utils.errors import DatasetError
 from vtransfer.utils.runtime import (
     configure_threads,
@@ -43,6 +44,8 @@ from vtransfer.utils.runtime import (
 )
 from vtransfer.weights.checkpoint import save_checkpoint, set_checkpoint_temperature
 from vtransfer.workflows import runs
+from vtransfer.workflows.audit import audit_dataset
+from vtransfer.workflows.report_videos import GALLERY_NOTE, draw_report_videos
 from vtransfer.workflows.run_model import build_run_model
 from vtransfer.workflows.scoring import evaluate_records
 
@@ -163,6 +166,16 @@ def screen(run: Run, data: RunData) -> RunData:
     return RunData(index, data.classes, data.categories, skipped_files, unreadable)
 
 
+def audit_split(run: Run, data: RunData) -> None:
+    """``--audit``: warn about near-duplicates across the splits and a missing group pattern; ``RUN/audit.json``."""
+    if not run.cfg.data.audit or run.resume or not run.main:
+        return
+    run.stage(f"auditing the split of {len(data.index.records)} videos")
+    report = audit_dataset(data.index, group_pattern=run.cfg.data.group_pattern, out=run.run_dir, workers=run.threads)
+    for line in report.warnings():
+        run.message(f"audit: {line}")
+
+
 def build_model(run: Run, data: RunData) -> tuple[VideoBackbone, dict]:
     """The starting model (on the CPU until its policy is planned) and its weights' provenance."""
     m = run.cfg.model
@@ -191,14 +204,16 @@ def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: 
     if flow is not None:
         run.stage(f"computing optical flow ({flow.method}, {flow.pairing}, {flow.channels} channels)")
     per_video, start = [], time.perf_counter()  # flow fields computed, one entry a video
+    memory_budget.configure(c.max_memory, spill_dir=c.cache_dir or run.run_dir, message=run.message)  # --max-memory
     reader = shared_reader(c.cache, Path(c.cache_dir) if c.cache_dir else run.run_dir / "frame_cache", data.index.records,
-                           model.preprocessing, flow_frames=per_video.append)
+                           model.preprocessing, flow_frames=per_video.append, cache_format=c.cache_format)
     if per_video:
         fields, seconds = sum(per_video), time.perf_counter() - start
         run.message(f"optical flow: {fields:,} fields in {seconds:.1f} s ({fields / seconds:.0f} per second"
                     f" on {cpu_count()} cores)")
     clips = replace(c, cache_dir=Path(c.cache_dir) if c.cache_dir else None,
                     workers=c.workers if c.workers is not None else default_workers(run.device, reader))
+    config = fit_step_to_memory(model, plan, config, run.device, run.message)  # a micro-batch when a step would not fit
     if not run.resume and run.main:
         _write_config(run, data, model, plan, info, config, clips)
     run.stage("decoding clips" + (" and caching the frozen layers' outputs" if plan.first_trainable_group else ""))
@@ -316,7 +331,23 @@ def calibrate(run: Run, data: RunData, plan, training: Training, best: VideoBack
     return fit.temperature
 
 
-def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, result, preds) -> FinetuneResult:
+def draw_videos(run: Run, data: RunData, result) -> list:
+    """The report's gallery: up to ``--report-videos`` test videos drawn with where the best model looked."""
+    limit = run.cfg.runtime.report_videos
+    if not limit or not run.main:
+        return []
+    run.stage(f"drawing up to {limit} test videos for the report")
+    best, _ = model_from_checkpoint(run.run_dir / runs.MODEL_FILE)
+    best.to(run.device)
+    try:
+        return draw_report_videos(best, result, data.test or data.val, data.classes, run.run_dir / "report", limit)
+    except (RuntimeError, ValueError, OSError) as e:  # the numbers stand without the pictures: say so, keep the run
+        run.message(f"warning: the report's videos were not drawn: {type(e).__name__}: {e}")
+        return []
+
+
+def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, result, preds,
+                 gallery: list | None = None) -> FinetuneResult:
     """The test report under ``RUN/report`` and the run's result."""
     trainable, total = plan.trainable_count(model), sum(p.numel() for p in model.parameters())
     train_time = sum(h["time_s"] for h in state.history)
@@ -327,7 +358,7 @@ def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, res
              "decode_errors": sorted({f"{p}: {r}" for p, r in preds.errors}),
              "bad_videos": data.unreadable + state.bad_videos, "skipped_files": data.skipped_files}
     write_eval_report(result, run.run_dir / "report", title=f"{backbone} / {plan.policy} — test split",
-                      extra=extra, history=state.history)
+                      extra=extra, history=state.history, gallery=gallery, gallery_note=GALLERY_NOTE)
     return FinetuneResult(run.run_dir, run.run_dir / runs.MODEL_FILE, result.to_dict(), state.history, trainable, total,
                           train_time, state.best_score, plan.to_dict(), test=result)
 
@@ -346,6 +377,7 @@ def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, sto
     model, info = build_model(run, data)
     model, plan = plan_policy(run, model)  # the policy's options too are checked before the first video is decoded
     data = screen(run, data)
+    audit_split(run, data)
     training = prepare_training(run, data, model, plan, info)
     state = fit(run, data, model, plan, info, training, stop_after)
     distributed.barrier()
@@ -356,4 +388,5 @@ def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, sto
                               sum(p.numel() for p in model.parameters()), sum(h["time_s"] for h in state.history),
                               state.best_score, plan.to_dict(), finished=state.epoch >= epochs or state.stopped_early)
     result, preds = evaluate_best(run, data, plan, training)
-    return write_report(run, data, model, plan, state, result, preds)
+    gallery = draw_videos(run, data, result)
+    return write_report(run, data, model, plan, state, result, preds, gallery)

@@ -45,6 +45,7 @@ from vtransfer.utils.runtime import resolve_device
 from vtransfer.weights.checkpoint import save_checkpoint
 from vtransfer.workflows import runs
 from vtransfer.workflows.pipeline import FinetuneResult, run_finetune
+from vtransfer.workflows.report_videos import GALLERY_NOTE, draw_report_videos
 from vtransfer.workflows.scoring import evaluate_records, video_name
 
 FUSION_FILE = "fusion.json"
@@ -157,7 +158,8 @@ def _fuse(run_dir: Path, cfg: RunConfig, results: dict[str, FinetuneResult], rep
     fused = _fused_test(scores, test_records, classes, cfg, choice.weight)
     streams = {n: replace(results[n], report=scores[n].test_result.to_dict(), test=scores[n].test_result)
                for n in STREAM_NAMES}
-    _write_reports(run_dir, cfg, model, fused, streams, choice)
+    gallery = _draw_videos(model.to(device), fused, test_records, classes, run_dir, cfg, reporter)
+    _write_reports(run_dir, cfg, model, fused, streams, choice, gallery)
     return replace(combined, report=fused.to_dict(), test=fused, streams=streams, fusion_weight=choice.weight)
 
 
@@ -169,7 +171,7 @@ def _score_stream(name: str, result: FinetuneResult, cfg: RunConfig, run_dir: Pa
     net.to(device, memory_format=preferred_memory_format(cfg.model.backbone, precision, device))
     clips = cfg.clips
     cache_dir = Path(clips.cache_dir) if clips.cache_dir else sub / "frame_cache"
-    reader = shared_reader(clips.cache, cache_dir, [*val, *test_records], net.preprocessing)
+    reader = shared_reader(clips.cache, cache_dir, [*val, *test_records], net.preprocessing, cache_format=clips.cache_format)
     prefix = int((result.plan or {}).get("first_trainable_group") or 0)
     categories = load_categories_for(cfg.data.categories, classes)
     _, val_preds = evaluate_records(net, val, classes, clips, device, precision, clips=clips.val_clips, reader=reader,
@@ -258,8 +260,21 @@ def _save(run_dir: Path, model: TwoStreamBackbone, classes, results, choice: Fus
                               "streams": summaries})
 
 
+def _draw_videos(model: TwoStreamBackbone, fused: EvalResult, records, classes, run_dir: Path, cfg: RunConfig,
+                 reporter) -> list:
+    """The fused report's gallery: the test videos drawn with each stream's map (see :mod:`.report_videos`)."""
+    if not cfg.runtime.report_videos:
+        return []
+    try:
+        return draw_report_videos(model, fused, records, classes, run_dir / "report", cfg.runtime.report_videos)
+    except (RuntimeError, ValueError, OSError) as e:  # the numbers stand without the pictures
+        if reporter is not None:
+            reporter.message(f"warning: the report's videos were not drawn: {type(e).__name__}: {e}")
+        return []
+
+
 def _write_reports(run_dir: Path, cfg: RunConfig, model: TwoStreamBackbone, fused: EvalResult,
-                   streams: dict[str, FinetuneResult], choice: FusionChoice) -> None:
+                   streams: dict[str, FinetuneResult], choice: FusionChoice, gallery: list) -> None:
     """The fused test report in ``RUN/report``; each stream's in ``RUN/<stream>/report``."""
     policy = cfg.policy.policy
     for name, result in streams.items():
@@ -275,4 +290,4 @@ def _write_reports(run_dir: Path, cfg: RunConfig, model: TwoStreamBackbone, fuse
                       extra={"run": str(run_dir), "backbone": cfg.model.backbone, "input": model.preprocessing.describe(),
                              "policy": policy, "streams": f"{by_stream}; fused {fused.video_hit1:.1%}",
                              "fusion": f"flow weight {choice.weight:.1f} (chosen on {choice.chosen_on})",
-                             "decode_errors": []})
+                             "decode_errors": []}, gallery=gallery, gallery_note=GALLERY_NOTE)

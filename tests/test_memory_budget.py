@@ -1,0 +1,265 @@
+"""``--max-memory`` (issue 23, item 3): parsed before any video is read, feature stores past the budget spill to a
+memory-mapped file with the same results, a micro-batch or checkpointing is picked from a measured step, and a run
+that cannot fit stops before training with the numbers."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import vtransfer.api as api
+import vtransfer.cli
+from checkpoints import random_checkpoints
+from vtransfer.cli.app import app
+from vtransfer.data.dataset import ClipDataset
+from vtransfer.data.scan import load_dataset
+from vtransfer.engine import feature_cache, step_memory
+from vtransfer.engine.feature_cache import CachedPrefixSource, get_store
+from vtransfer.engine.step_memory import StepMemory, fit_step_to_memory, measure_step
+from vtransfer.engine.trainer import QuietReporter, Trainer
+from vtransfer.models.registry import build_backbone, training_defaults
+from vtransfer.policies.freezing import apply_policy, resolve_policy, set_train_mode
+from vtransfer.run_config import RunConfig, resolve_training
+from vtransfer.api import shared_reader
+from vtransfer.utils import memory_budget as mb
+from vtransfer.utils.errors import ConfigError
+from vtransfer.utils.memory_budget import MemoryBudget, MemoryBudgetError
+
+vtransfer.cli._register_commands()
+CPU = torch.device("cpu")
+GiB, MiB = 2**30, 2**20
+def _geometry(backbone: str) -> dict:
+    return api.geometry_overrides(backbone, "tiny", None, None, 32)
+
+
+SMALL = dict(epochs=2, batch_size=4, clips_per_video=1, val_clips=1, workers=0, patience=0, device="cpu",
+             cache="memory", cached_views=2, size=32, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def _own_budget():
+    """Each test sets the process's budget as it likes; the next one starts from the default again."""
+    before = mb.set_current(None)
+    yield
+    mb.set_current(before)
+    feature_cache.clear_stores()
+
+
+@pytest.fixture(scope="module")
+def data(demo_datasets):
+    return demo_datasets("target", class_set="target", videos_per_class=3, frames=16, size=40, seed=2)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return random_checkpoints(tmp_path_factory.mktemp("mb-weights"), classes=5, seed=3,
+                              overrides={"slowfusion": _geometry("slowfusion")})
+
+
+# -- parsing ---------------------------------------------------------------------------------------------------------
+
+
+def test_sizes_and_fractions_parse_and_bad_values_say_what_is_taken():
+    assert mb.parse_max_memory("12G") == mb.parse_max_memory("12GiB") == mb.parse_max_memory("12gb") == 12 * GiB
+    assert mb.parse_max_memory("800M") == 800 * MiB and mb.parse_max_memory("1.5G") == int(1.5 * GiB)
+    assert mb.parse_max_memory("0.8") == mb.parse_max_memory("80%") == mb.parse_max_memory(0.8) == 0.8
+    assert mb.parse_max_memory(None) is None
+    for bad, says in (("lots", "a size like 12G"), ("16", "give a unit"), ("0", "more than 0"), ("-2G", "a size like"),
+                      ("150%", "at most 100%"), ("1K", "at least 256 MiB"), ("", "a size like")):
+        with pytest.raises(ConfigError, match="--max-memory") as e:
+            mb.parse_max_memory(bad)
+        assert says in str(e.value), (bad, str(e.value))
+    with pytest.raises(ConfigError, match="--max-memory"):  # the API's keywords are parsed when the options are read
+        RunConfig.from_options(max_memory="16")
+    assert RunConfig.from_options(max_memory=" 12G ").clips.max_memory == "12G"
+
+
+def test_the_budget_is_the_size_given_or_a_fraction_of_what_the_process_could_use():
+    held, available = mb.memory_basis()
+    assert mb.configure("1G").limit == GiB and "--max-memory 1G" in mb.current().describe()
+    assert mb.configure(0.5).limit == pytest.approx(0.5 * (held + available), rel=1e-6)
+    default = mb.configure(None)
+    assert default.limit == pytest.approx(mb.DEFAULT_FRACTION * (held + available), rel=1e-6)
+    assert "default: 80%" in default.describe()
+    budget = MemoryBudget(limit=mb.process_memory() + 64 * MiB)
+    assert budget.fits(MiB) and not budget.fits(GiB)
+    budget.reserve(63 * MiB)  # set aside: counts as held until the process has grown by that much
+    assert not budget.fits(8 * MiB)
+
+
+def test_bad_max_memory_fails_before_any_video_is_read(data, tmp_path, no_decoding):
+    for value in ("lots", "16", "10M"):
+        result = CliRunner().invoke(app, ["finetune", str(data), "--backbone", "slowfusion", "--preset", "tiny",
+                                          "--max-memory", value, "--out", str(tmp_path / "bad")])
+        assert result.exit_code != 0 and "--max-memory" in str(result.exception) + result.output, result.output
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="--max-memory"):
+        api.compare_policies(data, policies=["top-layer"], out=tmp_path / "cmp", max_memory="0")
+    assert not (tmp_path / "cmp").exists()
+
+
+# -- feature stores --------------------------------------------------------------------------------------------------
+
+
+def _train(model, plan, source):
+    options = RunConfig.from_options(epochs=2, batch_size=4, lr=0.05, optimizer="sgd", weight_decay=1e-4, patience=0)
+    config = resolve_training(options, training_defaults(model.backbone_name))
+    torch.manual_seed(0)
+    trainer = Trainer(model, plan, config, CPU, source, validate=lambda m: (0.0, 0.0), save_best=lambda m, r: None,
+                      save_state=lambda s: None, train_size=len(source.labels))
+    return trainer.fit().history
+
+
+def test_a_store_past_the_budget_spills_to_a_file_trains_the_same_and_is_deleted_when_dropped(data, tmp_path):
+    index = load_dataset(data)
+    torch.manual_seed(5)
+    base = build_backbone("slowfusion", "tiny", num_classes=len(index.classes), **_geometry("slowfusion"))
+    plan = resolve_policy(base, "top-3")
+    apply_policy(base, plan)
+    labels = [index.class_to_idx[r.label] for r in index.records]
+    reader = shared_reader("memory", data / "unused", index.records, base.preprocessing)
+    dataset = ClipDataset(index.records, index.class_to_idx, base.preprocessing, "train", fixed_views=2, seed=0,
+                          reader=reader)
+    k, said = plan.first_trainable_group, []
+    models, stores, histories = {}, {}, {}
+    for where, limit in (("memory", 1 << 50), ("file", 0)):
+        feature_cache.clear_stores()
+        mb.set_current(MemoryBudget(limit=limit, spill_dir=tmp_path / "run", message=said.append))
+        models[where] = model = build_backbone("slowfusion", "tiny", num_classes=len(index.classes),
+                                               **_geometry("slowfusion"))
+        model.load_state_dict(base.state_dict())
+        apply_policy(model, plan)
+        set_train_mode(model, True)
+        stores[where] = store = get_store(model, dataset, k, 4, 0, CPU, "fp32")
+        histories[where] = _train(model, plan, CachedPrefixSource(store, labels, 2, 4, 0, CPU))
+    mem, spilled = stores["memory"], stores["file"]
+    assert mem.spill is None and spilled.spill is not None and spilled.nbytes() == 0
+    files = [Path(p) for p in spilled.spill.paths]
+    assert files and all(f.is_file() and f.parent == tmp_path / "run" / "spill" for f in files)
+    assert any("written to" in s and "memory budget" in s for s in said), said
+    assert torch.equal(mem.state, spilled.state) and torch.equal(mem.labels, spilled.labels)
+    untimed = {w: [{k: v for k, v in h.items() if k != "time_s"} for h in hist] for w, hist in histories.items()}
+    assert untimed["memory"] == untimed["file"]
+    a, b = models["memory"].state_dict(), models["file"].state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+    feature_cache.clear_stores()  # a dropped store's file goes at once
+    assert not any(f.exists() for f in files)
+    again = get_store(models["file"], dataset, k, 4, 0, CPU, "fp32")  # and one let go by the garbage collector
+    files = [Path(p) for p in again.spill.paths]
+    feature_cache._STORES.clear()
+    del again
+    gc.collect()
+    assert files and not any(f.exists() for f in files)
+
+
+def test_a_full_disk_names_the_folder_and_the_bytes(data, tmp_path, monkeypatch):
+    from vtransfer.engine import spill
+
+    index = load_dataset(data)
+    model = build_backbone("slowfusion", "tiny", num_classes=len(index.classes), **_geometry("slowfusion"))
+    plan = resolve_policy(model, "top-3")
+    apply_policy(model, plan)
+    reader = shared_reader("memory", data / "unused", index.records, model.preprocessing)
+    dataset = ClipDataset(index.records, index.class_to_idx, model.preprocessing, "eval", clips_per_video=1, reader=reader)
+    monkeypatch.setattr(spill.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    mb.set_current(MemoryBudget(limit=0, spill_dir=tmp_path))
+    with pytest.raises(mb.SpillError, match=str(tmp_path / "spill")) as e:
+        get_store(model, dataset, plan.first_trainable_group, 4, 0, CPU, "fp32")
+    assert "free" in str(e.value) and "--cache-dir" in str(e.value)
+    assert not list((tmp_path / "spill").glob("feature-store-*"))
+
+
+def test_a_run_under_a_tight_budget_gives_the_same_model(data, pretrained, tmp_path):
+    """A budget below what the process already holds: every feature store in a file, the same weights and results."""
+    said: list[str] = []
+
+    class Listen(QuietReporter):
+        def message(self, text: str) -> None:
+            said.append(text)
+
+    kw = dict(SMALL, backbone="slowfusion", weights=str(pretrained["slowfusion"]), policy="top-layer", cache="auto")
+    loose = api.finetune(data, out=tmp_path / "loose", **kw)
+    feature_cache.clear_stores()  # else the second run reuses the first one's stores
+    tight = api.finetune(data, out=tmp_path / "tight", manifest=tmp_path / "loose" / "split.csv", max_memory="256M",
+                         reporter=Listen(), **kw)
+    assert any("memory-mapped" in s for s in said), said
+    a, b = load_file(loose.model_path), load_file(tight.model_path)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert tight.report["summary"] == loose.report["summary"]
+    spilled = list((tmp_path / "tight" / "spill").glob("feature-store-*"))  # in the run folder while the stores live
+    feature_cache.clear_stores()
+    assert spilled and not any(p.exists() for p in spilled)
+    options = json.loads((tmp_path / "tight" / "config.json").read_text())["options"]
+    assert options["max_memory"] == "256M"
+
+
+# -- the training step -----------------------------------------------------------------------------------------------
+
+
+def _planned(backbone: str, policy: str):
+    model = build_backbone(backbone, "tiny", num_classes=5, **_geometry(backbone))
+    plan = resolve_policy(model, policy)
+    apply_policy(model, plan)
+    config = resolve_training(RunConfig.from_options(backbone=backbone, policy=policy, batch_size=8, epochs=1),
+                              training_defaults(backbone))
+    return model, plan, config
+
+
+def test_a_micro_batch_is_picked_when_the_measured_step_does_not_fit():
+    model, plan, config = _planned("slowfusion", "all")  # no BatchNorm: micro-batches give the same gradients
+    keep = step_memory.persistent_bytes(model, config)
+    said: list[str] = []
+    budget = MemoryBudget(limit=mb.process_memory() + keep + 10 * MiB + 350 * MiB, described="--max-memory test")
+    fitted = fit_step_to_memory(model, plan, config, CPU, said.append, budget=budget,
+                                measure=lambda ckpt: StepMemory(10 * MiB, 100 * MiB, ckpt, "given"))
+    assert (fitted.training.micro_batch, fitted.training.grad_checkpointing) == (3, False)
+    assert fitted.batch_size == 8 and len(said) == 1 and "--micro-batch 3" in said[0] and "8 clips per" in said[0]
+    assert budget.floor >= mb.process_memory() + keep + 300 * MiB  # the step's memory is set aside for it
+
+    roomy = MemoryBudget(limit=1 << 50)  # a step that fits changes nothing and says nothing
+    same = fit_step_to_memory(model, plan, config, CPU, said.append, budget=roomy,
+                              measure=lambda ckpt: StepMemory(10 * MiB, 100 * MiB, ckpt, "given"))
+    assert same is config and len(said) == 1
+
+
+def test_batch_norm_networks_get_checkpointing_first():
+    model, plan, config = _planned("i3d", "all")
+    keep = step_memory.persistent_bytes(model, config)
+    budget = MemoryBudget(limit=mb.process_memory() + keep + 500 * MiB)
+    sizes = {False: StepMemory(0, 100 * MiB, False, "given"), True: StepMemory(0, 40 * MiB, True, "given")}
+    fitted = fit_step_to_memory(model, plan, config, CPU, budget=budget, measure=lambda ckpt: sizes[ckpt])
+    assert (fitted.training.micro_batch, fitted.training.grad_checkpointing) == (None, True)
+
+
+def test_the_measurement_changes_nothing_and_grows_with_the_batch():
+    model, plan, config = _planned("i3d", "all")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    modes = [m.training for m in model.modules()]
+    mem = measure_step(model, plan, CPU, "fp32", checkpointing=False)
+    assert mem.per_clip > 0 and mem.fixed >= 0 and mem.how
+    after = model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)  # BatchNorm statistics included
+    assert torch.equal(rng, torch.get_rng_state()) and modes == [m.training for m in model.modules()]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_run_that_cannot_fit_stops_before_training_with_the_numbers(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(step_memory, "measure_step",
+                        lambda model, plan, device, precision, ckpt: StepMemory(0, 100 * GiB, ckpt, "given"))
+    result = CliRunner().invoke(app, ["finetune", str(data), "--backbone", "slowfusion", "--preset", "tiny",
+                                      "--policy", "all", "--max-memory", "2G", "--out", str(tmp_path / "run"),
+                                      "--epochs", "1", "--size", "32", "--cache", "memory"])
+    text = " ".join((str(result.exception) + result.output).split())
+    assert result.exit_code != 0 and isinstance(result.exception, (MemoryBudgetError, SystemExit)), text
+    for says in ("--policy all needs about 100 GiB", "--max-memory 2G", "Options that would fit: --max-memory",
+                 "Stopped before training"):
+        assert says in text, (says, text)
+    assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
