@@ -245,7 +245,9 @@ def test_skip_or_use_matrix(messy, case):
         info = check.infos[path]
         assert str(path) in manifest
         assert all(e["path"] != shown for e in bad_videos)
-        assert shown[len(str(messy['root'])) + 1:] not in log
+        # (the split audit may name it as a near-duplicate of the video it was made from: that is not "bad")
+        not_audit = "\n".join(line for line in log.splitlines() if not line.startswith("audit:"))
+        assert shown[len(str(messy['root'])) + 1:] not in not_audit
         from vtransfer.data.dataset import ClipDataset
         from vtransfer.models.registry import build_backbone
 

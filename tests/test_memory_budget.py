@@ -38,7 +38,7 @@ def _geometry(backbone: str) -> dict:
     return api.geometry_overrides(backbone, "tiny", None, None, 32)
 
 
-SMALL = dict(epochs=2, batch_size=4, clips_per_video=1, val_clips=1, workers=0, patience=0, device="cpu",
+SMALL = dict(epochs=1, batch_size=4, clips_per_video=1, val_clips=1, workers=0, patience=0, device="cpu",
              cache="memory", cached_views=2, size=32, threads=1)
 
 
@@ -176,8 +176,8 @@ def test_a_full_disk_names_the_folder_and_the_bytes(data, tmp_path, monkeypatch)
     assert not list((tmp_path / "spill").glob("feature-store-*"))
 
 
-def test_a_run_under_a_tight_budget_gives_the_same_model(data, pretrained, tmp_path):
-    """A budget below what the process already holds: every feature store in a file, the same weights and results."""
+def test_a_run_with_every_store_spilled_gives_the_same_model(data, pretrained, tmp_path, monkeypatch):
+    """Every feature store of a run (training views, validation, test) in a file: the same weights and results."""
     said: list[str] = []
 
     class Listen(QuietReporter):
@@ -187,7 +187,8 @@ def test_a_run_under_a_tight_budget_gives_the_same_model(data, pretrained, tmp_p
     kw = dict(SMALL, backbone="slowfusion", weights=str(pretrained["slowfusion"]), policy="top-layer", cache="auto")
     loose = api.finetune(data, out=tmp_path / "loose", **kw)
     feature_cache.clear_stores()  # else the second run reuses the first one's stores
-    tight = api.finetune(data, out=tmp_path / "tight", manifest=tmp_path / "loose" / "split.csv", max_memory="256M",
+    monkeypatch.setattr(MemoryBudget, "fits", lambda self, nbytes: False)  # no store fits
+    tight = api.finetune(data, out=tmp_path / "tight", manifest=tmp_path / "loose" / "split.csv", max_memory="0.9",
                          reporter=Listen(), **kw)
     assert any("memory-mapped" in s for s in said), said
     a, b = load_file(loose.model_path), load_file(tight.model_path)
@@ -197,10 +198,13 @@ def test_a_run_under_a_tight_budget_gives_the_same_model(data, pretrained, tmp_p
     feature_cache.clear_stores()
     assert spilled and not any(p.exists() for p in spilled)
     options = json.loads((tmp_path / "tight" / "config.json").read_text())["options"]
-    assert options["max_memory"] == "256M"
+    assert options["max_memory"] == "0.9"
 
 
 # -- the training step -----------------------------------------------------------------------------------------------
+
+
+NO_FORWARD = lambda: StepMemory(0, 0, False, "given")  # noqa: E731 - the forward pass without autograd: nothing
 
 
 def _planned(backbone: str, policy: str):
@@ -217,14 +221,14 @@ def test_a_micro_batch_is_picked_when_the_measured_step_does_not_fit():
     keep = step_memory.persistent_bytes(model, config)
     said: list[str] = []
     budget = MemoryBudget(limit=mb.process_memory() + keep + 10 * MiB + 350 * MiB, described="--max-memory test")
-    fitted = fit_step_to_memory(model, plan, config, CPU, said.append, budget=budget,
+    fitted = fit_step_to_memory(model, plan, config, CPU, said.append, budget=budget, forward=NO_FORWARD,
                                 measure=lambda ckpt: StepMemory(10 * MiB, 100 * MiB, ckpt, "given"))
     assert (fitted.training.micro_batch, fitted.training.grad_checkpointing) == (3, False)
     assert fitted.batch_size == 8 and len(said) == 1 and "--micro-batch 3" in said[0] and "8 clips per" in said[0]
     assert budget.floor >= mb.process_memory() + keep + 300 * MiB  # the step's memory is set aside for it
 
     roomy = MemoryBudget(limit=1 << 50)  # a step that fits changes nothing and says nothing
-    same = fit_step_to_memory(model, plan, config, CPU, said.append, budget=roomy,
+    same = fit_step_to_memory(model, plan, config, CPU, said.append, budget=roomy, forward=NO_FORWARD,
                               measure=lambda ckpt: StepMemory(10 * MiB, 100 * MiB, ckpt, "given"))
     assert same is config and len(said) == 1
 
@@ -234,7 +238,8 @@ def test_batch_norm_networks_get_checkpointing_first():
     keep = step_memory.persistent_bytes(model, config)
     budget = MemoryBudget(limit=mb.process_memory() + keep + 500 * MiB)
     sizes = {False: StepMemory(0, 100 * MiB, False, "given"), True: StepMemory(0, 40 * MiB, True, "given")}
-    fitted = fit_step_to_memory(model, plan, config, CPU, budget=budget, measure=lambda ckpt: sizes[ckpt])
+    fitted = fit_step_to_memory(model, plan, config, CPU, budget=budget, measure=lambda ckpt: sizes[ckpt],
+                                forward=NO_FORWARD)
     assert (fitted.training.micro_batch, fitted.training.grad_checkpointing) == (None, True)
 
 
@@ -245,6 +250,8 @@ def test_the_measurement_changes_nothing_and_grows_with_the_batch():
     modes = [m.training for m in model.modules()]
     mem = measure_step(model, plan, CPU, "fp32", checkpointing=False)
     assert mem.per_clip > 0 and mem.fixed >= 0 and mem.how
+    passes = step_memory.measure_forward(model, CPU, "fp32")
+    assert passes.per_clip >= 0 and passes.how
     after = model.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before)  # BatchNorm statistics included
     assert torch.equal(rng, torch.get_rng_state()) and modes == [m.training for m in model.modules()]
@@ -263,3 +270,21 @@ def test_a_run_that_cannot_fit_stops_before_training_with_the_numbers(data, tmp_
                  "Stopped before training"):
         assert says in text, (says, text)
     assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    # measured for real: a budget below what the process already holds (PyTorch alone) stops the same way
+    result = CliRunner().invoke(app, ["finetune", str(data), "--backbone", "slowfusion", "--preset", "tiny",
+                                      "--policy", "top-layer", "--max-memory", "256M", "--out", str(tmp_path / "small"),
+                                      "--epochs", "1", "--size", "32", "--cache", "memory"])
+    text = " ".join((str(result.exception) + result.output).split())
+    assert result.exit_code != 0 and "the memory budget, 256 MiB (--max-memory 256M)" in text, text
+    assert "Stopped before training" in text and not (tmp_path / "small" / "model.safetensors").exists()
+
+
+def test_a_batch_whose_forward_pass_does_not_fit_stops_naming_a_batch_size_that_would():
+    model, plan, config = _planned("slowfusion", "top-layer")  # a head alone: only the forward pass is measured
+    budget = MemoryBudget(limit=mb.process_memory() + 350 * MiB, described="--max-memory test")
+    with pytest.raises(MemoryBudgetError) as e:
+        fit_step_to_memory(model, plan, config, CPU, budget=budget,
+                           forward=lambda: StepMemory(0, 100 * MiB, False, "given"))
+    assert "--batch-size 8 clips" in str(e.value) and "--batch-size 3" in str(e.value), str(e.value)
+    assert "Stopped before training" in str(e.value)

@@ -493,7 +493,7 @@ class RuntimeConfig:
     tensorboard: bool = option(False, "Also log each epoch to RUN/tensorboard (needs the tensorboard package).",
                                PANEL_OUTPUT)
     report_videos: int = option(
-        24, "Test videos the report draws as frame strips with where the model looked (Grad-CAM) and which frames "
+        8, "Test videos the report draws as frame strips with where the model looked (Grad-CAM) and which frames "
             "mattered (as the explain command draws them): the misclassified ones, most confident first, then one "
             "correct video per class and the least confident correct ones, up to this many (0: none).", PANEL_OUTPUT)
 

@@ -32,7 +32,7 @@ from vtransfer.engine.inference import ClipPredictions, batch_inputs
 from vtransfer.engine.spill import RowBuffer, SpillFiles
 from vtransfer.models.base import VideoBackbone
 from vtransfer.policies.freezing import set_train_mode
-from vtransfer.utils import distributed
+from vtransfer.utils import distributed, memory_budget
 from vtransfer.utils.runtime import autocast
 
 # Model config keys that cannot change a frozen prefix's output.
@@ -75,9 +75,11 @@ class FeatureStore:
         return sum(p.numel() * p.element_size() for p in parts)
 
     def release(self) -> None:
-        """Hand a spilled store's mapped pages back to the kernel (the end of an epoch); nothing in memory."""
+        """The end of an epoch or an evaluation: a spilled store's mapped pages go back to the kernel, and near the
+        memory budget the heap's free pages too (:meth:`~vtransfer.utils.memory_budget.MemoryBudget.settle`)."""
         if self.spill is not None:
             self.spill.release()
+        memory_budget.current().settle()
 
     def close(self) -> None:
         """Delete a spilled store's files (the store is being dropped)."""

@@ -176,5 +176,6 @@ class RowBuffer:
         """The filled rows (views, no copy) as one tensor or a tuple, and the files under them (None in memory)."""
         if self.spill is not None:
             self.spill.release()
+        memory_budget.current().settle()
         out = tuple(r[:self.count] for r in self.rows)
         return (out if self.is_tuple else out[0]), self.spill

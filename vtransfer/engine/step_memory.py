@@ -1,8 +1,10 @@
 """Does one training step fit the memory budget? Measured, then a micro-batch or gradient checkpointing if not (issue 23).
 
-For a policy that backpropagates through layers of the network (anything
-but a head on cached features), :func:`fit_step_to_memory` runs before
-training: :func:`measure_step` runs forward and backward on random clips of
+Before training, :func:`fit_step_to_memory` measures the network's forward
+pass without autograd (:func:`measure_forward`: what feature stores,
+validation and the test split run on ``--batch-size`` clips at a time), and,
+for a policy that backpropagates through layers of the network (anything
+but a head on cached features), one training step: :func:`measure_step` runs forward and backward on random clips of
 1 and 2 rows through the trainable part, exactly as the trainer will, and
 reads how far the resident set rose at its peak (glibc's free pages given
 back first, then sampled by a thread while the step runs; where it cannot be
@@ -21,9 +23,10 @@ checkpointing first (the same numbers, about 1.3-1.7x the step time; micro-
 batches would change the batch statistics), then checkpointing with the
 largest micro-batch that fits; for any other network the largest micro-batch
 that fits (the same gradients up to float rounding), then checkpointing with
-one. If even one clip with checkpointing does not fit, the run stops with
+one. If even one clip with checkpointing does not fit (or the forward pass
+of a batch does not), the run stops with
 :class:`~vtransfer.utils.memory_budget.MemoryBudgetError`, naming the memory
-it needs and options that would fit. The step's need is then reserved, so the
+it needs and options that would fit. The larger need is then reserved, so the
 feature stores built after it leave room for it. GPU runs are not checked:
 their activations live in the GPU's memory, not the budget's.
 """
@@ -145,18 +148,50 @@ def measure_step(model: VideoBackbone, plan: PolicyPlan, device: torch.device, p
         torch.set_rng_state(rng)
         _release_grads(model)
     (r1, s1), (r2, s2) = totals
-    n1, n2 = clips
     use_rss = r1 >= 0 and r2 >= 0
-    a, b = (r1, r2) if use_rss else (s1, s2)
+    fixed, per_clip = _two_sizes((r1, r2) if use_rss else (s1, s2), clips)
+    per_clip = max(per_clip, -(-s2 // clips[1]))  # what autograd keeps is a floor under any measurement
+    return StepMemory(fixed, per_clip, checkpointing, "peak resident set" if use_rss else "bytes saved for backward")
+
+
+def _two_sizes(grown: tuple[int, int], clips: tuple[int, int]) -> tuple[int, int]:
+    """(fixed, per clip) bytes from the growth measured at two sizes; all of it per clip when the two disagree."""
+    (a, b), (n1, n2) = grown, clips
     per_clip = (b - a) // max(1, n2 - n1)
     fixed = a - per_clip * n1
     if per_clip <= 0 or fixed < 0:  # noise: all of it per clip
         per_clip, fixed = -(-b // n2), 0
-    saved_per_clip = -(-s2 // n2)  # what autograd keeps is a floor under any measurement
-    if per_clip < saved_per_clip:
-        per_clip = saved_per_clip
-    return StepMemory(int(fixed), int(per_clip), checkpointing,
-                      "peak resident set" if use_rss else "bytes saved for backward")
+    return int(fixed), int(per_clip)
+
+
+def measure_forward(model: VideoBackbone, device: torch.device, precision: str,
+                    clips: tuple[int, int] = MEASURED_CLIPS) -> StepMemory:
+    """The whole network's forward pass without autograd on random clips (eval mode): its transient bytes.
+
+    Frozen-prefix feature stores, validation and the test split run this
+    pass on ``--batch-size`` clips at a time; its activations come and go,
+    but the process must have room for them.
+    """
+    pre = model.preprocessing
+    modes = {m: m.training for m in model.modules()}
+    generator = torch.Generator().manual_seed(0)
+    grown = []
+    model.eval()
+    try:
+        for n in clips:
+            x = torch.randn((n, pre.channels, pre.frames, *pre.crop_size), generator=generator).to(device)
+            memory_budget.release_free_heap()
+            with memory_budget.PeakSampler() as rss, torch.no_grad(), autocast(device, precision):
+                out = model.forward_groups(x, 0, len(model.layer_groups()))
+            grown.append(rss.grown + _state_bytes(x) if rss.grown >= 0 else -1)
+            del x, out
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    if min(grown) < 0:
+        return StepMemory(0, 0, False, "not measured (no resident set to read)")
+    fixed, per_clip = _two_sizes((grown[0], grown[1]), clips)
+    return StepMemory(fixed, per_clip, False, "peak resident set")
 
 
 def persistent_bytes(model: nn.Module, config: ResolvedTraining) -> int:
@@ -216,23 +251,46 @@ def _size_hint(model: VideoBackbone, mem: StepMemory, room: int) -> str:
 def fit_step_to_memory(model: VideoBackbone, plan: PolicyPlan, config: ResolvedTraining, device: torch.device,
                        message: Callable[[str], None] | None = None, *,
                        measure: Callable[[bool], StepMemory] | None = None,
+                       forward: Callable[[], StepMemory] | None = None,
                        budget: memory_budget.MemoryBudget | None = None) -> ResolvedTraining:
     """``config`` with ``micro_batch`` / ``grad_checkpointing`` changed when one step would not fit the budget.
 
-    Nothing is measured for a head trained alone or on a GPU. ``measure``
-    replaces :func:`measure_step` (tests); ``budget`` the process's budget.
+    The forward pass without autograd (:func:`measure_forward`: stores,
+    validation, test) is measured for every policy, the training step
+    (:func:`measure_step`) for those that backpropagate through more than the
+    head; the larger need is set aside in the budget, so the feature stores
+    built afterwards leave room for it. Nothing is measured on a GPU.
+    ``measure`` and ``forward`` replace the measurements (tests); ``budget``
+    the process's budget.
 
     Raises:
-        MemoryBudgetError: even one clip with gradient checkpointing does not fit.
+        MemoryBudgetError: the forward pass of ``--batch-size`` clips, or a
+            training step of even one clip with gradient checkpointing, does not fit.
     """
     groups = model.layer_groups()
-    if device.type != "cpu" or plan.first_trainable_group >= len(groups) - 1:
+    if device.type != "cpu":
         return config
     budget = budget if budget is not None else memory_budget.current()
     t = config.training
     clips = distributed.local_batch_size(config.batch_size, distributed.current())
     keep = persistent_bytes(model, config)
     room = budget.room() - keep
+    passes = (forward or (lambda: measure_forward(model, device, t.precision)))()
+    passes_need = passes.need(config.batch_size)
+    if passes_need > room:
+        held = budget.limit - budget.remaining()
+        fewer = min(config.batch_size - 1, passes.most_clips(room))
+        raise MemoryBudgetError(
+            f"the forward pass of --batch-size {config.batch_size} clips (feature stores, validation, test) needs "
+            f"about {format_bytes(passes_need)} ({format_bytes(passes.per_clip)} a clip, {passes.how}), but the memory "
+            f"budget, {budget.describe()}, has {format_bytes(max(0, room + keep))} left: the process holds "
+            f"{format_bytes(held)} already. Options that would fit: --max-memory "
+            f"{option_text(held + passes_need + keep)} or more"
+            + (f", --batch-size {fewer}" if fewer >= 1 else "") + f"{_size_hint(model, passes, room)}"
+            ". Stopped before training.")
+    if plan.first_trainable_group >= len(groups) - 1:  # the head alone trains: its step is small
+        budget.reserve(passes_need + keep)
+        return config
     if measure is None:
         def measure(ckpt: bool) -> StepMemory:
             return measure_step(model, plan, device, t.precision, ckpt)
@@ -252,7 +310,7 @@ def fit_step_to_memory(model: VideoBackbone, plan: PolicyPlan, config: ResolvedT
             f"memory). Options that would fit: --max-memory {option_text(held + need)} or more"
             f"{_size_hint(model, smallest, room)}, --cache none, or a policy that trains fewer layers "
             f"(top-3, top-layer). Stopped before training.")
-    budget.reserve(choice.need + keep)
+    budget.reserve(max(choice.need, passes_need) + keep)
     if (choice.micro_batch, choice.grad_checkpointing) == (t.micro_batch, t.grad_checkpointing):
         return config
     asked = measured[t.grad_checkpointing]

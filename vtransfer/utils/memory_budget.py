@@ -45,6 +45,8 @@ from vtransfer.utils.errors import ConfigError, VtransferError
 
 #: The default budget: this share of the memory the process could have when the budget was first set.
 DEFAULT_FRACTION = 0.8
+#: Past this share of the budget, the end of a phase gives the heap's free pages back (:meth:`MemoryBudget.settle`).
+SETTLE_SHARE = 0.8
 #: The smallest size ``--max-memory`` takes: less than PyTorch itself needs to load.
 MIN_BYTES = 256 * 2**20
 _UNITS = {"": None, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -292,6 +294,15 @@ class MemoryBudget:
             return True
         release_free_heap()
         return nbytes <= self.remaining()
+
+    def settle(self) -> None:
+        """A phase ended (a store built, an epoch read): give the heap's free pages back if the process is near the limit.
+
+        The tuned allocator keeps freed activations for the next batch; past
+        :data:`SETTLE_SHARE` of the budget they are given back instead.
+        """
+        if self.used() > SETTLE_SHARE * self.limit:
+            release_free_heap()
 
     def reserve(self, nbytes: int) -> None:
         """Set ``nbytes`` aside, on top of what the process holds now (or has reserved already)."""
