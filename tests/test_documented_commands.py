@@ -198,6 +198,8 @@ DOCUMENTED: dict[str, How] = {
         How(extra=("--preset", "tiny", *SMALL, "--out", "runs/F"), check=_trained("runs/F")),
     "vtransfer finetune DATA --backbone effnet3d --weights effnet3d:imagenet --policy top-layer --stream two-stream":
         How(extra=("--preset", "tiny", *SMALL, "--out", "runs/T"), check=_trained("runs/T")),
+    "vtransfer finetune DATA --backbone effnet3d --max-memory 6G":
+        How(extra=("--preset", "tiny", *SMALL, "--out", "runs/M"), check=_trained("runs/M")),
     "vtransfer finetune DATA --backbone vivit --policy temporal --weights vivit:imagenet":
         How("offline", check=_no_output_and_offline_hint("vivit:imagenet"),
             why="downloads torchvision's ViT-B/16 (330 MB)"),

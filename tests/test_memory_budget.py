@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,8 @@ from vtransfer.data.dataset import ClipDataset
 from vtransfer.data.scan import load_dataset
 from vtransfer.engine import feature_cache, step_memory
 from vtransfer.engine.feature_cache import CachedPrefixSource, get_store
+from vtransfer.engine import spill as spill_module
+from vtransfer.engine.spill import remove_stale
 from vtransfer.engine.step_memory import StepMemory, fit_step_to_memory, measure_step
 from vtransfer.engine.trainer import QuietReporter, Trainer
 from vtransfer.models.registry import build_backbone, training_defaults
@@ -80,17 +85,20 @@ def test_sizes_and_fractions_parse_and_bad_values_say_what_is_taken():
     assert RunConfig.from_options(max_memory=" 12G ").clips.max_memory == "12G"
 
 
-def test_the_budget_is_the_size_given_or_a_fraction_of_what_the_process_could_use():
+def test_the_budget_is_the_size_given_or_a_fraction_of_what_the_process_could_use(monkeypatch):
     held, available = mb.memory_basis()
+    assert held > 0 and available > 0
     assert mb.configure("1G").limit == GiB and "--max-memory 1G" in mb.current().describe()
     assert mb.configure(0.5).limit == pytest.approx(0.5 * (held + available), rel=1e-6)
     default = mb.configure(None)
     assert default.limit == pytest.approx(mb.DEFAULT_FRACTION * (held + available), rel=1e-6)
     assert "default: 80%" in default.describe()
-    budget = MemoryBudget(limit=mb.process_memory() + 64 * MiB)
-    assert budget.fits(MiB) and not budget.fits(GiB)
+    # what the process holds is fixed here: giving free heap back (fits does) would otherwise move it under the test
+    monkeypatch.setattr(mb, "process_memory", lambda: 500 * MiB)
+    budget = MemoryBudget(limit=564 * MiB)
+    assert budget.fits(MiB) and budget.fits(64 * MiB) and not budget.fits(65 * MiB)
     budget.reserve(63 * MiB)  # set aside: counts as held until the process has grown by that much
-    assert not budget.fits(8 * MiB)
+    assert budget.fits(MiB) and not budget.fits(8 * MiB) and budget.remaining() == MiB
 
 
 def test_bad_max_memory_fails_before_any_video_is_read(data, tmp_path, no_decoding):
@@ -160,20 +168,27 @@ def test_a_store_past_the_budget_spills_to_a_file_trains_the_same_and_is_deleted
 
 
 def test_a_full_disk_names_the_folder_and_the_bytes(data, tmp_path, monkeypatch):
-    from vtransfer.engine import spill
-
     index = load_dataset(data)
     model = build_backbone("slowfusion", "tiny", num_classes=len(index.classes), **_geometry("slowfusion"))
     plan = resolve_policy(model, "top-3")
     apply_policy(model, plan)
     reader = shared_reader("memory", data / "unused", index.records, model.preprocessing)
     dataset = ClipDataset(index.records, index.class_to_idx, model.preprocessing, "eval", clips_per_video=1, reader=reader)
-    monkeypatch.setattr(spill.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(spill_module.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     mb.set_current(MemoryBudget(limit=0, spill_dir=tmp_path))
     with pytest.raises(mb.SpillError, match=str(tmp_path / "spill")) as e:
         get_store(model, dataset, plan.first_trainable_group, 4, 0, CPU, "fp32")
     assert "free" in str(e.value) and "--cache-dir" in str(e.value)
     assert not list((tmp_path / "spill").glob("feature-store-*"))
+
+
+def test_files_of_a_killed_process_are_deleted_by_the_next_spill(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"feature-store-{int(gone.stdout)}-abc.bin"
+    mine = tmp_path / f"feature-store-{os.getpid()}-def.bin"
+    stale.write_bytes(b"x")
+    mine.write_bytes(b"x")
+    assert remove_stale(tmp_path) == [stale] and mine.exists() and not stale.exists()
 
 
 def test_a_run_with_every_store_spilled_gives_the_same_model(data, pretrained, tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ at once with :class:`~vtransfer.utils.memory_budget.SpillError` naming the
 folder and the bytes needed, before anything is written. Files are deleted
 when the store is dropped (:meth:`SpillFiles.close`, or when it is garbage
 collected, or at exit); a store never outlives its process, so an
-interrupted spill leaves nothing a later run would read.
+interrupted spill leaves nothing a later run would read, and the files of a
+process that was killed (named by its process id) are deleted by the next
+spill into the same folder.
 
 The mapped pages a store has written or read are file pages the kernel can
 drop at any time, but they count in the process's resident set until it
@@ -58,6 +60,26 @@ def _unlink(paths: list[str]) -> None:
             pass
 
 
+def remove_stale(folder: Path) -> list[Path]:
+    """Delete the feature-store files in ``folder`` whose process is gone (killed before it could delete them)."""
+    removed = []
+    for path in folder.glob("feature-store-*-*.bin"):
+        try:
+            pid = int(path.name.split("-")[2])
+            os.kill(pid, 0)
+            continue  # still running (or another user's): not ours to delete
+        except ProcessLookupError:
+            pass
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 class SpillFiles:
     """The files under a spilled store's rows: where they are, their mappings, and their deletion."""
 
@@ -70,7 +92,7 @@ class SpillFiles:
 
     def create(self, folder: Path, nbytes: int) -> torch.Tensor:
         """A new file of ``nbytes`` under ``folder`` (its space claimed now), mapped: a uint8 tensor over it."""
-        fd, name = tempfile.mkstemp(prefix="feature-store-", suffix=".bin", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=f"feature-store-{os.getpid()}-", suffix=".bin", dir=folder)
         self.paths.append(name)
         try:
             try:
@@ -135,6 +157,7 @@ class RowBuffer:
             folder = budget.spill_folder()
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+                remove_stale(folder)
                 free = shutil.disk_usage(folder).free
             except OSError as e:
                 raise SpillError(f"cannot write a feature store of {format_bytes(need)} to {folder}: "
