@@ -89,6 +89,28 @@ def test_a_mirrored_and_a_trimmed_copy_in_other_splits_are_found_and_unrelated_v
     assert report.label_audit.startswith("skipped: give --backbone")
 
 
+def test_the_same_split_is_decoded_once_per_process_and_again_when_a_file_changes(tmp_path, monkeypatch):
+    """compare-policies audits one split per policy and stream: the second audit reuses the first's decoding."""
+    import shutil
+
+    from vtransfer.data.scan import load_dataset
+    from vtransfer.workflows import audit as audit_workflow
+
+    data = tmp_path / "data"
+    for split, seed in (("train", 0), ("train", 1), ("test", 2), ("test", 3)):
+        write(data / split / "ab"[seed % 2] / f"scene{seed}.mp4", scene(seed, frames=12))
+    decoded = []
+    real = audit_workflow.fingerprint_video
+    monkeypatch.setattr(audit_workflow, "fingerprint_video", lambda p: decoded.append(Path(p).name) or real(p))
+    first = audit_dataset(load_dataset(data), out=tmp_path / "run1")
+    second = audit_dataset(load_dataset(data), out=tmp_path / "run2")
+    assert len(decoded) == 4 and (tmp_path / "run2" / AUDIT_FILE).read_text() == (tmp_path / "run1" / AUDIT_FILE).read_text()
+    assert second.to_dict() == first.to_dict()
+    shutil.copy(data / "train" / "a" / "scene0.mp4", data / "test" / "a" / "scene2.mp4")  # a leak appears
+    third = audit_dataset(load_dataset(data))
+    assert len(decoded) == 8 and len(third.duplicates) == 1 and not first.duplicates
+
+
 def test_compare_is_mirror_and_trim_invariant_and_separates_scenes():
     a = fingerprint(scene(0), 12.0)
     assert compare(a, fingerprint(scene(0)[:, :, ::-1], 12.0)).difference < 1.0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch

@@ -200,3 +200,7 @@ def test_the_flow_stream_takes_its_frames_from_the_rgb_stream_s_memory_cache(dem
     assert flow.cache.frames is rgb.cache
     both = shared_reader("memory", tmp_path, records, model.preprocessing)
     assert both.rgb is rgb and both.flow is flow
+    # scoring the validation and test videos asks for some of them: served by the same caches, nothing recomputed
+    some = shared_reader("memory", tmp_path, records[1:3], model.preprocessing)
+    assert some.rgb is rgb and some.flow is flow
+    assert shared_reader("memory", tmp_path, records, flow_pre) is flow  # and the next policy's run finds them still

@@ -41,15 +41,24 @@ def make_clip_dataset(records, class_to_idx, preprocessing, mode, opts: ClipConf
     )
 
 
-# In-memory frame caches of this process, shared by the runs of compare-policies (and the demo).
-_READERS: dict[tuple, Any] = {}
+# In-memory frame caches of this process, shared by the runs of compare-policies (and the demo): decode settings ->
+# (the files it holds, the reader). One dataset's frames, and its flow, at a time.
+_READERS: dict[tuple, tuple[frozenset, Any]] = {}
+
+
+def _held(settings: tuple, files: frozenset) -> Any:
+    """The in-memory reader for ``settings`` that holds every file of ``files`` (a run's later subset too), or None."""
+    held = _READERS.get(settings)
+    return held[1] if held is not None and files <= held[0] else None
 
 
 def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preprocessing, flow_frames=None, cache_format=None):
     """The decoded-frame (or flow) reader for ``--cache``; an in-memory one is reused by later runs on the same videos.
 
     Memory caches are keyed by the decode settings and each file's path, size and
-    modification time, so a changed file is decoded again. For a flow stream,
+    modification time, so a changed file is decoded again; a request for some of
+    the videos a cache holds (scoring the validation and test splits) is served
+    from it. For a flow stream,
     ``flow_frames(n)`` is called with each video's flow-field count as it is computed.
     ``cache_format``: ``--cache-format`` (``None``: the default), part of the reuse key.
     """
@@ -59,17 +68,18 @@ def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preproces
         return TwoStreamReader(shared_reader(cache, cache_dir, records, rgb, cache_format=cache_format),
                                shared_reader(cache, cache_dir, records, flow, flow_frames, cache_format))
     flow = preprocessing.flow.key() if preprocessing.flow is not None else None
-    key = (preprocessing.resize_short, flow, preprocessing.stride if flow else cache_format,
-           tuple(sorted((str(r.path), *file_stamp(r.path)) for r in records)))
-    if cache in ("auto", "memory") and key in _READERS:
-        return _READERS[key]
+    settings = (preprocessing.resize_short, flow, preprocessing.stride if flow else cache_format)
+    files = frozenset((str(r.path), *file_stamp(r.path)) for r in records)
+    memory = cache in ("auto", "memory")
+    if memory and _held(settings, files) is not None:
+        return _held(settings, files)
     if preprocessing.stream == "flow":
         def video_done(path, done: int, total: int) -> None:
             if done == total:
                 flow_frames(total)
 
         # the RGB stream's decoded frames, when this process holds them (a two-stream run): decode each video once
-        rgb = _READERS.get((preprocessing.resize_short, None, cache_format, key[-1])) if cache in ("auto", "memory") else None
+        rgb = _held((preprocessing.resize_short, None, cache_format), files) if memory else None
         frames = getattr(rgb, "cache", None)
         reader = make_flow_reader(cache, cache_dir, records, preprocessing, frames=frames,
                                   frame_progress=video_done if flow_frames is not None else None)
@@ -77,8 +87,7 @@ def shared_reader(cache: str, cache_dir: Path, records, preprocessing: Preproces
         reader = make_reader(cache, cache_dir, records, preprocessing, cache_format=cache_format)
     cached = getattr(reader, "cache", None)
     if cached is not None and cached.mode == "memory":
-        # keep one dataset's frames, and its flow, at a time
-        for other in [k for k in _READERS if k[-1] != key[-1] or (k[1] is None) == (key[1] is None)]:
+        for other in [k for k, (held, _) in _READERS.items() if held != files or (k[1] is None) == (flow is None)]:
             del _READERS[other]
-        _READERS[key] = reader
+        _READERS[settings] = (files, reader)
     return reader

@@ -211,6 +211,8 @@ def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: 
         fields, seconds = sum(per_video), time.perf_counter() - start
         run.message(f"optical flow: {fields:,} fields in {seconds:.1f} s ({fields / seconds:.0f} per second"
                     f" on {cpu_count()} cores)")
+    elif flow is not None and getattr(getattr(reader, "cache", None), "mode", None) == "memory":
+        run.message("optical flow: the fields an earlier run of this process computed (nothing to compute)")
     clips = replace(c, cache_dir=Path(c.cache_dir) if c.cache_dir else None,
                     workers=c.workers if c.workers is not None else default_workers(run.device, reader))
     config = fit_step_to_memory(model, plan, config, run.device, run.message)  # a micro-batch when a step would not fit
