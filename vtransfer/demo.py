@@ -15,7 +15,7 @@
 Everything lands in one folder; re-running reuses every finished step.
 The settings live in :data:`DEMO_SETTINGS` (``recipes/demo.toml`` mirrors
 them). Making your own pretrained backbone (``vtransfer pretrain``) is shown
-in the README; it does not fit in the demo's five minutes.
+in the README; it does not fit in the demo's few minutes.
 """
 
 from __future__ import annotations
