@@ -22,6 +22,8 @@ from vtransfer.evaluation.audit import (
 from vtransfer.utils.errors import ConfigError, VideoDecodeError
 from vtransfer.workflows.audit import AUDIT_FILE, audit_dataset, fingerprint_video
 
+from videos import write_frames
+
 av = pytest.importorskip("av")
 
 
@@ -44,17 +46,7 @@ def scene(seed: int, frames: int = 30, width: int = 64, height: int = 48) -> np.
 
 def write(path: Path, frames: np.ndarray, crf: int = 18) -> Path:
     """Lossy H.264 at ``crf``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=12)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "ultrafast", "threads": "1"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    return write_frames(path, frames, fps=12, crf=crf)
 
 
 @pytest.fixture(scope="module")

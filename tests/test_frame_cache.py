@@ -19,6 +19,8 @@ from vtransfer.data.records import VideoRecord
 from vtransfer.utils.errors import ConfigError, VideoDecodeError
 from vtransfer.models.base import Preprocessing
 
+from videos import write_frames
+
 
 def write_video(path: Path, num_frames: int, seed: int = 0, width: int = 64, height: int = 48) -> Path:
     """A small H.264 file whose frames depend on ``seed``."""
@@ -244,20 +246,13 @@ def write_realistic_video(path: Path, num_frames: int = 12, width: int = 320, he
     """A video JPEG meets in practice: a smooth gradient, moving discs and mild sensor noise (H.264, CRF 18)."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0:width]
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "18"}
-        for i in range(num_frames):
-            img = np.stack([xx * 0.6, yy * 0.8, 255 - xx * 0.5], axis=-1)
-            for k in range(3):
-                img[(yy - 60 - 50 * k) ** 2 + (xx - (40 + 9 * i * (k + 1)) % width) ** 2 < 400] = (200, 60 * k, 90)
-            img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    frames = []
+    for i in range(num_frames):
+        img = np.stack([xx * 0.6, yy * 0.8, 255 - xx * 0.5], axis=-1)
+        for k in range(3):
+            img[(yy - 60 - 50 * k) ** 2 + (xx - (40 + 9 * i * (k + 1)) % width) ** 2 < 400] = (200, 60 * k, 90)
+        frames.append(np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8))
+    return write_frames(path, np.stack(frames), crf=18)
 
 
 @pytest.fixture(scope="module")

@@ -62,12 +62,17 @@ def write_video(
     return Path(os.fsdecode(path))
 
 
-def write_frames(path: Path, frames: np.ndarray, fps: int = 25) -> Path:
-    """Write uint8 ``T x H x W x 3`` RGB frames as a lossless H.264 file (even H and W)."""
+def write_frames(path: Path, frames: np.ndarray, fps: int = 25, crf: int | None = None) -> Path:
+    """Write uint8 ``T x H x W x 3`` RGB frames as H.264 (even H and W): lossless, or lossy at ``crf``.
+
+    The folder is created.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"qp": "0", "preset": "ultrafast"}
+        stream.options = ({"qp": "0", "preset": "ultrafast"} if crf is None
+                          else {"crf": str(crf), "preset": "ultrafast", "threads": "1"})
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 out.mux(packet)

@@ -656,18 +656,8 @@ def resolve_cache(
 
 
 def available_memory_bytes() -> int:
-    """Memory the OS says is available now (``MemAvailable``), or physical memory as a fallback."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
+    """Memory the OS says is available now (``MemAvailable``), or free physical memory as a fallback."""
+    return memory_budget.available_memory()
 
 
 def estimate_cache_bytes(records: Iterable[VideoRecord], short_side: int | None, channels: int = 3,

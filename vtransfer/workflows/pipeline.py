@@ -45,7 +45,7 @@ from vtransfer.utils.runtime import (
 from vtransfer.weights.checkpoint import save_checkpoint, set_checkpoint_temperature
 from vtransfer.workflows import runs
 from vtransfer.workflows.audit import audit_dataset
-from vtransfer.workflows.report_videos import GALLERY_NOTE, draw_report_videos
+from vtransfer.workflows.report_videos import GALLERY_NOTE, gallery_or_warning
 from vtransfer.workflows.run_model import build_run_model
 from vtransfer.workflows.scoring import evaluate_records
 
@@ -341,11 +341,7 @@ def draw_videos(run: Run, data: RunData, result) -> list:
     run.stage(f"drawing up to {limit} test videos for the report")
     best, _ = model_from_checkpoint(run.run_dir / runs.MODEL_FILE)
     best.to(run.device)
-    try:
-        return draw_report_videos(best, result, data.test or data.val, data.classes, run.run_dir / "report", limit)
-    except (RuntimeError, ValueError, OSError) as e:  # the numbers stand without the pictures: say so, keep the run
-        run.message(f"warning: the report's videos were not drawn: {type(e).__name__}: {e}")
-        return []
+    return gallery_or_warning(best, result, data.test or data.val, data.classes, run.run_dir / "report", limit, run.message)
 
 
 def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, result, preds,

@@ -11,6 +11,7 @@ of frames with the Grad-CAM map and the temporal bar, under
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from vtransfer.evaluation.metrics import EvalResult
 from vtransfer.models.base import VideoBackbone
@@ -40,3 +41,15 @@ def draw_report_videos(model: VideoBackbone, result: EvalResult, records: list, 
         items.append(GalleryItem(p.name or str(p.index), p.true, p.predicted, confidence(p), p.correct, strip=strip,
                                  note=expl.error and f"not drawn: {expl.error}"))
     return items
+
+
+def gallery_or_warning(model: VideoBackbone, result: EvalResult, records: list, classes: list[str], report_dir: Path,
+                       limit: int, warn: Callable[[str], None]) -> list[GalleryItem]:
+    """:func:`draw_report_videos`, or ``[]`` with a warning when drawing fails: the numbers stand without the pictures."""
+    if not limit:
+        return []
+    try:
+        return draw_report_videos(model, result, records, classes, report_dir, limit)
+    except (RuntimeError, ValueError, OSError) as e:
+        warn(f"warning: the report's videos were not drawn: {type(e).__name__}: {e}")
+        return []

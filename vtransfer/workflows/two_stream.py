@@ -45,7 +45,7 @@ from vtransfer.utils.runtime import resolve_device
 from vtransfer.weights.checkpoint import save_checkpoint
 from vtransfer.workflows import runs
 from vtransfer.workflows.pipeline import FinetuneResult, run_finetune
-from vtransfer.workflows.report_videos import GALLERY_NOTE, draw_report_videos
+from vtransfer.workflows.report_videos import GALLERY_NOTE, gallery_or_warning
 from vtransfer.workflows.scoring import evaluate_records, video_name
 
 FUSION_FILE = "fusion.json"
@@ -263,14 +263,8 @@ def _save(run_dir: Path, model: TwoStreamBackbone, classes, results, choice: Fus
 def _draw_videos(model: TwoStreamBackbone, fused: EvalResult, records, classes, run_dir: Path, cfg: RunConfig,
                  reporter) -> list:
     """The fused report's gallery: the test videos drawn with each stream's map (see :mod:`.report_videos`)."""
-    if not cfg.runtime.report_videos:
-        return []
-    try:
-        return draw_report_videos(model, fused, records, classes, run_dir / "report", cfg.runtime.report_videos)
-    except (RuntimeError, ValueError, OSError) as e:  # the numbers stand without the pictures
-        if reporter is not None:
-            reporter.message(f"warning: the report's videos were not drawn: {type(e).__name__}: {e}")
-        return []
+    warn = reporter.message if reporter is not None else (lambda text: None)
+    return gallery_or_warning(model, fused, records, classes, run_dir / "report", cfg.runtime.report_videos, warn)
 
 
 def _write_reports(run_dir: Path, cfg: RunConfig, model: TwoStreamBackbone, fused: EvalResult,
