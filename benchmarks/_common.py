@@ -12,7 +12,13 @@ under the same load compare fairly. The helpers here are:
 * :func:`peak_rss_mib` / :func:`rss_line` - peak resident memory of the run
   (``resource.getrusage``), printed as the last line of every script;
 * :func:`load_line` - the load average when the run started, so a reader can
-  judge how busy the machine was.
+  judge how busy the machine was;
+* :func:`run_child` - run a command (``python -m vtransfer ...``) in a fresh
+  process from the repository root, as a user starts it: its wall and CPU
+  seconds and peak RSS (``os.wait4``), the peak of the memory a budget counts
+  (:func:`anon_kib`, sampled), optionally the peak disk it took, and the load
+  average before and after (:func:`load_now`);
+* :func:`make_demo` - write a synthetic dataset with ``vtransfer make-demo``.
 
 Scripts import it as ``from _common import ...`` (Python puts the script's
 own folder first on ``sys.path``), so ``benchmarks/`` needs no package.
@@ -23,12 +29,18 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 RSS_LABEL = "peak memory (RSS)"
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_S = 0.2
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -123,3 +135,86 @@ def load_line() -> str:
     except OSError:
         load = "n/a"
     return f"load average: {load} ({cpu_count()} CPUs)"
+
+
+def load_now() -> str:
+    """The 1-, 5- and 15-minute load averages now, as ``1.23 0.98 0.75``."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def anon_kib(pid: int) -> int:
+    """What a memory budget counts of process ``pid``, in KiB: ``RssAnon + RssShmem`` of ``/proc/PID/status``.
+
+    File pages (memory-mapped feature stores, the page cache) are left out: the kernel can drop them. 0 when the
+    process is gone or the file is unreadable (not Linux).
+    """
+    total = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssShmem:")):
+                    total += int(line.split()[1])
+    except (OSError, ValueError):
+        return 0
+    return total
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes of the file system holding ``path`` (0 where it cannot be read)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def run_child(argv: list[str], log: Path, env: dict[str, str] | None = None, disk: Path | None = None) -> dict:
+    """Run ``argv`` from the repository root (stderr to ``log``) and measure it; exit with its output if it fails.
+
+    Returns its stdout and: ``wall``, ``user`` and ``sys`` seconds, minor page ``faults`` and ``rss_mib`` (from
+    ``os.wait4``: the child's own figures and its waited-for children's, e.g. DataLoader workers), ``anon_mib``
+    (the peak of :func:`anon_kib` of the child, sampled every 0.2 s), ``disk_mib`` (with ``disk``: the most the
+    free space of the file system holding ``disk`` fell below its value at the start, sampled likewise; other
+    writers to that file system count too) and ``load`` (the load average before -> after). ``env`` defaults to
+    this process's environment.
+    """
+    before = load_now()
+    free0 = _free_bytes(disk) if disk is not None else 0
+    peak = {"anon": 0, "disk": 0}
+    t0 = time.perf_counter()
+    with open(log, "w") as err, subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err,
+                                                 text=True) as proc:
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak["anon"] = max(peak["anon"], anon_kib(proc.pid))
+                if disk is not None:
+                    peak["disk"] = max(peak["disk"], free0 - _free_bytes(disk))
+                done.wait(SAMPLE_S)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        done.set()
+        sampler.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed (exit {proc.returncode}):\n{stdout[-2000:]}\n"
+                         f"{log.read_text()[-3000:]}")
+    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "faults": usage.ru_minflt,
+            "rss_mib": usage.ru_maxrss / 1024, "anon_mib": peak["anon"] / 1024, "disk_mib": peak["disk"] / 2**20,
+            "stdout": stdout, "load": f"{before} -> {load_now()}"}
+
+
+def make_demo(out: Path, options: list[str], seed: int = 1) -> None:
+    """Write a synthetic dataset to ``out``: ``python -m vtransfer make-demo OUT OPTIONS --seed SEED --json``.
+
+    Exits with the command's output if it fails.
+    """
+    argv = [sys.executable, "-m", "vtransfer", "make-demo", str(out), *options, "--seed", str(seed), "--json"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n"
+                         f"{done.stderr[-3000:]}")

@@ -21,61 +21,13 @@ Absolute times on a shared machine are noise; the load average is printed with t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-from _common import base_parser, load_line, rss_line
+from _common import base_parser, load_line, make_demo, rss_line, run_child
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES_IN_ALL = 23
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _anon_kib(pid: int) -> int:
-    total = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("RssAnon:", "RssShmem:")):
-                    total += int(line.split()[1])
-    except (OSError, ValueError):
-        return 0
-    return total
-
-
-def run_child(argv: list[str], log: Path) -> dict:
-    """Run ``argv`` from the repository root; its stdout, rusage figures, sampled peak anonymous memory and the load."""
-    before = _load()
-    t0 = time.perf_counter()
-    peak = [0]
-    with open(log, "w") as err, subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True) as proc:
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], _anon_kib(proc.pid))
-                done.wait(0.2)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        done.set()
-        sampler.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed (exit {proc.returncode}):\n{stdout[-2000:]}\n{log.read_text()[-3000:]}")
-    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "rss_mib": usage.ru_maxrss / 1024,
-            "anon_mib": peak[0] / 1024, "stdout": stdout, "load": f"{before} -> {_load()}"}
 
 
 def accuracies(out: Path) -> dict[str, dict]:
@@ -91,8 +43,7 @@ def make_data(root: Path, videos: int, quick: bool) -> Path:
         opts = ["--set", "target", "-n", str(max(2, videos // 6)), "--frames", "16", "--size", "48"]
     else:
         opts = ["--set", "all", "-n", str(max(1, round(videos / CLASSES_IN_ALL))), "--size", "160x120"]
-    argv = [sys.executable, "-m", "vtransfer", "make-demo", str(data), *opts, "--seed", "1", "--json"]
-    subprocess.run(argv, cwd=REPO, check=True, capture_output=True)
+    make_demo(data, opts)
     return data
 
 

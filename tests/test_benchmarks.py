@@ -44,6 +44,19 @@ def test_bench_budget_quick_runs_with_and_without_the_budget_and_compares_the_re
 
 
 @pytest.mark.slow
+def test_bench_scale_curve_quick_prints_the_table_slopes_targets_and_extrapolation():
+    out = run_script("bench_scale.py", "--curve", "--threads", "1", "--policies", "top-layer")
+    rows = [line.split() for line in out.splitlines() if re.match(r"^ +(12|24) +(compare|all-1ep|sum) ", line)]
+    assert [(r[0], r[1]) for r in rows] == [(n, run) for n in ("12", "24") for run in ("compare", "all-1ep", "sum")]
+    for n, run, wall, per_video, *_ in rows:
+        assert float(per_video) == pytest.approx(float(wall) / int(n), abs=0.01)  # wall printed to 0.1 s
+    assert "slopes between successive sizes (extra per extra video):" in out and "12 -> 24" in out
+    assert out.count(": PASS") + out.count(": FAIL") == 3
+    assert "LINEAR EXTRAPOLATIONS" in out and "13,320 clips" in out and "MemTotal" in out
+    assert "peak memory (RSS):" in out
+
+
+@pytest.mark.slow
 def test_bench_transfer_quick_prints_the_table_and_the_baseline():
     out = run_script("bench_transfer.py", "--threads", "1", "--policies", "scratch,top-layer")
     assert "motion+LR" in out and "flowhist+LR" in out and "chance" in out and "best pretrained policy: top-layer" in out

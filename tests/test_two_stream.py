@@ -15,7 +15,7 @@ from vtransfer.data.flow_settings import FlowSettings
 from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.data.transforms import TrainClipTransform
 from vtransfer.data.two_stream_reader import TwoStreamReader
-from vtransfer.evaluation.fusion import choose_fusion_weight, paired_clips
+from vtransfer.evaluation.fusion import choose_fusion_weight, fuse_probabilities, paired_clips
 from vtransfer.loading.backbone import stream_weights
 from vtransfer.loading.checkpoints import model_from_checkpoint
 from vtransfer.models.base import check_groups_partition
@@ -29,42 +29,63 @@ RUN = {"backbone": "effnet3d", "frames": 4, "stride": 2, "size": 48, "flow_metho
        "clips_per_video": 2, "val_clips": 1, "policy": "top-layer"}
 
 
-def _pair(flow_weight: float = 0.3) -> TwoStreamBackbone:
+def _pair(flow_weight: float = 0.3, rule: str = "mean") -> TwoStreamBackbone:
     torch.manual_seed(0)
     rgb, _ = build_run_model({**TINY, "stream": "rgb"}, num_classes=3)
     flow, _ = build_run_model({**TINY, "stream": "flow"}, num_classes=3)
-    return TwoStreamBackbone(rgb.eval(), flow.eval(), flow_weight).eval()
+    return TwoStreamBackbone(rgb.eval(), flow.eval(), flow_weight, fusion_rule=rule).eval()
 
 
-def test_the_fused_output_is_the_weighted_mean_of_the_streams_probabilities():
-    model = _pair(0.3)
+@pytest.mark.parametrize("rule", ["mean", "geometric"])
+def test_the_fused_output_is_the_weighted_mean_of_the_streams_probabilities(rule):
+    model = _pair(0.3, rule)
     clip = torch.randn(2, 5, 4, 48, 48)
     with torch.no_grad():
         fused = torch.softmax(model(clip), dim=1)
         p_rgb = torch.softmax(model.rgb(clip[:, :3]), dim=1)
         p_flow = torch.softmax(model.flow(clip[:, 3:]), dim=1)
         features = model.features(clip)
-    assert torch.allclose(fused, 0.7 * p_rgb + 0.3 * p_flow, atol=1e-6)
+    if rule == "mean":
+        expected = 0.7 * p_rgb + 0.3 * p_flow
+    else:  # the weighted geometric mean, renormalised
+        expected = p_rgb ** 0.7 * p_flow ** 0.3
+        expected = expected / expected.sum(1, keepdim=True)
+    assert torch.allclose(fused, expected, atol=1e-6)
     assert features.shape == (2, model.rgb.features(clip[:, :3]).shape[1] * 2)
     check_groups_partition(model)
     assert [g.tag for g in model.layer_groups()] == ["temporal", "head"]
     assert model.preprocessing.channels == 5 and model.preprocessing.flow_from == 3
 
 
-def test_a_weight_of_zero_is_the_rgb_stream_alone_and_one_the_flow_stream():
+@pytest.mark.parametrize("rule", ["mean", "geometric"])
+def test_a_weight_of_zero_is_the_rgb_stream_alone_and_one_the_flow_stream(rule):
     clip = torch.randn(1, 5, 4, 48, 48)
     with torch.no_grad():
         for weight, stream in ((0.0, "rgb"), (1.0, "flow")):
-            model = _pair(weight)
+            model = _pair(weight, rule)
             part = clip[:, :3] if stream == "rgb" else clip[:, 3:]
             assert torch.allclose(torch.softmax(model(clip), 1), torch.softmax(model.stream(stream)(part), 1), atol=1e-6)
 
 
+def test_the_geometric_rule_picks_the_class_neither_stream_rules_out():
+    # RGB: "a or b, surely not c"; flow: "c, or else b". The average picks c, which RGB ruled out;
+    # the geometric mean picks b, the class both allow.
+    rgb = np.array([[0.5, 0.4999, 0.0001]])
+    flow = np.array([[0.0, 0.2, 0.8]])
+    assert fuse_probabilities(rgb, flow, 0.5, "mean").argmax() == 2
+    geometric = fuse_probabilities(rgb, flow, 0.5, "geometric")
+    assert geometric.argmax() == 1 and geometric.sum() == pytest.approx(1.0)
+    as_torch = fuse_probabilities(torch.tensor(rgb), torch.tensor(flow), 0.5, "geometric").numpy()
+    assert np.allclose(as_torch, geometric)
+    with pytest.raises(ConfigError, match="fusion rule must be one of mean, geometric"):
+        fuse_probabilities(rgb, flow, 0.5, "median")
+
+
 def test_a_two_stream_checkpoint_reloads_with_both_streams_and_the_weight(tmp_path):
-    model = _pair(0.6)
+    model = _pair(0.6, "geometric")
     path = save_checkpoint(tmp_path / "m.safetensors", model, classes=["a", "b", "c"])
     back, ckpt = model_from_checkpoint(path)
-    assert isinstance(back, TwoStreamBackbone) and back.flow_weight == 0.6
+    assert isinstance(back, TwoStreamBackbone) and back.flow_weight == 0.6 and back.fusion_rule == "geometric"
     assert ckpt.preprocessing == model.preprocessing and back.flow._conv_stem.conv.weight.shape[1] == 2
     clip = torch.randn(1, 5, 4, 48, 48)
     with torch.no_grad():
@@ -129,6 +150,8 @@ def test_a_source_s_flow_twin_starts_the_flow_stream(home):
 def test_two_stream_options_are_checked_before_any_video_is_read(demo_dataset, tmp_path, no_decoding):
     bad = [({"stream": "two-stream", "fusion_weight": 1.5}, "--fusion-weight is the flow stream's share, in"),
            ({"stream": "rgb", "fusion_weight": 0.5}, "--fusion-weight weighs the streams of --stream two-stream"),
+           ({"stream": "rgb", "fusion_rule": "geometric"}, "--fusion-rule fuses the streams of --stream two-stream"),
+           ({"stream": "two-stream", "fusion_rule": "median"}, "--fusion-rule must be one of mean, geometric"),
            ({"stream": "rgb", "flow_weights": "effnet3d:imagenet"}, "--flow-weights is for --stream two-stream"),
            ({"stream": "two-stream", "backbone": "vivit", "preset": "tiny"}, "--stream two-stream: backbone 'vivit'")]
     for options, message in bad:
@@ -144,6 +167,7 @@ def test_a_two_stream_run_saves_one_model_that_every_command_takes(demo_dataset,
     assert set(res.streams) == {"rgb", "flow"} and 0.0 <= res.fusion_weight <= 1.0
     fusion = json.loads((run / "fusion.json").read_text())
     assert fusion["flow_weight"] == res.fusion_weight and len(fusion["val_video_acc"]) == 11
+    assert fusion["fusion_rule"] == "geometric"  # the default
     for name in ("rgb", "flow"):
         assert (run / name / "report" / "report.json").is_file()
     # the saved model scores the test split as the run's fused report says
@@ -157,12 +181,18 @@ def test_a_two_stream_run_saves_one_model_that_every_command_takes(demo_dataset,
 
 
 def test_a_fixed_fusion_weight_is_used_and_a_stopped_run_resumes(demo_dataset, tmp_path):
-    first = api.finetune(demo_dataset, **RUN, stream="two-stream", fusion_weight=0.2, out=tmp_path / "run",
-                         stop_after_epochs=1)
+    first = api.finetune(demo_dataset, **RUN, stream="two-stream", fusion_weight=0.2, fusion_rule="mean",
+                         out=tmp_path / "run", stop_after_epochs=1)
     assert not first.finished and not (tmp_path / "run" / "model.safetensors").exists()
     res = api.finetune(resume=tmp_path / "run")
     assert res.fusion_weight == 0.2 and len(res.streams["rgb"].history) == 2 and len(res.streams["flow"].history) == 2
-    assert json.loads((tmp_path / "run" / "fusion.json").read_text())["chosen_on"] == "--fusion-weight"
+    fusion = json.loads((tmp_path / "run" / "fusion.json").read_text())
+    assert fusion["chosen_on"] == "--fusion-weight" and fusion["fusion_rule"] == "mean"  # not the default
+    model, _ = model_from_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert model.fusion_rule == "mean"
+    # the saved model fuses as the run's report did
+    again = api.evaluate(tmp_path / "run", demo_dataset, clips_per_video=2)
+    assert again.video_hit1 == pytest.approx(res.test.video_hit1)
 
 
 def test_compare_policies_shows_each_stream_and_the_fused_row(demo_dataset, tmp_path):

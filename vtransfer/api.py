@@ -155,7 +155,7 @@ def _choose_policy(run_dir: Path, cfg: RunConfig, reporter) -> RunConfig:
     if reporter is not None:
         for line in ["auto: tried", *describe(trials), f"auto: {why}; training {winner.label} in full"]:
             reporter.message(line)
-    stream = {"stream": winner.stream, "fusion_weight": None} if winner.stream != cfg.clips.stream else {}
+    stream = {"stream": winner.stream, "fusion_weight": None, "fusion_rule": None} if winner.stream != cfg.clips.stream else {}
     return cfg.replace(policy=winner.policy, merge=cfg.policy.merge and winner.policy == "lora", **stream)
 
 

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from vtransfer.data.flow_settings import DEFAULT_FLOW, FLOW_BOUND_AT, FLOW_METHODS, FLOW_STREAMS, STREAMS, FlowSettings
+from vtransfer.data.flow_settings import (
+    DEFAULT_FLOW, DEFAULT_FUSION_RULE, FLOW_BOUND_AT, FLOW_METHODS, FLOW_STREAMS, FUSION_RULES, STREAMS, FlowSettings,
+)
 from vtransfer.policies.names import default_epochs
 from vtransfer.utils.errors import ConfigError
 from vtransfer.utils.jsonable import to_jsonable
@@ -213,6 +215,11 @@ class ClipConfig:
         None, "--stream two-stream: the flow stream's share W of the fused probabilities, (1-W) x RGB + W x flow, "
               "in [0, 1] (0.5 is the papers' plain average). Default: chosen on the validation split from "
               "0, 0.1, ..., 1.", PANEL_DATA)
+    fusion_rule: Optional[str] = option(
+        None, "--stream two-stream: how the streams' probabilities are fused with --fusion-weight W: mean, "
+              "(1-W) x RGB + W x flow (the papers' average); or geometric, RGB^(1-W) x flow^W renormalised (a weighted "
+              f"average of log-probabilities: a stream unsure among some classes leaves the choice among them to the "
+              f"other). Default: {DEFAULT_FUSION_RULE}.", PANEL_DATA)
     flow_method: str = option(
         DEFAULT_FLOW.method, f"Optical-flow method for --stream flow: {', '.join(FLOW_METHODS)}.", PANEL_DATA)
     flow_bound: Optional[float] = option(
@@ -232,6 +239,11 @@ class ClipConfig:
         """
         if self.stream not in STREAMS:
             raise ConfigError(f"--stream must be one of {', '.join(STREAMS)}, got {self.stream!r}")
+        if self.fusion_rule is not None:
+            if self.fusion_rule not in FUSION_RULES:
+                raise ConfigError(f"--fusion-rule must be one of {', '.join(FUSION_RULES)}; got {self.fusion_rule!r}")
+            if self.stream != "two-stream":
+                raise ConfigError(f"--fusion-rule fuses the streams of --stream two-stream; this run is --stream {self.stream}")
         if self.fusion_weight is not None:
             if self.stream != "two-stream":
                 raise ConfigError(f"--fusion-weight weighs the streams of --stream two-stream; this run is --stream {self.stream}")

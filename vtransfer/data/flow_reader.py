@@ -173,6 +173,7 @@ class FlowCache(DecodedFrameCache):
         self.flow = settings or FlowSettings()
         self.span = flow_span(self.flow, stride)
         self.entry_channels = self.flow.channels
+        self.phase_name = "flow"
         self.opencv = _check_opencv(self.flow)
         self.frames = frames if frames is not None else DecodedFrameCache(mode, self.cache_dir, self.short_side)
         self._keep_frames = frames is not None

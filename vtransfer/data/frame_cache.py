@@ -54,6 +54,7 @@ from vtransfer.data.records import VideoRecord
 from vtransfer.run_config import CACHE_FORMATS, DEFAULT_CACHE_FORMAT
 from vtransfer.utils.errors import ConfigError, VideoDecodeError
 from vtransfer.utils.hashing import file_sha256
+from vtransfer.utils.phase_times import phase
 from vtransfer.utils import memory_budget
 
 CACHE_MODES = ("memory", "disk")
@@ -215,6 +216,8 @@ class DecodedFrameCache:
 
     #: Channels (last axis) of a stored entry; a disk entry with another count is rewritten.
     entry_channels = 3
+    #: The phase (:mod:`vtransfer.utils.phase_times`) that computing an entry counts as.
+    phase_name = "decode"
 
     def __init__(self, mode: str, cache_dir: Path | str | None = None, short_side: int | None = None,
                  cache_format: str = "raw"):
@@ -370,7 +373,9 @@ class DecodedFrameCache:
                 return frames
         self._count(hit=False)
         try:
-            decoded = self._compute(path)
+            with phase(self.phase_name) as frames_done:
+                decoded = self._compute(path)
+                frames_done(len(decoded))
         except VideoDecodeError as e:
             self._failed[key] = e.reason
             raise
@@ -468,12 +473,13 @@ class DecodedFrameCache:
             return Path(p), None
 
         paths = list(paths)
-        if threads > 1 and len(paths) > 1:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                results = pool.map(one, paths)
-                self._report(results, on_error, progress)
-        else:
-            self._report(map(one, paths), on_error, progress)
+        with phase(self.phase_name):  # the threads' work, in wall time
+            if threads > 1 and len(paths) > 1:
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    results = pool.map(one, paths)
+                    self._report(results, on_error, progress)
+            else:
+                self._report(map(one, paths), on_error, progress)
 
     @staticmethod
     def _report(results, on_error, progress) -> None:

@@ -33,6 +33,7 @@ from vtransfer.engine.spill import RowBuffer, SpillFiles
 from vtransfer.models.base import VideoBackbone
 from vtransfer.policies.freezing import set_train_mode
 from vtransfer.utils import distributed, memory_budget
+from vtransfer.utils.phase_times import phase
 from vtransfer.utils.runtime import autocast
 
 # Model config keys that cannot change a frozen prefix's output.
@@ -131,18 +132,20 @@ def compute_store(model: VideoBackbone, dataset, stop: int, batch_size: int, wor
     loader = make_loader(dataset, batch_size, workers)
     rows: RowBuffer | None = None
     labels, videos, errors, keep = [], [], [], []
-    for batch in loader:
-        errors.extend(batch["errors"])
-        if batch["clip"].shape[0] == 0:
-            continue
-        x = batch_inputs(batch, model.preprocessing, device)
-        state = _detach_cpu(run_prefix(model, x, stop, device, precision))
-        if rows is None:
-            rows = RowBuffer(state, len(dataset))
-        rows.append(state)
-        labels.append(batch["label"])
-        videos.append(batch["video"])
-        keep.append(batch["video"] * max(1, getattr(dataset, "fixed_views", 1) or 1) + batch["view"])
+    with phase("prefix") as clips_done:  # the clips' reading included: the prefix waits for it
+        for batch in loader:
+            errors.extend(batch["errors"])
+            if batch["clip"].shape[0] == 0:
+                continue
+            x = batch_inputs(batch, model.preprocessing, device)
+            state = _detach_cpu(run_prefix(model, x, stop, device, precision))
+            if rows is None:
+                rows = RowBuffer(state, len(dataset))
+            rows.append(state)
+            labels.append(batch["label"])
+            videos.append(batch["video"])
+            keep.append(batch["video"] * max(1, getattr(dataset, "fixed_views", 1) or 1) + batch["view"])
+            clips_done(x.shape[0])
     if rows is None:
         raise RuntimeError("no clip of the dataset could be decoded")
     state, spill = rows.finish()
@@ -177,14 +180,16 @@ def get_store(model: VideoBackbone, dataset, stop: int, batch_size: int, workers
 def _derive(model: VideoBackbone, base: FeatureStore, stop: int, batch_size: int, device: torch.device, precision: str) -> FeatureStore:
     n = base.labels.shape[0]
     rows: RowBuffer | None = None
-    for i in range(0, n, batch_size):
-        idx = torch.arange(i, min(n, i + batch_size))
-        s = _to_device(base.take(idx), device)
-        with autocast(device, precision):
-            out = _detach_cpu(_float(model.forward_groups(s, base.stop, stop)))
-        if rows is None:
-            rows = RowBuffer(out, n)
-        rows.append(out)
+    with phase("prefix") as clips_done:
+        for i in range(0, n, batch_size):
+            idx = torch.arange(i, min(n, i + batch_size))
+            s = _to_device(base.take(idx), device)
+            with autocast(device, precision):
+                out = _detach_cpu(_float(model.forward_groups(s, base.stop, stop)))
+            if rows is None:
+                rows = RowBuffer(out, n)
+            rows.append(out)
+            clips_done(len(idx))
     base.release()
     state, spill = rows.finish()  # type: ignore[union-attr]  # a store has at least one row
     return FeatureStore(state, base.labels, base.video, base.errors, stop, base.item_index, spill)

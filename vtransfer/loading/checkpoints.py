@@ -67,7 +67,8 @@ def _build_two_stream(path: Path, config: dict[str, Any], *, meta_device: bool) 
             net.preprocessing = Preprocessing.from_dict(s["preprocessing"])
             nets.append(net)
         return TwoStreamBackbone(*nets, flow_weight=config["flow_weight"],
-                                 temperatures=tuple(s.get("temperature") for s in streams))
+                                 temperatures=tuple(s.get("temperature") for s in streams),
+                                 fusion_rule=config.get("fusion_rule", "mean"))  # files before --fusion-rule: mean
     except WeightsError:
         raise
     except (ConfigError, KeyError, TypeError, ValueError) as e:

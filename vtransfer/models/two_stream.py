@@ -3,8 +3,13 @@
 As in the two-stream and I3D papers, each stream is trained on its own and
 their softmax scores are averaged at test time, here with a weight:
 ``p = (1 - w) * p_rgb + w * p_flow``, where ``w`` is the flow stream's share
-(0 is RGB alone, 1 flow alone, 0.5 the papers' plain average). Each stream's
-calibration temperature, when it has one, scales its logits first.
+(0 is RGB alone, 1 flow alone, 0.5 the papers' plain average). The
+``geometric`` rule instead takes ``p ~ p_rgb^(1 - w) * p_flow^w``,
+renormalised: a stream that spreads its probability over several classes
+(RGB among classes that differ only by motion) then leaves the choice among
+them to the other stream, where an average lets its share dilute the other's
+answer. Each stream's calibration temperature, when it has one, scales its
+logits first.
 
 The fused model is one :class:`~vtransfer.models.base.VideoBackbone`, so
 evaluation, prediction, feature extraction and export take it as any model:
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 
 from vtransfer.data.preprocessing import Preprocessing
+from vtransfer.evaluation.fusion import check_fusion_rule, fuse_probabilities
 from vtransfer.models.base import LayerGroup, State, VideoBackbone
 from vtransfer.utils.errors import ConfigError
 
@@ -49,11 +55,6 @@ def check_flow_weight(weight: float) -> float:
     return w
 
 
-def fuse_probabilities(p_rgb, p_flow, flow_weight: float):
-    """``(1 - w) * p_rgb + w * p_flow`` (tensors or arrays of probabilities of the same shape)."""
-    return (1.0 - flow_weight) * p_rgb + flow_weight * p_flow
-
-
 class TwoStreamBackbone(VideoBackbone):
     """An RGB and a flow :class:`VideoBackbone` fused late (see the module docstring).
 
@@ -62,16 +63,17 @@ class TwoStreamBackbone(VideoBackbone):
         flow: the flow network, reading the same frames (``stream == "flow"``).
         flow_weight: the flow stream's share of the fused probabilities, in [0, 1].
         temperatures: each stream's calibration temperature (``None``: uncalibrated).
+        fusion_rule: ``mean`` or ``geometric`` (:func:`fuse_probabilities`).
 
     Raises:
         ConfigError: the streams are not RGB and flow, read different clips, have
-            different class counts, or the weight is outside [0, 1].
+            different class counts, the weight is outside [0, 1], or the rule is unknown.
     """
 
     backbone_name = TWO_STREAM
 
     def __init__(self, rgb: VideoBackbone, flow: VideoBackbone, flow_weight: float = 0.5,
-                 temperatures: tuple[float | None, float | None] = (None, None)):
+                 temperatures: tuple[float | None, float | None] = (None, None), fusion_rule: str = "mean"):
         super().__init__()
         self.preprocessing = Preprocessing.join_streams(rgb.preprocessing, flow.preprocessing)
         if rgb.num_classes != flow.num_classes:
@@ -80,12 +82,14 @@ class TwoStreamBackbone(VideoBackbone):
         self.flow = flow
         self.flow_weight = check_flow_weight(flow_weight)
         self.temperatures = tuple(temperatures)
+        self.fusion_rule = check_fusion_rule(fusion_rule)
 
     @property
     def config(self) -> dict[str, Any]:
         """What rebuilds it: each stream's description (family, config, input, structure) and the fusion."""
         return {
             "flow_weight": self.flow_weight,
+            "fusion_rule": self.fusion_rule,
             "streams": {name: {**self.stream(name).describe(), "temperature": t}
                         for name, t in zip(STREAM_NAMES, self.temperatures)},
         }
@@ -115,7 +119,8 @@ class TwoStreamBackbone(VideoBackbone):
         if index == 1:
             rgb, flow = state
             p = [self._probabilities(net, f, t) for net, f, t in zip((self.rgb, self.flow), (rgb, flow), self.temperatures)]
-            return torch.log(fuse_probabilities(p[0], p[1], self.flow_weight).clamp_min(torch.finfo(p[0].dtype).tiny))
+            fused = fuse_probabilities(p[0], p[1], self.flow_weight, self.fusion_rule)
+            return torch.log(fused.clamp_min(torch.finfo(p[0].dtype).tiny))
         raise IndexError(f"a two-stream model has 2 layer groups, not {index + 1}")
 
     @staticmethod

@@ -35,6 +35,7 @@ from vtransfer.reporting.report import write_eval_report
 from vtransfer.run_config import ClipConfig, ResolvedTraining, RunConfig, check_training, resolve_training
 from vtransfer.utils import distributed, memory_budget
 from vtransfer.utils.errors import DatasetError
+from vtransfer.utils.phase_times import PhaseTimes, phase, recording
 from vtransfer.utils.runtime import (
     configure_threads,
     cpu_count,
@@ -345,8 +346,9 @@ def draw_videos(run: Run, data: RunData, result) -> list:
 
 
 def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, result, preds,
-                 gallery: list | None = None) -> FinetuneResult:
-    """The test report under ``RUN/report`` and the run's result."""
+                 gallery: list | None = None, times: PhaseTimes | None = None) -> FinetuneResult:
+    """The test report under ``RUN/report`` and the run's result; with ``times``, where the run's time went
+    (``RUN/times.json``, the report's "time" line and the log)."""
     trainable, total = plan.trainable_count(model), sum(p.numel() for p in model.parameters())
     train_time = sum(h["time_s"] for h in state.history)
     backbone = run.cfg.model.backbone
@@ -355,10 +357,21 @@ def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, res
              "total_params": total, "train_time_s": train_time, "best_epoch": state.best_epoch,
              "decode_errors": sorted({f"{p}: {r}" for p, r in preds.errors}),
              "bad_videos": data.unreadable + state.bad_videos, "skipped_files": data.skipped_files}
+    if times is not None:
+        extra["time"] = record_times(run.run_dir, times, run.message)
     write_eval_report(result, run.run_dir / "report", title=f"{backbone} / {plan.policy} — test split",
                       extra=extra, history=state.history, gallery=gallery, gallery_note=GALLERY_NOTE)
     return FinetuneResult(run.run_dir, run.run_dir / runs.MODEL_FILE, result.to_dict(), state.history, trainable, total,
                           train_time, state.best_score, plan.to_dict(), test=result)
+
+
+def record_times(run_dir: Path, times: PhaseTimes, message=None) -> str:
+    """Write ``RUN/times.json`` (the run's wall time by phase, up to its report), say it, and return the one-line summary."""
+    runs.write_json(run_dir / runs.TIMES_FILE, times.to_dict())
+    line = times.summary()
+    if message is not None:
+        message(line)
+    return line
 
 
 def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, stop_after: int | None = None,
@@ -369,22 +382,30 @@ def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, sto
     does one with ``test=False`` (a ``--policy auto`` trial, chosen on the
     validation split alone: the test videos stay unseen until the winner's run).
     """
-    check_training(cfg.training, cfg.clips)  # before any file is read
-    run = start_run(run_dir, cfg, resume, reporter)
-    data = open_data(run)
-    model, info = build_model(run, data)
-    model, plan = plan_policy(run, model)  # the policy's options too are checked before the first video is decoded
-    data = screen(run, data)
-    audit_split(run, data)
-    training = prepare_training(run, data, model, plan, info)
-    state = fit(run, data, model, plan, info, training, stop_after)
-    distributed.barrier()
-    epochs = training.config.epochs
-    if state.epoch < epochs and not state.stopped_early or not run.main or not test:
-        # stopped on purpose (stop_after_epochs): resumable, no report yet; other ranks leave the test to rank 0
-        return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, {}, state.history, plan.trainable_count(model),
-                              sum(p.numel() for p in model.parameters()), sum(h["time_s"] for h in state.history),
-                              state.best_score, plan.to_dict(), finished=state.epoch >= epochs or state.stopped_early)
-    result, preds = evaluate_best(run, data, plan, training)
-    gallery = draw_videos(run, data, result)
-    return write_report(run, data, model, plan, state, result, preds, gallery)
+    with recording() as times:
+        with phase("setup"):
+            check_training(cfg.training, cfg.clips)  # before any file is read
+            run = start_run(run_dir, cfg, resume, reporter)
+            data = open_data(run)
+            model, info = build_model(run, data)
+            model, plan = plan_policy(run, model)  # the policy's options too are checked before the first video is decoded
+        with phase("screening"):
+            data = screen(run, data)
+        with phase("audit"):
+            audit_split(run, data)
+        with phase("setup"):  # decoding, flow and the frozen prefix inside count as themselves
+            training = prepare_training(run, data, model, plan, info)
+        with phase("training"):
+            state = fit(run, data, model, plan, info, training, stop_after)
+        distributed.barrier()
+        epochs = training.config.epochs
+        if state.epoch < epochs and not state.stopped_early or not run.main or not test:
+            # stopped on purpose (stop_after_epochs): resumable, no report yet; other ranks leave the test to rank 0
+            return FinetuneResult(run_dir, run_dir / runs.MODEL_FILE, {}, state.history, plan.trainable_count(model),
+                                  sum(p.numel() for p in model.parameters()), sum(h["time_s"] for h in state.history),
+                                  state.best_score, plan.to_dict(), finished=state.epoch >= epochs or state.stopped_early)
+        with phase("scoring"):
+            result, preds = evaluate_best(run, data, plan, training)
+        with phase("report videos"):
+            gallery = draw_videos(run, data, result)
+        return write_report(run, data, model, plan, state, result, preds, gallery, times)

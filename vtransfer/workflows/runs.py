@@ -36,6 +36,7 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 SPLIT_FILE = "split.csv"
 BAD_VIDEOS_FILE = "bad_videos.json"
+TIMES_FILE = "times.json"  # the run's wall time by phase (vtransfer.utils.phase_times)
 
 
 class RunInterrupted(VtransferError):

@@ -28,23 +28,25 @@ from pathlib import Path
 import numpy as np
 
 from vtransfer.data.clips import shared_reader
+from vtransfer.data.flow_settings import DEFAULT_FUSION_RULE
 from vtransfer.data.run_data import load_categories_for, open_dataset
 from vtransfer.data.splits import read_manifest, write_manifest
 from vtransfer.engine.inference import ClipPredictions
 from vtransfer.evaluation.calibration import calibrate_on_validation, scaled
-from vtransfer.evaluation.fusion import FusionChoice, choose_fusion_weight, paired_clips
+from vtransfer.evaluation.fusion import FusionChoice, choose_fusion_weight, fuse_probabilities, paired_clips
 from vtransfer.evaluation.metrics import EvalResult, classification_report
 from vtransfer.loading.backbone import stream_weights
 from vtransfer.loading.checkpoints import model_from_checkpoint
 from vtransfer.models.registry import preferred_memory_format
-from vtransfer.models.two_stream import STREAM_NAMES, TwoStreamBackbone, fuse_probabilities
+from vtransfer.models.two_stream import STREAM_NAMES, TwoStreamBackbone
 from vtransfer.reporting.report import write_eval_report
 from vtransfer.run_config import RunConfig, check_training
 from vtransfer.utils.errors import DatasetError
+from vtransfer.utils.phase_times import PhaseTimes, phase, recording
 from vtransfer.utils.runtime import resolve_device
 from vtransfer.weights.checkpoint import save_checkpoint
 from vtransfer.workflows import runs
-from vtransfer.workflows.pipeline import FinetuneResult, run_finetune
+from vtransfer.workflows.pipeline import FinetuneResult, record_times, run_finetune
 from vtransfer.workflows.report_videos import GALLERY_NOTE, gallery_or_warning
 from vtransfer.workflows.scoring import evaluate_records, video_name
 
@@ -66,7 +68,7 @@ class StreamScores:
 def stream_config(cfg: RunConfig, run_dir: Path, stream: str) -> RunConfig:
     """The one-stream run ``stream`` of two-stream run ``cfg``: its weights, the shared split, its own folder."""
     rgb_weights, flow_weights = stream_weights(cfg.model.weights, cfg.model.flow_weights)
-    return cfg.replace(stream=stream, fusion_weight=None, flow_weights=None,
+    return cfg.replace(stream=stream, fusion_weight=None, fusion_rule=None, flow_weights=None,
                        weights=rgb_weights if stream == "rgb" else flow_weights,
                        manifest=str(run_dir / runs.SPLIT_FILE), split_files=None, out=str(run_dir / stream))
 
@@ -89,24 +91,26 @@ def run_two_stream(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, s
     """
     check_training(cfg.training, cfg.clips)
     _say = reporter.message if reporter is not None else (lambda text: None)
-    if not resume:
-        index = open_dataset(cfg.data)
-        if not index.split("train"):
-            raise DatasetError(f"{cfg.data.data}: the train split is empty")
-        write_manifest(run_dir / runs.SPLIT_FILE, index)
-        runs.write_json(run_dir / runs.CONFIG_FILE, {"options": cfg.to_json(), "resolved": {"streams": list(STREAM_NAMES)}})
-    results = {}
-    for name in STREAM_NAMES:
-        sub_cfg = stream_config(cfg, run_dir, name)
-        sub = Path(sub_cfg.out)
-        sub_resume = resume and (sub / runs.CONFIG_FILE).is_file()
-        if not sub_resume:
-            runs.prepare_run_dir(sub, overwrite=True)
-        _say(f"two-stream: the {name} stream ({sub})")
-        results[name] = run_finetune(sub, sub_cfg, sub_resume, reporter=reporter, stop_after=stop_after, test=False)
-        if not results[name].finished:
-            return _unfinished(run_dir, results)
-    return _fuse(run_dir, cfg, results, reporter, test)
+    with recording() as times:  # both streams' phases, and the fusion's
+        if not resume:
+            index = open_dataset(cfg.data)
+            if not index.split("train"):
+                raise DatasetError(f"{cfg.data.data}: the train split is empty")
+            write_manifest(run_dir / runs.SPLIT_FILE, index)
+            runs.write_json(run_dir / runs.CONFIG_FILE,
+                            {"options": cfg.to_json(), "resolved": {"streams": list(STREAM_NAMES)}})
+        results = {}
+        for name in STREAM_NAMES:
+            sub_cfg = stream_config(cfg, run_dir, name)
+            sub = Path(sub_cfg.out)
+            sub_resume = resume and (sub / runs.CONFIG_FILE).is_file()
+            if not sub_resume:
+                runs.prepare_run_dir(sub, overwrite=True)
+            _say(f"two-stream: the {name} stream ({sub})")
+            results[name] = run_finetune(sub, sub_cfg, sub_resume, reporter=reporter, stop_after=stop_after, test=False)
+            if not results[name].finished:
+                return _unfinished(run_dir, results)
+        return _fuse(run_dir, cfg, results, reporter, test, times)
 
 
 def _unfinished(run_dir: Path, results: dict[str, FinetuneResult]) -> FinetuneResult:
@@ -117,7 +121,8 @@ def _unfinished(run_dir: Path, results: dict[str, FinetuneResult]) -> FinetuneRe
                           sum(h["time_s"] for h in history), 0.0, next(iter(results.values())).plan, finished=False)
 
 
-def _fuse(run_dir: Path, cfg: RunConfig, results: dict[str, FinetuneResult], reporter, test: bool) -> FinetuneResult:
+def _fuse(run_dir: Path, cfg: RunConfig, results: dict[str, FinetuneResult], reporter, test: bool,
+          times: PhaseTimes) -> FinetuneResult:
     """Score both streams' best models on validation and test; choose the weight; save the fused model and report."""
     index = read_manifest(run_dir / runs.SPLIT_FILE)
     val, test_records = index.split("val") or index.split("train"), index.split("test") or index.split("val")
@@ -126,25 +131,27 @@ def _fuse(run_dir: Path, cfg: RunConfig, results: dict[str, FinetuneResult], rep
     if reporter is not None and hasattr(reporter, "stage"):
         reporter.stage("two-stream: scoring both streams to choose the fusion weight")
     scores, nets = {}, {}
-    for name in STREAM_NAMES:
-        scores[name], nets[name] = _score_stream(name, results[name], cfg, run_dir, val, test_records if test else [],
-                                                 classes, device)
+    with phase("scoring"):
+        for name in STREAM_NAMES:
+            scores[name], nets[name] = _score_stream(name, results[name], cfg, run_dir, val,
+                                                     test_records if test else [], classes, device)
     rgb_val, flow_val = scores["rgb"].val, scores["flow"].val
     rows_r, rows_f = paired_clips(rgb_val.video, flow_val.video)
     labels = [index.class_to_idx[r.label] for r in val]
+    rule = cfg.clips.fusion_rule or DEFAULT_FUSION_RULE
     if cfg.clips.fusion_weight is not None:
-        choice = FusionChoice(float(cfg.clips.fusion_weight), {}, chosen_on="--fusion-weight")
+        choice = FusionChoice(float(cfg.clips.fusion_weight), {}, chosen_on="--fusion-weight", rule=rule)
     else:
-        choice = _choose(rgb_val, flow_val, rows_r, rows_f, labels)
-    fused_val = _fused_accuracy(rgb_val, flow_val, rows_r, rows_f, labels, choice.weight)
+        choice = _choose(rgb_val, flow_val, rows_r, rows_f, labels, rule)
+    fused_val = _fused_accuracy(rgb_val, flow_val, rows_r, rows_f, labels, choice.weight, rule)
     runs.write_json(run_dir / FUSION_FILE, {**choice.to_dict(), "fused_val_video_acc": fused_val,
                                              "streams_val_video_acc": {n: results[n].best_val_video_acc for n in STREAM_NAMES}})
     if reporter is not None:
         tried = ", ".join(f"{w:.1f}: {a:.0%}" for w, a in choice.accuracies.items())
-        reporter.message(f"two-stream: flow weight {choice.weight:.1f} ({choice.chosen_on}"
+        reporter.message(f"two-stream: flow weight {choice.weight:.1f}, {rule} of the probabilities ({choice.chosen_on}"
                          + (f"; validation accuracy by weight {tried}" if tried else "") + ")")
     model = TwoStreamBackbone(nets["rgb"], nets["flow"], choice.weight,
-                              temperatures=(scores["rgb"].temperature, scores["flow"].temperature))
+                              temperatures=(scores["rgb"].temperature, scores["flow"].temperature), fusion_rule=rule)
     _save(run_dir, model, classes, results, choice, fused_val)
     rgb_res = results["rgb"]
     combined = replace(rgb_res, run_dir=run_dir, model_path=run_dir / runs.MODEL_FILE,
@@ -158,8 +165,9 @@ def _fuse(run_dir: Path, cfg: RunConfig, results: dict[str, FinetuneResult], rep
     fused = _fused_test(scores, test_records, classes, cfg, choice.weight)
     streams = {n: replace(results[n], report=scores[n].test_result.to_dict(), test=scores[n].test_result)
                for n in STREAM_NAMES}
-    gallery = _draw_videos(model.to(device), fused, test_records, classes, run_dir, cfg, reporter)
-    _write_reports(run_dir, cfg, model, fused, streams, choice, gallery)
+    with phase("report videos"):
+        gallery = _draw_videos(model.to(device), fused, test_records, classes, run_dir, cfg, reporter)
+    _write_reports(run_dir, cfg, model, fused, streams, choice, gallery, times, reporter)
     return replace(combined, report=fused.to_dict(), test=fused, streams=streams, fusion_weight=choice.weight)
 
 
@@ -203,12 +211,12 @@ def _fusion_temperature(val_preds: ClipPredictions, val, classes) -> float | Non
     return fit.temperature  # at an end of the searched range too: a bounded softening beats none
 
 
-def _choose(rgb: ClipPredictions, flow: ClipPredictions, rows_r, rows_f, labels) -> FusionChoice:
-    """The validation-chosen weight over the videos both streams scored."""
+def _choose(rgb: ClipPredictions, flow: ClipPredictions, rows_r, rows_f, labels, rule: str) -> FusionChoice:
+    """The validation-chosen weight over the videos both streams scored, fusing by ``rule``."""
     if not len(rows_r):
         raise DatasetError("two-stream: no validation video was scored by both streams; cannot choose a fusion weight")
     video, kept_labels = _renumbered(rgb.video[rows_r], labels)
-    return choose_fusion_weight(_probs(rgb, rows_r), _probs(flow, rows_f), video, kept_labels)
+    return choose_fusion_weight(_probs(rgb, rows_r), _probs(flow, rows_f), video, kept_labels, rule=rule)
 
 
 def _probs(preds: ClipPredictions, rows) -> np.ndarray:
@@ -222,24 +230,26 @@ def _renumbered(video: np.ndarray, labels) -> tuple[np.ndarray, np.ndarray]:
     return video, np.asarray(labels)[present]
 
 
-def _fused_accuracy(rgb: ClipPredictions, flow: ClipPredictions, rows_r, rows_f, labels, weight: float) -> float:
-    """Fused video accuracy at ``weight`` over the videos both streams scored."""
+def _fused_accuracy(rgb: ClipPredictions, flow: ClipPredictions, rows_r, rows_f, labels, weight: float,
+                    rule: str) -> float:
+    """Fused video accuracy at ``weight`` (by ``rule``) over the videos both streams scored."""
     if not len(rows_r):
         return 0.0
     video, kept = _renumbered(rgb.video[rows_r], labels)
-    return choose_fusion_weight(_probs(rgb, rows_r), _probs(flow, rows_f), video, kept, grid=(weight,)).accuracies[weight]
+    return choose_fusion_weight(_probs(rgb, rows_r), _probs(flow, rows_f), video, kept, grid=(weight,),
+                                rule=rule).accuracies[weight]
 
 
-def fuse_predictions(rgb: ClipPredictions, flow: ClipPredictions, weight: float) -> ClipPredictions:
+def fuse_predictions(rgb: ClipPredictions, flow: ClipPredictions, weight: float, rule: str = "mean") -> ClipPredictions:
     """The fused clip predictions of the videos both streams scored; the others keep their errors, or say why."""
     rows_r, rows_f = paired_clips(rgb.video, flow.video)
-    probs = fuse_probabilities(rgb.probs[rows_r], flow.probs[rows_f], weight).astype(np.float32)
+    probs = fuse_probabilities(rgb.probs[rows_r], flow.probs[rows_f], weight, rule).astype(np.float32)
     return ClipPredictions(probs, rgb.video[rows_r], list(dict.fromkeys([*rgb.errors, *flow.errors])))
 
 
 def _fused_test(scores: dict[str, StreamScores], records, classes, cfg: RunConfig, weight: float) -> EvalResult:
     """The fused model's test result, from the two streams' clip predictions (what the saved model computes)."""
-    fused = fuse_predictions(scores["rgb"].test, scores["flow"].test, weight)
+    fused = fuse_predictions(scores["rgb"].test, scores["flow"].test, weight, cfg.clips.fusion_rule or DEFAULT_FUSION_RULE)
     class_to_idx = {c: i for i, c in enumerate(classes)}
     return classification_report(
         fused.probs, fused.video, [class_to_idx[r.label] for r in records], classes,
@@ -268,8 +278,9 @@ def _draw_videos(model: TwoStreamBackbone, fused: EvalResult, records, classes, 
 
 
 def _write_reports(run_dir: Path, cfg: RunConfig, model: TwoStreamBackbone, fused: EvalResult,
-                   streams: dict[str, FinetuneResult], choice: FusionChoice, gallery: list) -> None:
-    """The fused test report in ``RUN/report``; each stream's in ``RUN/<stream>/report``."""
+                   streams: dict[str, FinetuneResult], choice: FusionChoice, gallery: list, times: PhaseTimes,
+                   reporter) -> None:
+    """The fused test report in ``RUN/report`` (with where the time went); each stream's in ``RUN/<stream>/report``."""
     policy = cfg.policy.policy
     for name, result in streams.items():
         write_eval_report(result.test, run_dir / name / "report",
@@ -283,5 +294,7 @@ def _write_reports(run_dir: Path, cfg: RunConfig, model: TwoStreamBackbone, fuse
                       title=f"{cfg.model.backbone} / {policy} / two-stream — test split",
                       extra={"run": str(run_dir), "backbone": cfg.model.backbone, "input": model.preprocessing.describe(),
                              "policy": policy, "streams": f"{by_stream}; fused {fused.video_hit1:.1%}",
-                             "fusion": f"flow weight {choice.weight:.1f} (chosen on {choice.chosen_on})",
+                             "fusion": f"{choice.rule} of the probabilities, flow weight {choice.weight:.1f} "
+                                       f"(chosen on {choice.chosen_on})",
+                             "time": record_times(run_dir, times, getattr(reporter, "message", None)),
                              "decode_errors": []}, gallery=gallery, gallery_note=GALLERY_NOTE)
