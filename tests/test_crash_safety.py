@@ -27,7 +27,7 @@ TINY = dict(backbone="slowfusion", preset="tiny", size=48, policy="all", batch_s
             workers=0, patience=0, device="cpu", cache="memory", threads=1)
 # What a run folder may hold; anything else (a temp file above all) would confuse a reader.
 RUN_FILES = {runs.CONFIG_FILE, runs.SPLIT_FILE, runs.METRICS_FILE, runs.MODEL_FILE, runs.RESUME_FILE,
-             runs.BAD_VIDEOS_FILE, "report", "audit.json"}
+             runs.BAD_VIDEOS_FILE, runs.TIMES_FILE, "report", "audit.json"}
 
 
 @pytest.fixture(scope="module")

@@ -366,7 +366,8 @@ def write_report(run: Run, data: RunData, model: VideoBackbone, plan, state, res
 
 
 def record_times(run_dir: Path, times: PhaseTimes, message=None) -> str:
-    """Write ``RUN/times.json`` (the run's wall time by phase, up to its report), say it, and return the one-line summary."""
+    """Write ``RUN/times.json`` (the run's wall time by phase, up to its report; a resumed run's counts from its
+    resumption), say it, and return the one-line summary."""
     runs.write_json(run_dir / runs.TIMES_FILE, times.to_dict())
     line = times.summary()
     if message is not None:
