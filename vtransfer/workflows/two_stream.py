@@ -162,7 +162,7 @@ def _fuse(run_dir: Path, cfg: RunConfig, results: dict[str, FinetuneResult], rep
                        streams=results, fusion_weight=choice.weight)
     if not test:
         return combined
-    fused = _fused_test(scores, test_records, classes, cfg, choice.weight)
+    fused = _fused_test(scores, test_records, classes, cfg, choice.weight, rule)
     streams = {n: replace(results[n], report=scores[n].test_result.to_dict(), test=scores[n].test_result)
                for n in STREAM_NAMES}
     with phase("report videos"):
@@ -247,9 +247,10 @@ def fuse_predictions(rgb: ClipPredictions, flow: ClipPredictions, weight: float,
     return ClipPredictions(probs, rgb.video[rows_r], list(dict.fromkeys([*rgb.errors, *flow.errors])))
 
 
-def _fused_test(scores: dict[str, StreamScores], records, classes, cfg: RunConfig, weight: float) -> EvalResult:
+def _fused_test(scores: dict[str, StreamScores], records, classes, cfg: RunConfig, weight: float,
+                rule: str) -> EvalResult:
     """The fused model's test result, from the two streams' clip predictions (what the saved model computes)."""
-    fused = fuse_predictions(scores["rgb"].test, scores["flow"].test, weight, cfg.clips.fusion_rule or DEFAULT_FUSION_RULE)
+    fused = fuse_predictions(scores["rgb"].test, scores["flow"].test, weight, rule)
     class_to_idx = {c: i for i, c in enumerate(classes)}
     return classification_report(
         fused.probs, fused.video, [class_to_idx[r.label] for r in records], classes,
