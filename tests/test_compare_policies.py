@@ -148,3 +148,38 @@ def test_feature_stores_are_let_go_once_no_later_policy_needs_them(datasets, tmp
                      **{**FAST, "epochs": 1})
     assert len(held) == 2 and held[1] - before  # top-layer derived its features from top-3's stores, still held
     assert feature_cache.store_keys() - before == set()  # and after the comparison none of them are
+
+
+def test_attentive_probe_derives_its_features_from_top_3s_after_top_layer(datasets, tmp_path, monkeypatch):
+    """Run third, after top-layer, attentive-probe still finds top-3's stores: it runs only the groups above them."""
+    from vtransfer.engine import feature_cache
+    from vtransfer.workflows.compare import compare_policies
+
+    computed = []  # (depth, clips) of every store computed from decoded clips
+    real = feature_cache.compute_store
+    monkeypatch.setattr(feature_cache, "compute_store",
+                        lambda model, dataset, stop, *a, **k: computed.append((stop, len(dataset))) or real(model, dataset, stop, *a, **k))
+    before = feature_cache.store_keys()
+    result = compare_policies(datasets / "target", policies=["attentive-probe", "top-layer", "top-3"],
+                              out=tmp_path / "cmp", finetune=api.finetune,
+                              **{**FAST, "epochs": 1, "backbone": "effnet3d"})  # a family the probe reads
+    assert not result.skipped and {r.policy for r in result.rows} == {"top-3", "top-layer", "attentive-probe"}
+    assert computed and {stop for stop, _ in computed} == {min(stop for stop, _ in computed)}  # top-3's depth only
+    assert feature_cache.store_keys() - before == set()
+
+
+def test_prune_keeps_the_deepest_stores_and_the_base_below_them():
+    import torch
+
+    from vtransfer.engine import feature_cache
+
+    def store(stop: int):
+        return feature_cache.FeatureStore(torch.zeros(2, 4), torch.zeros(2), torch.zeros(2), [], stop)
+
+    feature_cache.clear_stores()
+    held = {("s3", "train"): 3, ("s5", "train"): 5, ("s9", "train"): 9, ("s9-probe", "train"): 9, ("s5", "val"): 5}
+    for key, stop in held.items():
+        feature_cache._STORES[key] = store(stop)
+    assert feature_cache.prune_stores(set(held)) == 2 * 4 * 4  # only the stop-3 training store goes
+    assert feature_cache.store_keys() == set(held) - {("s3", "train")}
+    feature_cache.clear_stores()

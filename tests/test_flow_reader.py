@@ -249,6 +249,50 @@ def test_one_frame_video_is_skipped_with_its_reason(video, tmp_path, monkeypatch
         assert batch["errors"] == [(str(still), TOO_SHORT)]
 
 
+def test_lazy_flow_computes_only_the_clips_fields_and_equals_the_whole_video_flow(tmp_path):
+    """Beside the RGB stream's raw frames in memory, a flow entry computes a field where a clip first reads it."""
+    video = moving_square_video(tmp_path / "long.mp4", frames=16)  # the square stays inside
+    records = [VideoRecord(video, "a")]
+    frames = DecodedFrameCache("memory", short_side=48)
+    for settings, stride in [(SETTINGS, 3), (FlowSettings("dis-fast", BOUND, 3, "next-sampled"), 3)]:
+        whole = FlowCache("memory", short_side=48, settings=settings, stride=stride).get(video)  # every field
+        lazy = FlowCache("memory", settings=settings, stride=stride, frames=frames)
+        assert lazy.lazy and not FlowCache("memory", short_side=48, settings=settings).lazy
+        entry = lazy.get(video)
+        assert isinstance(entry, fr.LazyFlow) and entry.shape == whole.shape and lazy.fields_computed == 0
+        reader = FlowReader(lazy)
+        clip = reader.read_clip(video, 2, 3, stride, 48)  # frames 2, 5, 8
+        assert torch.equal(clip, torch.from_numpy(whole[[2, 5, 8]]).permute(0, 3, 1, 2))
+        assert np.flatnonzero(entry.done).tolist() == [2, 5, 8] and lazy.fields_computed == 3
+        assert lazy.stats()["bytes"] == 3 * whole[0].nbytes
+
+        pre = Preprocessing(frames=4, stride=stride, crop_size=(32, 32), resize_short=48)
+        dataset = ClipDataset(records, {"a": 0}, pre, mode="eval", clips_per_video=2, reader=reader)
+        plans = [dataset.clip_plan(i)[1] for i in range(len(dataset))]
+        wanted = {min(s + j * stride, 15) for s in plans for j in range(4)} | {2, 5, 8}
+        dataset.prepare(range(len(dataset)), threads=2)  # as make_loader does
+        assert set(np.flatnonzero(entry.done).tolist()) == wanted and lazy.fields_computed == len(wanted) < 16
+        before = lazy.fields_computed
+        batch = collate_clips([dataset[i] for i in range(len(dataset))])
+        assert lazy.fields_computed == before  # everything read was ready
+        for i, start in enumerate(plans):
+            expected = torch.from_numpy(whole[[min(start + j * stride, 15) for j in range(4)]]).permute(0, 3, 1, 2)
+            assert torch.equal(batch["clip"][i], dataset.transform(expected, None))
+        assert np.array_equal(np.asarray(entry), whole) and entry.done.all()  # the rest on demand
+        assert pickle.loads(pickle.dumps(entry)).done.all()  # as a spawned worker gets it
+
+
+def test_lazy_flow_skips_a_one_frame_video(tmp_path):
+    still = moving_square_video(tmp_path / "still.mp4", frames=1)
+    cache = FlowCache("memory", settings=SETTINGS, frames=DecodedFrameCache("memory", short_side=48))
+    errors = []
+    cache.prefill([still], on_error=lambda p, r: errors.append((p, r)))
+    assert errors == [(still, TOO_SHORT)]
+    cache.prepare([(still, 0)], 2, 1)  # left for the clip's reading to report
+    with pytest.raises(VideoDecodeError, match="fewer than 2 frames"):
+        FlowReader(cache).read_clip(still, 0, 2, 1, 48)
+
+
 # -- make_flow_reader ------------------------------------------------------------------------------
 
 

@@ -142,6 +142,8 @@ def test_attentive_probe_trains_only_the_probe_and_classifier(name):
     assert probe and set(plan.trainable) == head_params(model) == probe | set(tiny(name).layer_groups()[-1].params)
     # same frozen weights, but the probe's prefix ends before the pooling: the feature cache must not share them
     assert prefix_fingerprint(model, n - 1) != prefix_fingerprint(tiny(name), n - 1)
+    # below the unpooled group nothing changed, so its store derives from top-3's (compare-policies)
+    assert prefix_fingerprint(model, n - 2) == prefix_fingerprint(tiny(name), n - 2)
 
 
 def test_lora_on_vivit_b_trains_at_most_two_percent():

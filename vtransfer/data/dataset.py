@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,20 @@ class ClipDataset(Dataset):
         else:
             generator = torch.Generator().manual_seed(derive_seed("epoch", self.seed, self.epoch, video))
         return video, random_clip_start(n, p.frames, p.stride, generator), generator
+
+    def prepare(self, indices: Iterable[int], threads: int | None = None) -> None:
+        """Tell the reader which clips items ``indices`` will read, so that it can ready them at once
+        (a lazy flow cache computes their fields on ``threads`` threads); a reader that needs nothing ignores it."""
+        if not getattr(self.reader, "prepares", False):
+            return
+        clips = []
+        for index in indices:
+            try:
+                video, start, _ = self.clip_plan(index)
+            except Exception:  # noqa: BLE001 - the item reports it when read
+                continue
+            clips.append((self.records[video].path, start))
+        self.reader.prepare(clips, self.preprocessing.frames, self.preprocessing.stride, threads)
 
     # -- items ----------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict[str, Any]:

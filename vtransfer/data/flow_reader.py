@@ -32,6 +32,11 @@ the dataset skips and reports it like any undecodable file.
   frame cache's key (file content + decode settings) combined with
   :meth:`FlowCache.settings` (the flow settings' key, the OpenCV version,
   and the span for next-sampled).
+  In memory mode beside the RGB stream's raw frames (a two-stream run) an
+  entry is a :class:`LazyFlow`: a field is computed where a clip first reads
+  it, and :meth:`FlowCache.prepare` computes the fields of the clips a loader
+  is about to read on all cores, so a run computes the fields its clips use,
+  not one per frame.
 * :class:`FlowReader` - the :class:`~vtransfer.data.decode.ClipReader` over a
   :class:`FlowCache`.
 * :class:`DirectFlowReader` - ``--cache none``: decodes only each sampled
@@ -43,7 +48,9 @@ the dataset skips and reports it like any undecodable file.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +58,11 @@ import torch
 
 from vtransfer.data.decode import DirectReader, _decode_indices
 from vtransfer.data.flow import FlowSettings, import_cv2, iter_flow
-from vtransfer.data.frame_cache import CachedReader, DecodedFrameCache, entry_key, resolve_cache_mode
+from vtransfer.data.frame_cache import CachedReader, DecodedFrameCache, clip_indices, entry_key, resolve_cache_mode
 from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.data.records import VideoRecord
 from vtransfer.utils.errors import ConfigError, VideoDecodeError
+from vtransfer.utils.phase_times import phase
 
 #: The reason a video with fewer than 2 frames is skipped.
 TOO_SHORT = "fewer than 2 frames: no optical flow"
@@ -131,6 +139,86 @@ def _as_clip(flow: np.ndarray) -> torch.Tensor:
 # -- the cache ---------------------------------------------------------------------------
 
 
+class LazyFlow:
+    """One video's flow at each of its frames (``N x H x W x C`` uint8), each field computed when first read.
+
+    What a :class:`FlowCache` in memory mode keeps for a video whose decoded
+    frames the RGB stream's frame cache holds: the clips of a run sit at a few
+    of a video's frames (10 evaluation clips of 8 frames, a few training views),
+    so only the fields there are computed, not one per frame. The fields live
+    in one array whose untouched pages cost no memory; ``done`` marks the
+    computed ones. A field is the same whenever it is computed
+    (:func:`flow_pair`), so reading a clip gives what the whole-video flow would.
+
+    Indexing (``entry[indices]``) computes the fields it reads; ``np.asarray``
+    computes all of them. ``on_fill(n)`` is told after each batch of ``n`` new fields.
+
+    Raises:
+        VideoDecodeError: fewer than 2 frames (:data:`TOO_SHORT`).
+    """
+
+    def __init__(self, frames: np.ndarray, span: int, settings: FlowSettings, source: str | Path,
+                 on_fill: Callable[[int], None] | None = None):
+        n, h, w = frames.shape[:3]
+        if n < 2:
+            raise VideoDecodeError(source, TOO_SHORT)
+        self.frames = frames
+        self.fields = np.empty((n, h, w, settings.channels), dtype=np.uint8)
+        self.done = np.zeros(n, dtype=bool)
+        self.span = span
+        self.settings = settings
+        self.source = source
+        self.on_fill = on_fill
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``N x H x W x C``, as the whole-video flow."""
+        return self.fields.shape
+
+    def __len__(self) -> int:
+        return len(self.done)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the fields computed so far."""
+        return int(self.done.sum()) * self.fields[0].nbytes
+
+    def fill(self, indices: Iterable[int]) -> int:
+        """Compute the fields at frames ``indices`` that are not computed yet; returns how many were."""
+        with self._lock:
+            todo = sorted({int(i) for i in indices if not self.done[i]})
+            if not todo:
+                return 0
+            n = len(self.done)
+            with phase("flow") as fields_done:
+                block = np.empty((len(todo), *self.fields.shape[1:]), dtype=np.uint8)
+                _fill_flow(block, self.frames, [flow_pair(i, n, self.span) for i in todo], self.settings, self.source)
+                self.fields[todo] = block
+                self.done[todo] = True
+                fields_done(len(todo))
+        if self.on_fill is not None:
+            self.on_fill(len(todo))
+        return len(todo)
+
+    def __getitem__(self, indices) -> np.ndarray:
+        self.fill(np.arange(len(self))[indices].reshape(-1).tolist())
+        return self.fields[indices]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        self.fill(range(len(self)))
+        return self.fields if dtype is None else self.fields.astype(dtype)
+
+
 class FlowCache(DecodedFrameCache):
     """Whole-video quantised flow, uint8 ``N x H x W x C``, computed once per (frames, flow settings).
 
@@ -151,6 +239,11 @@ class FlowCache(DecodedFrameCache):
 
     ``frame_progress``, when set, is called as ``frame_progress(path, done,
     total)`` after each flow field computed (from prefill's threads too).
+
+    In memory mode with the RGB stream's raw frames (a two-stream run), an
+    entry is a :class:`LazyFlow`: a video's fields are computed where its
+    clips are read, not at every frame (``lazy``), on all cores when the
+    clips are known ahead (:meth:`prepare`). ``fields_computed`` counts them.
 
     Raises:
         ConfigError: a bad mode or folder, or OpenCV missing.
@@ -178,6 +271,8 @@ class FlowCache(DecodedFrameCache):
         self.frames = frames if frames is not None else DecodedFrameCache(mode, self.cache_dir, self.short_side)
         self._keep_frames = frames is not None
         self.frame_progress: FrameProgress | None = None
+        self.lazy = mode == "memory" and self._keep_frames and self.frames.cache_format == "raw"
+        self.fields_computed = 0
 
     def settings(self) -> str:
         """What the flow of given frames depends on: these settings' key, OpenCV, the span (next-sampled)."""
@@ -189,8 +284,18 @@ class FlowCache(DecodedFrameCache):
         combined with :meth:`settings`."""
         return entry_key(self.frames.source_key(path), self.settings())
 
-    def _compute(self, path: str | Path) -> np.ndarray:
-        """Flow at every frame of ``path`` (see :func:`flow_pair`), ``N x H x W x C`` uint8, from the exact frames."""
+    def _counted(self, n: int) -> None:
+        with self._lock:
+            self.fields_computed += n
+
+    def _units(self, entry) -> int:
+        return 0 if isinstance(entry, LazyFlow) else len(entry)  # a lazy entry counts its fields as they are computed
+
+    def _compute(self, path: str | Path) -> np.ndarray | LazyFlow:
+        """Flow at every frame of ``path`` (see :func:`flow_pair`), ``N x H x W x C`` uint8, from the exact frames;
+        when ``lazy``, a :class:`LazyFlow` over the frame cache's frames that computes nothing yet."""
+        if self.lazy:
+            return LazyFlow(self.frames.get(path), self.span, self.flow, path, on_fill=self._counted)
         if self._keep_frames and self.frames.cache_format == "raw":
             frames = self.frames.get(path)
         else:
@@ -202,7 +307,30 @@ class FlowCache(DecodedFrameCache):
         report = self.frame_progress
         progress = None if report is None else (lambda done, total: report(Path(path), done, total))
         _fill_flow(out, frames, [flow_pair(i, n, self.span) for i in range(n)], self.flow, path, progress)
+        self._counted(n)
         return out
+
+    def prepare(self, clips: list[tuple[Path, int]], num_frames: int, stride: int, threads: int | None = None) -> None:
+        """Compute the fields of the clips ``(path, start)`` that a lazy cache lacks, a video per thread.
+
+        A video that cannot be read is left for its clip's reading to report.
+        """
+        if not self.lazy:
+            return
+        wanted: dict[str, tuple[LazyFlow, set[int]]] = {}
+        for path, start in clips:
+            try:
+                entry = self.get(path)
+            except VideoDecodeError:
+                continue
+            wanted.setdefault(str(path), (entry, set()))[1].update(clip_indices(start, num_frames, stride, len(entry)))
+        jobs = [(entry, indices) for entry, indices in wanted.values() if not entry.done[list(indices)].all()]
+        if not jobs:
+            return
+        with phase(self.phase_name) as fields_done:
+            workers = max(1, min(threads or os.cpu_count() or 1, len(jobs)))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                fields_done(sum(pool.map(lambda job: job[0].fill(job[1]), jobs)))
 
 
 # -- readers -----------------------------------------------------------------------------

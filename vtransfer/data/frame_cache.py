@@ -218,6 +218,8 @@ class DecodedFrameCache:
     entry_channels = 3
     #: The phase (:mod:`vtransfer.utils.phase_times`) that computing an entry counts as.
     phase_name = "decode"
+    #: Whether entries are filled part by part as clips need them (:meth:`prepare` readies them ahead).
+    lazy = False
 
     def __init__(self, mode: str, cache_dir: Path | str | None = None, short_side: int | None = None,
                  cache_format: str = "raw"):
@@ -375,7 +377,7 @@ class DecodedFrameCache:
         try:
             with phase(self.phase_name) as frames_done:
                 decoded = self._compute(path)
-                frames_done(len(decoded))
+                frames_done(self._units(decoded))
         except VideoDecodeError as e:
             self._failed[key] = e.reason
             raise
@@ -391,6 +393,10 @@ class DecodedFrameCache:
     def _compute(self, path: str | Path) -> np.ndarray:
         """The entry for ``path`` on a miss: the whole video decoded, uint8 ``N x H x W x 3`` (stores nothing)."""
         return read_video(path, short_side=self.short_side).permute(0, 2, 3, 1).numpy()  # no copy
+
+    def _units(self, entry) -> int:
+        """Work units (frames) that computing ``entry`` counts in its phase."""
+        return len(entry)
 
     def _load(self, key: str) -> np.ndarray | JpegFrames | None:
         """Memory-map a disk entry, or ``None`` if it is missing or unreadable."""
@@ -444,11 +450,17 @@ class DecodedFrameCache:
         """Frames ``start, start+stride, ...`` as uint8 ``T x 3 x H x W`` (channels-last strides, like
         :func:`~vtransfer.data.decode.read_clip`); past the end repeats the last frame."""
         frames = self.get(path)
-        last = frames.shape[0] - 1
-        indices = [min(start + i * stride, last) for i in range(num_frames)]
+        indices = clip_indices(start, num_frames, stride, frames.shape[0])
         if isinstance(frames, JpegFrames):
             return frames.clip(indices)
         return torch.from_numpy(np.ascontiguousarray(frames[indices])).permute(0, 3, 1, 2)
+
+    def prepare(self, clips: list[tuple[Path, int]], num_frames: int, stride: int, threads: int | None = None) -> None:
+        """Ready the clips ``(path, start)`` of ``num_frames`` frames ``stride`` apart before they are read.
+
+        Nothing to do here (an entry is whole once stored); a cache that fills
+        entries lazily (:class:`~vtransfer.data.flow_reader.FlowCache`) computes their parts now, on all cores.
+        """
 
     def prefill(
         self,
@@ -516,6 +528,11 @@ class DecodedFrameCache:
         return s["hits"] / total if total else 0.0
 
 
+def clip_indices(start: int, num_frames: int, stride: int, length: int) -> list[int]:
+    """The frame indices of a clip: ``start, start + stride, ...``, past the end of a ``length``-frame video the last."""
+    return [min(start + i * stride, length - 1) for i in range(num_frames)]
+
+
 class CachedReader:
     """A :class:`~vtransfer.data.decode.ClipReader` serving clips from a :class:`DecodedFrameCache`.
 
@@ -549,6 +566,16 @@ class CachedReader:
                 clip = JpegFrames.encode(clip).clip(list(range(clip.shape[0])))
             return clip
         return self.cache.read_clip(path, start, num_frames, stride)
+
+    @property
+    def prepares(self) -> bool:
+        """Whether :meth:`prepare` does anything (the cache fills its entries lazily)."""
+        return bool(getattr(self.cache, "lazy", False))
+
+    def prepare(self, clips: list[tuple[Path, int]], num_frames: int, stride: int, threads: int | None = None) -> None:
+        """Ready the clips ``(path, start)`` before they are read (:meth:`DecodedFrameCache.prepare`)."""
+        if get_worker_info() is None:  # a worker's copy of a memory cache dies with it
+            self.cache.prepare(clips, num_frames, stride, threads)
 
     def num_frames(self, path: str | Path) -> int:
         """Number of decoded frames of ``path`` (decodes it into the cache on first use)."""

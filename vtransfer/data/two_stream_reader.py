@@ -39,6 +39,18 @@ class TwoStreamReader:
             raise ValueError(f"{path}: the flow clip {tuple(flow.shape)} does not match the RGB clip {tuple(frames.shape)}")
         return torch.cat([frames, flow], dim=1)
 
+    @property
+    def prepares(self) -> bool:
+        """Whether either stream's reader readies clips ahead (:meth:`prepare`)."""
+        return any(getattr(r, "prepares", False) for r in (self.rgb, self.flow))
+
+    def prepare(self, clips: list[tuple[Path, int]], num_frames: int, stride: int, threads: int | None = None) -> None:
+        """Let each stream's reader ready the clips ``(path, start)`` before they are read."""
+        for reader in (self.rgb, self.flow):
+            ready = getattr(reader, "prepare", None)
+            if ready is not None:
+                ready(clips, num_frames, stride, threads)
+
     def num_frames(self, path: str | Path) -> int:
         """Frame count of ``path`` as the RGB reader indexes it."""
         return self.rgb.num_frames(path)

@@ -109,10 +109,14 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over ``indices`` (default: all, in order) with vtransfer's collate.
 
+    The dataset's reader is first told which clips will be read (:meth:`ClipDataset.prepare`).
+
     The explicit generator keeps worker seeding from drawing on torch's global
     RNG, so dropout masks do not depend on how batches were produced.
     """
     order = indices if indices is not None else list(range(len(dataset)))
+    if hasattr(dataset, "prepare"):
+        dataset.prepare(order)  # before workers fork: what the reader readies, they inherit
     return ClipLoader(
         dataset,
         batch_size=batch_size,

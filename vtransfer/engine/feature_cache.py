@@ -92,10 +92,15 @@ def prefix_fingerprint(model: VideoBackbone, stop: int) -> str:
     """Hash of the parameters and buffers of groups ``0 .. stop-1`` plus the architecture.
 
     Dropout rates and the class count are left out: the frozen prefix runs in
-    eval mode, and the classifier is never part of a prefix.
+    eval mode, and the classifier is never part of a prefix. So is a policy's
+    structure when none of its added submodules hooks into those groups (an
+    attentive probe reads the last map unpooled: the groups below it are the
+    family's, and their store is shared with top-3's).
     """
     arch = model.describe()
     arch["config"] = {k: v for k, v in arch["config"].items() if k not in _NOT_PREFIX_KEYS}
+    if "structure" in arch and not _edits_below(model, stop):
+        del arch["structure"]  # a policy's surgery above the prefix (an attentive probe) leaves it the family's
     h = hashlib.sha1(repr(arch).encode())
     state = model.state_dict()
     for g in model.layer_groups()[:stop]:
@@ -105,6 +110,15 @@ def prefix_fingerprint(model: VideoBackbone, stop: int) -> str:
             h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     h.update(str(stop).encode())
     return h.hexdigest()
+
+
+def _edits_below(model: VideoBackbone, stop: int) -> bool:
+    """Whether a structured model's added submodules hook into any of groups ``0 .. stop-1``."""
+    edits = getattr(model, "group_edits", None)
+    if edits is None:
+        return True  # a structure without recorded edits: assume it changes everything
+    touched = {*edits.before, *edits.after, *edits.unpooled, *edits.owned}
+    return any(index < stop for index in touched)
 
 
 def clipset_key(dataset, extra: str = "") -> str:
@@ -228,6 +242,27 @@ def drop_stores(keys) -> int:
             freed += store.nbytes()
             store.close()
     return freed
+
+
+def prune_stores(keys) -> int:
+    """Of the shared stores under ``keys``, keep per clip set those a deeper prefix can still use; drop the rest.
+
+    Kept: the deepest stores (reused as they are by the next policy at that
+    depth) and the deepest one below them (the base a store at that depth
+    but with other surgery, an attentive probe's unpooled map, is derived
+    from: :func:`get_store`). Returns the bytes of memory let go.
+    """
+    by_clips: dict[str, list[tuple[int, tuple[str, str]]]] = {}
+    for key in keys:
+        store = _STORES.get(key)
+        if store is not None:
+            by_clips.setdefault(key[1], []).append((store.stop, key))
+    drop = []
+    for held in by_clips.values():
+        deepest = max(stop for stop, _ in held)
+        below = max((stop for stop, _ in held if stop < deepest), default=None)
+        drop += [key for stop, key in held if stop not in (deepest, below)]
+    return drop_stores(drop)
 
 
 @torch.no_grad()

@@ -82,15 +82,23 @@ def cpu_count() -> int:
 def configure_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads (default: every available CPU) and return the number.
 
+    Denormal floats are then flushed to zero on those threads (:mod:`vtransfer.utils.denormals`).
     Also on a busy machine: with waiting threads that sleep (:data:`THREAD_ENVIRONMENT`)
     two threads beside two busy processes on two cores finished training steps
     faster than one thread did (benchmarks/README.md, bench_contention.py).
     """
     import torch
 
+    from vtransfer.utils.denormals import flush_denormals
+
+    global _denormals
     n = max(1, threads or cpu_count())
     torch.set_num_threads(n)
+    _denormals = flush_denormals()  # on the pool of this thread count (vtransfer.utils.denormals)
     return n
+
+
+_denormals: str | None = None  # what configure_threads did about denormal floats
 
 
 def thread_settings() -> dict[str, object]:
@@ -99,7 +107,7 @@ def thread_settings() -> dict[str, object]:
 
     env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     return {"cpus": cpu_count(), "intra_op_threads": torch.get_num_threads(),
-            "interop_threads": torch.get_num_interop_threads(), **env}
+            "interop_threads": torch.get_num_interop_threads(), "denormals": _denormals, **env}
 
 
 def default_workers(device: torch.device, reader=None) -> int:

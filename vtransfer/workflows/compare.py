@@ -136,9 +136,10 @@ def _run_policies(order: list[str], seeds: list[int], out_dir: Path, options: di
         if per_seed and policy not in skipped:
             rows.extend(aggregate_seed_rows(seed_rows) for seed_rows in per_seed.values())
         added = feature_cache.store_keys() - before
-        if added:  # the policies after it (deeper prefixes: shallow_prefixes_first) derive theirs from these
-            feature_cache.drop_stores(earlier_stores - added)
-            earlier_stores = added
+        if added:  # the policies after it (deeper prefixes: shallow_prefixes_first) reuse or derive from these
+            earlier_stores |= added
+            feature_cache.prune_stores(earlier_stores)
+            earlier_stores &= feature_cache.store_keys()
     feature_cache.drop_stores(earlier_stores)  # nothing after the comparison reads them
     for policy in skipped:
         accuracy.pop(policy, None)

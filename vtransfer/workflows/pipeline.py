@@ -212,6 +212,9 @@ def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: 
         fields, seconds = sum(per_video), time.perf_counter() - start
         run.message(f"optical flow: {fields:,} fields in {seconds:.1f} s ({fields / seconds:.0f} per second"
                     f" on {cpu_count()} cores)")
+    elif getattr(getattr(reader, "cache", None), "lazy", False):
+        run.message("optical flow: each field computed where a clip first needs it, not at every frame"
+                    " (the time summary at the end counts them)")
     elif flow is not None and getattr(getattr(reader, "cache", None), "mode", None) == "memory":
         run.message("optical flow: the fields an earlier run of this process computed (nothing to compute)")
     clips = replace(c, cache_dir=Path(c.cache_dir) if c.cache_dir else None,
