@@ -33,6 +33,8 @@ import ctypes
 import os
 from collections.abc import Mapping
 
+import torch
+
 #: The environment variable that opts out: ``VTRANSFER_DENORMALS=keep``.
 ENV_VAR = "VTRANSFER_DENORMALS"
 KEEP_VALUES = ("keep", "off", "0", "no", "false")
@@ -47,8 +49,6 @@ def _torch_gomp() -> ctypes.CDLL | None:
     region started in one of those would run on its own threads, not torch's.
     So the copy in torch's folder is taken, or else the only one loaded.
     """
-    import torch
-
     try:
         with open("/proc/self/maps") as f:
             paths = sorted({line.split()[-1] for line in f if "/libgomp" in line})
@@ -72,8 +72,6 @@ def set_denormal_flush(on: bool) -> tuple[int, str]:
 
     Returns ``(threads set, how)``; ``threads set`` is 0 where the CPU has no such flags.
     """
-    import torch
-
     if not torch.set_flush_denormal(on):
         return 0, "this CPU has no flush-to-zero flags (not x86 with SSE3)"
     threads = torch.get_num_threads()
