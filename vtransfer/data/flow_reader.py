@@ -58,7 +58,14 @@ import torch
 
 from vtransfer.data.decode import DirectReader, _decode_indices
 from vtransfer.data.flow import FlowSettings, import_cv2, iter_flow
-from vtransfer.data.frame_cache import CachedReader, DecodedFrameCache, clip_indices, entry_key, resolve_cache_mode
+from vtransfer.data.frame_cache import (
+    CachedReader,
+    DecodedFrameCache,
+    PicklesWithoutLock,
+    clip_indices,
+    entry_key,
+    resolve_cache_mode,
+)
 from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.data.records import VideoRecord
 from vtransfer.utils.errors import ConfigError, VideoDecodeError
@@ -139,7 +146,7 @@ def _as_clip(flow: np.ndarray) -> torch.Tensor:
 # -- the cache ---------------------------------------------------------------------------
 
 
-class LazyFlow:
+class LazyFlow(PicklesWithoutLock):
     """One video's flow at each of its frames (``N x H x W x C`` uint8), each field computed when first read.
 
     What a :class:`FlowCache` in memory mode keeps for a video whose decoded
@@ -169,15 +176,6 @@ class LazyFlow:
         self.settings = settings
         self.source = source
         self.on_fill = on_fill
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     @property

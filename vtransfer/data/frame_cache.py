@@ -198,7 +198,20 @@ class JpegFrames:
         return frames if dtype is None else frames.astype(dtype)
 
 
-class DecodedFrameCache:
+class PicklesWithoutLock:
+    """Pickles (for spawned workers) without its ``_lock``, which does not pickle; a new lock on unpickling."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class DecodedFrameCache(PicklesWithoutLock):
     """Whole-video uint8 frames, decoded once per (file content, decode settings).
 
     Args:
@@ -249,16 +262,6 @@ class DecodedFrameCache:
         self._counters = torch.zeros(_COUNTER_SLOTS, 2, dtype=torch.int64).share_memory_()
         self._lock = threading.Lock()
         self.write_error: str | None = None
-
-    # -- pickling for spawned workers (locks do not pickle) ---------------------------
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     # -- keys ------------------------------------------------------------------------
     def _decode_settings(self) -> str:
