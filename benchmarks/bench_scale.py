@@ -52,14 +52,25 @@ share of CPU time and the load average before -> after; then the slopes
 between successive sizes (extra seconds and MiB per extra video); the three
 targets with PASS/FAIL (peak RSS grows at most 1.5x from the smallest to the
 largest size; seconds per video within 20% across sizes, max/min <= 1.2;
-the largest size's peak anonymous memory within the budget); and a linear
+the largest size's peak anonymous memory within the budget; every policy's
+throughput at least 70% of its slowest part's rate alone); and a linear
 extrapolation to UCF-101 (13,320 clips of 7.2 s mean) of the time (per-video
 slope scaled by the video length), memory and disk, against this machine's
 MemTotal and the work folder's free disk.
 Between the table and the slopes it prints where each policy's run spent its
 wall time, by phase (decoding, optical flow, frozen prefix, training,
 scoring, report videos; each run's ``times.json``), with the clips per second
-its frozen-prefix phase reached.
+its frozen-prefix phase reached; then each policy's run **against the limit**.
+Before the timed runs, ``bench_parts.py`` measures each part alone on the
+smallest dataset (PyAV decoding in frames per second on every core; per
+policy, its frozen prefix's forward pass and its training step in clips per
+second). Per run and part it prints the rate the run reached in that part, the
+rate alone, and the seconds the run's work in that part would take alone
+(decoding: every frame of the dataset; prefix: the clips it ran, from the
+groups another policy's stored outputs leave off at; training: the clips
+trained). The slowest part is the one whose work takes longest alone, and the
+run's throughput as a fraction of that part's rate is those seconds over the
+run's wall time (target: at least 70% for every policy at the largest size).
 
     python benchmarks/bench_scale.py --curve --work ../bench-scale   # 92, 391, 1610 videos (100, 400, 1600 asked); datasets kept and reused
     python benchmarks/bench_scale.py --curve --videos 100,400 --budget 6G
@@ -80,6 +91,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,6 +118,8 @@ TARGET_TIME_SPREAD = 1.2
 UCF101_CLIPS = 13_320
 UCF101_SECONDS = 7.2
 SUM = "sum"
+LIMIT_PARTS = ("decode", "prefix", "training")
+TARGET_OF_SLOWEST = 0.70
 
 
 # -- the malloc tuning (the default mode) ---------------------------------------------------------------------------
@@ -266,6 +280,7 @@ class Point:
     videos: int
     seconds: float
     data_bytes: int
+    frames: int = 0
     runs: dict[str, dict] = field(default_factory=dict)
 
     def total(self) -> dict:
@@ -315,8 +330,9 @@ def describe(data: Path) -> Point:
     videos = list_videos(data)
     if not videos:
         raise SystemExit(f"{data}: no video files found")
-    seconds = statistics.fmean(probe_video(v).duration for v in videos)
-    return Point(data=data, videos=len(videos), seconds=seconds, data_bytes=sum(v.stat().st_size for v in videos))
+    infos = [probe_video(v) for v in videos]
+    return Point(data=data, videos=len(videos), seconds=statistics.fmean(i.duration for i in infos),
+                 data_bytes=sum(v.stat().st_size for v in videos), frames=sum(i.num_frames for i in infos))
 
 
 def demo_options(size: int, quick: bool) -> list[str]:
@@ -437,8 +453,9 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def print_targets(points: list[Point], budget: str, budget_in_mib: float) -> None:
-    """The three targets with the measured values: RSS growth, time per video across sizes, the budget."""
+def print_targets(points: list[Point], budget: str, budget_in_mib: float, fractions: list[float]) -> None:
+    """The targets with the measured values: RSS growth, time per video across sizes, the budget, and each policy's
+    throughput against its slowest part's rate at the largest size (``fractions``)."""
     first, last = points[0].total(), points[-1].total()
     growth = last["rss_mib"] / first["rss_mib"]
     per_video = [p.total()["wall"] / p.videos for p in points]
@@ -450,6 +467,10 @@ def print_targets(points: list[Point], budget: str, budget_in_mib: float) -> Non
           f"(<= {TARGET_TIME_SPREAD}): {verdict(spread <= TARGET_TIME_SPREAD)}\n"
           f"  largest size ({points[-1].videos} videos) within the budget: peak anon {last['anon_mib']:.0f} MiB of "
           f"{budget_in_mib:.0f} MiB (--max-memory {budget}): {verdict(last['anon_mib'] <= budget_in_mib)}")
+    if fractions:
+        print(f"  throughput against the slowest part's rate alone at {points[-1].videos} videos, every policy: "
+              f"{', '.join(f'{f:.0%}' for f in fractions)} (>= {TARGET_OF_SLOWEST:.0%}): "
+              f"{verdict(min(fractions) >= TARGET_OF_SLOWEST)}")
 
 
 def duration(seconds: float) -> str:
@@ -519,9 +540,82 @@ def print_breakdown(points: list[Point], root: Path, runs: dict[str, list[str]])
                       + f" {t['other_s'] / wall:6.0%} {speed:>15}")
 
 
+def measure_parts(args: argparse.Namespace, data: Path, root: Path) -> dict:
+    """``bench_parts.py`` on ``data`` in a fresh process (before the timed runs): each part's rate alone."""
+    out = root / "parts.json"
+    policies = ",".join(dict.fromkeys([*(args.policies or CURVE_POLICIES).split(","), "all"]))
+    argv = [sys.executable, str(Path(__file__).with_name("bench_parts.py")), str(data), "--backbone", args.backbone,
+            "--policies", policies, "--json", str(out)]
+    argv += ["--weights", args.weights] if args.weights else []
+    argv += ["--preset", args.preset] if args.preset else []
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    argv += ["--quick"] if args.quick else []
+    print(f"\neach part alone (python benchmarks/bench_parts.py {' '.join(argv[2:])}):", flush=True)
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_parts.py failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    print("  " + done.stdout.rstrip().replace("\n", "\n  "), flush=True)
+    return json.loads(out.read_text())
+
+
+def ideal_seconds(point: Point, times: dict, policy: dict, start: int, parts: dict) -> dict[str, tuple[float, float, float]]:
+    """Per part of one policy's run: (seconds that part would take alone for the work the run gave it, the rate
+    the run reached in that part, the rate alone). Decoding counts every frame of the dataset (the frame cache
+    decodes whole videos); the prefix, the groups from ``start`` (a store another policy left) to the first
+    trainable one; training, the clips trained."""
+    phases, units = times["phases_s"], times.get("units", {})
+    alone = parts["policies"].get(policy["policy"])
+    out = {}
+    if phases.get("decode", 0.0) >= 0.5 and point.frames:
+        rate = parts["decode"]["frames_per_s"]
+        out["decode"] = (point.frames / rate, point.frames / phases["decode"], rate)
+    if alone and units.get("prefix") and phases.get("prefix"):
+        per_clip = sum(alone["prefix_s_per_clip"][start:policy["first_trainable_group"]])
+        if per_clip > 0:
+            out["prefix"] = (units["prefix"] * per_clip, units["prefix"] / phases["prefix"], 1.0 / per_clip)
+    if alone and units.get("training") and phases.get("training"):
+        rate = alone["train_clips_per_s"]
+        out["training"] = (units["training"] / rate, units["training"] / phases["training"], rate)
+    return out
+
+
+def print_against_limit(points: list[Point], root: Path, runs: dict[str, list[str]], parts: dict) -> list[float]:
+    """Each policy's run against its parts' rates alone: the end-to-end throughput as a fraction of the slowest
+    part's own rate (that part's ideal time over the run's wall time). Returns the largest size's fractions."""
+    print("\nagainst the limit: per part, the rate the run reached in it / the rate alone (bench_parts.py above) "
+          "and the seconds the run's work in that part takes alone. The slowest part is the one whose work takes "
+          "longest alone; the run's throughput as a fraction of that part's rate = those seconds / the run's wall. "
+          "'parts' is all the measured parts in sequence / wall (scoring, report videos and setup are not parts).")
+    print(f"{'videos':>6} {'policy':<18} {'wall s':>7} " + " ".join(f"{n:>26}" for n in LIMIT_PARTS)
+          + f" {'slowest':>9} {'of rate':>8} {'parts':>6}")
+    largest = []
+    for point in points:
+        for name in runs:
+            folder = root / "runs" / f"{point.videos}-{name}"
+            plans = {p: json.loads((folder / p / "config.json").read_text())["resolved"]["policy"]
+                     for p in run_times(folder)}
+            for policy, t in run_times(folder).items():
+                stop = plans[policy]["first_trainable_group"]
+                start = max((q["first_trainable_group"] for q in plans.values()
+                             if q["first_trainable_group"] < stop), default=0)
+                ideal = ideal_seconds(point, t, plans[policy], start, parts)
+                wall = t["wall_s"] or 1e-9
+                cells = [f"{ideal[n][1]:.1f}/{ideal[n][2]:.1f}/s {ideal[n][0]:6.1f}s" if n in ideal else "-"
+                         for n in LIMIT_PARTS]
+                slowest = max(ideal, key=lambda n: ideal[n][0], default=None)
+                share = ideal[slowest][0] / wall if slowest else float("nan")
+                in_sequence = sum(v[0] for v in ideal.values()) / wall
+                print(f"{point.videos:>6} {policy[:18]:<18} {wall:7.1f} " + " ".join(f"{c:>26}" for c in cells)
+                      + f" {slowest or '-':>9} {share:8.0%} {in_sequence:6.0%}")
+                if point is points[-1] and slowest:
+                    largest.append(share)
+    return largest
+
+
 def cost_curve(args: argparse.Namespace, parser: argparse.ArgumentParser, budget_in_mib: float) -> None:
-    """Make or take each dataset, run the comparison and one epoch of all on it; print the table, slopes, targets
-    and the extrapolation to UCF-101 (``budget_in_mib``: the runs' ``--max-memory`` in MiB)."""
+    """Make or take each dataset, measure each part alone, run the comparison and one epoch of all on each size;
+    print the table, the parts against their limits, the slopes, targets and the extrapolation to UCF-101
+    (``budget_in_mib``: the runs' ``--max-memory`` in MiB)."""
     budget = args.budget or CURVE_BUDGET
     with tempfile.TemporaryDirectory(prefix="bench_scale_curve_") as tmp_name:
         root = (args.work or Path(tmp_name)).resolve()
@@ -529,7 +623,8 @@ def cost_curve(args: argparse.Namespace, parser: argparse.ArgumentParser, budget
         print(f"work folder: {root}{'' if args.work else ' (temporary)'}")
         points = curve_points(args, root, parser)
         runs = curve_runs(args, budget)
-        print("workload, each in a fresh process:")
+        parts = measure_parts(args, points[0].data, root)
+        print("\nworkload, each in a fresh process:")
         for name, options in runs.items():
             print(f"  {name}: python -m vtransfer compare-policies DATA {' '.join(options)} --out OUT")
         print("datasets: " + "; ".join(f"{p.data.name}: {p.videos} videos of {p.seconds:.2f} s mean" for p in points))
@@ -537,12 +632,13 @@ def cost_curve(args: argparse.Namespace, parser: argparse.ArgumentParser, budget
         for point in points:
             measure(point, runs, root)
         print_breakdown(points, root, runs)
+        fractions = print_against_limit(points, root, runs, parts)
         if len(points) < 2:
             print("\none size only: the slopes, the growth targets and the extrapolation need two "
                   "(more --videos, or --data twice)")
             return
         print_slopes(points)
-        print_targets(points, budget, budget_in_mib)
+        print_targets(points, budget, budget_in_mib, fractions)
         print_extrapolation(points, budget, budget_in_mib, root, args.quick)
 
 

@@ -82,7 +82,8 @@ def test_categories_csv_and_readme_cover_every_class(tmp_path):
 def test_same_seed_same_files_other_seed_other_frames(tmp_path):
     kwargs = dict(classes=["cross", "move_up"], videos_per_class=2, frames=8, size=32)
     a = make_demo(tmp_path / "a", seed=7, **kwargs)
-    b = make_demo(tmp_path / "b", seed=7, **kwargs)
+    b = make_demo(tmp_path / "b", seed=7, workers=3, **kwargs)  # written in parallel: the same files, in order
+    assert [f.name for f in b.files] == [f.name for f in a.files] and b.total_bytes == a.total_bytes
     c = make_demo(tmp_path / "c", seed=8, **kwargs)
     for fa, fb, fc in zip(a.files, b.files, c.files):
         assert fa.read_bytes() == fb.read_bytes()
@@ -244,11 +245,13 @@ def test_bad_options_raise_config_errors_naming_the_option(tmp_path):
         make_demo(tmp_path / "d", class_set="everything")
     with pytest.raises(ConfigError, match="--codec"):
         make_demo(tmp_path / "e", classes=["ring", "cross"], videos_per_class=1, codec="no-such-codec")
+    with pytest.raises(ConfigError, match="--workers 0"):
+        make_demo(tmp_path / "w", workers=0)
     with pytest.raises(ConfigError, match="--frames"):
         make_demo(tmp_path / "f", frames=2)
     with pytest.raises(ConfigError, match="unknown demo class"):
         render_video("nope", 0)
-    assert not any((tmp_path / n).exists() for n in "abcdef")
+    assert not any((tmp_path / n).exists() for n in "abcdefw")
 
 
 def test_refuses_non_empty_folder_and_only_overwrites_its_own(tmp_path):

@@ -322,3 +322,23 @@ def test_a_checkpoint_of_an_unknown_backbone_is_an_error_naming_it(checkpoint, t
     save_file(load_file(str(checkpoint)), str(tmp_path / "m.safetensors"), metadata={**meta, "vtransfer": json.dumps(doc)})
     with pytest.raises(WeightsError, match="unknown backbone 'mystery3d'"):
         api.explain(tmp_path / "m.safetensors", [tmp_path / "x.mp4"], out=tmp_path / "out")
+
+
+def test_a_two_stream_models_temporal_bar_equals_occluding_each_frame_of_both_streams_by_hand():
+    torch.manual_seed(0)
+    opts = {"backbone": "effnet3d", "frames": 4, "stride": 2, "size": 48, "flow_method": "farneback", "policy": "scratch"}
+    rgb, _ = build_run_model({**opts, "stream": "rgb"}, num_classes=3)
+    flow, _ = build_run_model({**opts, "stream": "flow"}, num_classes=3)
+    model = TwoStreamBackbone(rgb.eval(), flow.eval(), 0.3, fusion_rule="geometric").eval()
+    p = model.preprocessing
+    x = torch.randn(1, p.channels, p.frames, *p.crop_size)
+    logit, prob = temporal_occlusion(model, x, 2, batch_size=3)
+    with torch.no_grad():
+        by_hand = []
+        for t in range(p.frames):
+            occluded = x.clone()
+            occluded[:, :, t] = x.mean(dim=2)
+            by_hand.append(float(model(occluded)[0, 2]))
+    assert logit.shape == (p.frames,)
+    np.testing.assert_allclose(logit, by_hand, atol=1e-5)
+    np.testing.assert_allclose(prob, np.exp(by_hand), atol=1e-5)

@@ -28,6 +28,7 @@ def test_a_nested_phase_counts_only_for_itself_and_the_rest_is_other():
     assert list(d["phases_s"]) == ["decode", "prefix"]  # in the order a run meets them
     line = times.summary()
     assert line.startswith("time 0.") and "decoding 0.1 s (" in line and "frozen prefix 0.1 s (" in line and "other" in line
+    assert "; 8 clips, " in line and "/s)" in line  # the prefix's units and rate
 
 
 def test_phases_outside_a_recording_or_on_other_threads_are_not_counted():
@@ -53,5 +54,8 @@ def test_a_run_says_where_its_time_went(demo_dataset, tmp_path):
     assert {"setup", "screening", "decode", "prefix", "training", "scoring"} <= set(phases)
     assert sum(phases.values()) <= times["wall_s"] + 1e-6 and all(s >= 0 for s in phases.values())
     assert times["units"]["prefix"] > 0  # clips through the frozen prefix
+    # each training video gives one clip an epoch here (2 cached views, one drawn per epoch)
+    train = sum(1 for line in (tmp_path / "run" / "split.csv").read_text().splitlines() if ",train," in line)
+    assert times["units"]["training"] == train
     report = json.loads((res.run_dir / "report" / "report.json").read_text())
     assert report["extra"]["time"].startswith("time ") and "frozen prefix" in report["extra"]["time"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vtransfer.policies.names import FREEZING_POLICY_NAMES
+from vtransfer.utils.runtime import cpu_count
 
 DEMO_SETTINGS: dict[str, Any] = {
     "backbone": "effnet3d",
@@ -75,7 +76,8 @@ def run_demo(out: Path, *, overwrite: bool = False, settings: dict[str, Any] | N
     if not (target / "categories.csv").exists():
         step("making the target dataset")
         make_demo(target, class_set="target", videos_per_class=s["target_videos_per_class"], frames=s["demo_frames"],
-                  size=s["demo_size"], clutter=s["clutter"], seed=s["seed"] + 1, overwrite=True)
+                  size=s["demo_size"], clutter=s["clutter"], seed=s["seed"] + 1, overwrite=True,
+                  workers=cpu_count())
     common = dict(backbone=s["backbone"], preset=s["preset"], weights=s["weights"], seeds=[s["seed"]],
                   epochs=s["epochs"], ratios=tuple(s["target_ratios"]), categories=target / "categories.csv",
                   reporter=reporter, on_policy=on_policy, frames=s["frames"], stride=s["stride"], size=s["size"],

@@ -13,6 +13,7 @@ from rich.table import Table
 from vtransfer.cli.app import app, console, err_console
 from vtransfer.cli.options import HelpCommand
 from vtransfer.utils.errors import VtransferError
+from vtransfer.utils.runtime import cpu_count
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -63,6 +64,7 @@ def make_demo_command(
     clutter: Annotated[float, typer.Option("--clutter", help="Background clutter, distractors, camera jitter and noise: 0 none, 1 default, up to 4.")] = 1.0,
     codec: Annotated[str, typer.Option("--codec", help="PyAV video encoder (files are .mp4).")] = "libx264",
     keyframe_interval: Annotated[Optional[int], typer.Option("--keyframe-interval", help="Most frames between keyframes (default: one per second, --fps). Longer intervals make seeking into a clip cost more decoding, as in most real datasets (x264's default is 250).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Videos written at once (default: one per CPU core). The files do not depend on it.", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it holds an earlier make-demo dataset.")] = False,
     list_classes: Annotated[bool, typer.Option("--list-classes", help="Show every class, its category and sets, then exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no table, no progress bar).")] = False,
@@ -86,7 +88,8 @@ def make_demo_command(
             raise typer.Exit(2)
         kwargs = dict(class_set=class_set, classes=classes.split(",") if classes else None,
                       videos_per_class=videos_per_class, frames=frames, size=_parse_size(size), fps=fps, seed=seed,
-                      codec=codec, overwrite=overwrite, clutter=clutter, keyframe_interval=keyframe_interval)
+                      codec=codec, overwrite=overwrite, clutter=clutter, keyframe_interval=keyframe_interval,
+                      workers=cpu_count() if workers is None else workers)
         if as_json:
             summary = make_demo(out, **kwargs)
         else:
@@ -110,6 +113,6 @@ def make_demo_command(
     console.print(
         f"{n} videos, {len(summary.classes)} classes, {summary.frames} frames of {summary.width}x{summary.height} "
         f"at {summary.fps} fps, seed {summary.seed}: {summary.total_bytes / 1e6:.1f} MB in {summary.seconds:.1f}s "
-        f"({n / max(summary.seconds, 1e-9):.0f} videos/s)"
+        f"({n / max(summary.seconds, 1e-9):.2g} videos/s)"
     )
     console.print(f"categories: {escape(str(summary.root / 'categories.csv'))}")

@@ -53,6 +53,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -804,6 +805,7 @@ def make_demo(
     overwrite: bool = False,
     clutter: float = 1.0,
     keyframe_interval: int | None = None,
+    workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> DemoSummary:
     """Write a synthetic demo dataset to ``out`` and return what was written.
@@ -821,6 +823,7 @@ def make_demo(
         overwrite: replace ``out`` if it is a previous make-demo folder.
         clutter: scale of background texture, distractors, camera jitter and noise (0 = none, 1 = default).
         keyframe_interval: most frames between keyframes (default ``fps``: one per second).
+        workers: videos rendered and encoded at once, on as many threads (the files do not depend on it).
         progress: optional callback ``(videos_done, videos_total)`` called after each file.
 
     Raises:
@@ -840,6 +843,8 @@ def make_demo(
         raise ConfigError(f"--keyframe-interval {keyframe_interval}: must be at least 1")
     if not 0.0 <= clutter <= 4.0:
         raise ConfigError(f"--clutter {clutter}: must be between 0 and 4")
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: must be at least 1")
     check_codec(codec)
     out = Path(out)
     _prepare_folder(out, overwrite)
@@ -851,18 +856,24 @@ def make_demo(
 
     summary = DemoSummary(root=out, classes=names, categories={n: CATALOGUE[n].category for n in names},
                           counts={}, frames=frames, height=height, width=width, fps=fps, seed=seed, codec=codec)
-    total = len(names) * videos_per_class
+    jobs = [(name, i, out / name / f"{name}_{i:03d}.mp4") for name in names for i in range(videos_per_class)]
     for name in names:
         (out / name).mkdir(exist_ok=True)
-        for i in range(videos_per_class):
-            path = out / name / f"{name}_{i:03d}.mp4"
-            video = render_video(name, i, seed=seed, frames=frames, height=height, width=width, clutter=clutter)
-            encode_video(path, video, fps=fps, codec=codec, keyframe_interval=keyframe_interval)
+
+    def write(job: tuple[str, int, Path]) -> Path:
+        name, i, path = job
+        video = render_video(name, i, seed=seed, frames=frames, height=height, width=width, clutter=clutter)
+        encode_video(path, video, fps=fps, codec=codec, keyframe_interval=keyframe_interval)
+        return path
+
+    # numpy's array arithmetic and the encoder release the GIL, so threads render and encode in parallel.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for path in pool.map(write, jobs):
             summary.files.append(path)
             summary.total_bytes += path.stat().st_size
             if progress is not None:
-                progress(len(summary.files), total)
-        summary.counts[name] = videos_per_class
+                progress(len(summary.files), len(jobs))
+    summary.counts = {name: videos_per_class for name in names}
 
     with open(out / CATEGORIES_FILE, "w", newline="") as f:
         f.write("class,category\n")

@@ -237,7 +237,7 @@ def _per_frame_prefix(model: VideoBackbone, x: torch.Tensor) -> tuple[int, State
     """How many leading groups mix within a frame only and keep the clip's frames, and their output on ``x``."""
     frames = x.shape[2]
     k, state = 0, x
-    if isinstance(model, (TorchvisionSwin3D, TwoStreamBackbone)):
+    if isinstance(model, TorchvisionSwin3D):
         return 0, x
     for i, g in enumerate(model.layer_groups()[:-1]):
         if g.tag != "spatial":
@@ -249,28 +249,39 @@ def _per_frame_prefix(model: VideoBackbone, x: torch.Tensor) -> tuple[int, State
     return k, state
 
 
-@torch.no_grad()
-def temporal_occlusion(model: VideoBackbone, x: torch.Tensor, target: int, batch_size: int = 8,
-                       reuse_prefix: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The target's logit and probability with each frame of ``x`` (``1 x C x T x H x W``) replaced by the mean frame.
-
-    ``reuse_prefix`` runs the leading per-frame groups twice instead of ``T`` times (the same result).
-    """
+def _occluded_states(model: VideoBackbone, x: torch.Tensor, stop: int, batch_size: int, reuse_prefix: bool) -> torch.Tensor:
+    """Groups ``0 .. stop - 1`` of ``model`` on ``T`` copies of ``x``, copy ``t`` with frame ``t`` replaced by the mean frame."""
     frames = x.shape[2]
     mean = x.mean(dim=2, keepdim=True).expand_as(x).contiguous()
-    n = len(model.layer_groups())
     start, clip_state = _per_frame_prefix(model, x) if reuse_prefix else (0, x)
     mean_state = model.forward_groups(mean, 0, start)
-    logits, probs = [], []
+    outs = []
     for first in range(0, frames, batch_size):
         ts = list(range(first, min(frames, first + batch_size)))
         batch = clip_state.repeat(len(ts), *([1] * (clip_state.dim() - 1)))
         for j, t in enumerate(ts):
             batch[j, :, t] = mean_state[0, :, t]
-        out = model.forward_groups(batch, start, n).float()
-        logits.append(out[:, target])
-        probs.append(torch.softmax(out, dim=1)[:, target])
-    return torch.cat(logits).cpu().numpy(), torch.cat(probs).cpu().numpy()
+        outs.append(model.forward_groups(batch, start, stop))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def temporal_occlusion(model: VideoBackbone, x: torch.Tensor, target: int, batch_size: int = 8,
+                       reuse_prefix: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The target's logit and probability with each frame of ``x`` (``1 x C x T x H x W``) replaced by the mean frame.
+
+    ``reuse_prefix`` runs the leading per-frame groups twice instead of ``T`` times (the same result). A
+    two-stream model occludes the frame in both streams: each stream's network runs on its own channels (with
+    its own per-frame groups reused) up to its embedding, and the fusion head scores each pair.
+    """
+    if isinstance(model, TwoStreamBackbone):
+        embeddings = tuple(
+            _occluded_states(net, part, len(net.layer_groups()) - 1, batch_size, reuse_prefix)
+            for net, part in zip((model.stream(n) for n in STREAM_NAMES), model.split_clip(x)))
+        out = model.run_group(1, embeddings).float()
+    else:
+        out = _occluded_states(model, x, len(model.layer_groups()), batch_size, reuse_prefix).float()
+    return out[:, target].cpu().numpy(), torch.softmax(out, dim=1)[:, target].cpu().numpy()
 
 
 # -- both ----------------------------------------------------------------------------------------
@@ -290,8 +301,7 @@ def explain_clip(model: VideoBackbone, x: torch.Tensor, target: int | None = Non
             logits = model(x).float()
         target = int(logits[0].argmax()) if target is None else int(target)
         maps, notes = [], []
-        split = 3
-        for name, part in zip(STREAM_NAMES, (x[:, :split], x[:, split:])):
+        for name, part in zip(STREAM_NAMES, model.split_clip(x)):
             found, _, _, why = grad_cam(model.stream(name), part, target, stream=name)
             if found is not None:
                 maps.append(found)

@@ -188,6 +188,7 @@ class FitState:
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     bad_videos: list[dict] = field(default_factory=list)  # {path, reason, epoch, count} of failed clips
+    clips_trained: int = 0  # training clips of the epochs run in this process (a rate's units; not resumed)
 
 
 class TrainablePart(nn.Module):
@@ -478,6 +479,7 @@ class Trainer:
                 self.reporter.batch_end(loss, c / n)
             loss_sum, correct, seen, bad = all_reduce_sums([loss_sum, correct, seen, bad])
             correct, seen, bad = int(correct), int(seen), int(bad)
+            self.state.clips_trained += seen
             epoch_errors = [e for errs in gather_objects(epoch_errors) for e in errs]
             attempted = seen + bad
             entries = self._record_bad_clips(epoch, epoch_errors) if epoch_errors else []

@@ -114,14 +114,19 @@ class TwoStreamBackbone(VideoBackbone):
     def run_group(self, index: int, state: State) -> State:
         """Group 0 splits the clip by channel and embeds each stream; group 1 classifies each and fuses."""
         if index == 0:
-            split = 3
-            return (self._embed(self.rgb, state[:, :split]), self._embed(self.flow, state[:, split:]))
+            rgb, flow = self.split_clip(state)
+            return (self._embed(self.rgb, rgb), self._embed(self.flow, flow))
         if index == 1:
             rgb, flow = state
             p = [self._probabilities(net, f, t) for net, f, t in zip((self.rgb, self.flow), (rgb, flow), self.temperatures)]
             fused = fuse_probabilities(p[0], p[1], self.flow_weight, self.fusion_rule)
             return torch.log(fused.clamp_min(torch.finfo(p[0].dtype).tiny))
         raise IndexError(f"a two-stream model has 2 layer groups, not {index + 1}")
+
+    @staticmethod
+    def split_clip(clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A joint ``B x C x T x H x W`` clip's RGB channels (the first 3) and flow channels (the rest)."""
+        return clip[:, :3], clip[:, 3:]
 
     @staticmethod
     def _embed(net: VideoBackbone, clip: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ class PhaseTimes:
 
         def part(name: str, s: float) -> str:
             n = units.get(name)
-            rate = f"; {n:,} {PHASE_UNITS[name]}, {n / s:.0f}/s" if n and name in PHASE_UNITS else ""
+            rate = f"; {n:,} {PHASE_UNITS[name]}, {_rate(n / s)}/s" if n and s and name in PHASE_UNITS else ""
             return f"{PHASE_NAMES.get(name, name)} {s:.1f} s ({s / wall:.0%}{rate})"
 
         parts = [part(n, s) for n, s in d["phases_s"].items() if s >= 0.05]
@@ -93,7 +93,12 @@ class PhaseTimes:
 
 
 #: What the units of a phase are, where a phase counts them.
-PHASE_UNITS: dict[str, str] = {"decode": "frames", "flow": "fields", "prefix": "clips"}
+PHASE_UNITS: dict[str, str] = {"decode": "frames", "flow": "fields", "prefix": "clips", "training": "clips trained"}
+
+
+def _rate(per_second: float) -> str:
+    """A rate with two significant digits below 10 (1.3/s), whole numbers above (126/s)."""
+    return f"{per_second:.0f}" if per_second >= 10 else f"{per_second:.2g}"
 
 
 def _order(name: str) -> int:

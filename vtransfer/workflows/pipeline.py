@@ -399,8 +399,9 @@ def run_finetune(run_dir: Path, cfg: RunConfig, resume: bool, reporter=None, sto
             audit_split(run, data)
         with phase("setup"):  # decoding, flow and the frozen prefix inside count as themselves
             training = prepare_training(run, data, model, plan, info)
-        with phase("training"):
+        with phase("training") as clips_trained:
             state = fit(run, data, model, plan, info, training, stop_after)
+            clips_trained(state.clips_trained)
         distributed.barrier()
         epochs = training.config.epochs
         if state.epoch < epochs and not state.stopped_early or not run.main or not test:
