@@ -1,9 +1,10 @@
 """Each part of a vtransfer run alone: the rate it reaches in isolation on this machine.
 
 A run's throughput can be no better than its slowest part's own rate. This
-script measures, each on its own in this process, with the tool's thread
-settings (:func:`vtransfer.utils.runtime.configure_threads`, which also
-flushes denormal floats as every run does):
+script measures each part on its own, in a process set up as a run's: malloc
+keeping large blocks (:func:`vtransfer.utils.allocator.tune_malloc`) and the
+tool's threads (:func:`vtransfer.utils.runtime.configure_threads`, which also
+flushes denormal floats):
 
 * **decoding**: PyAV decoding every frame of a sample of the dataset's videos
   to RGB arrays, one video per thread on every core, in frames per second;
@@ -42,6 +43,7 @@ from _common import base_parser, cpu_count, load_line, make_demo, median_time, r
 
 from vtransfer.models.registry import preferred_memory_format
 from vtransfer.policies.freezing import apply_policy, plan_policy, set_train_mode
+from vtransfer.utils.allocator import tune_malloc
 from vtransfer.utils.runtime import configure_threads
 from vtransfer.workflows.run_model import build_run_model
 
@@ -138,7 +140,12 @@ def network_rates(options: dict, policies: list[str], num_classes: int, batch: i
 
 def measure_parts(data: Path, options: dict, policies: list[str], num_classes: int, threads: int | None,
                   videos: int = SAMPLE_VIDEOS, batch: int = BATCH, repeat: int = 3) -> dict:
-    """Every part's isolated rate: PyAV decoding of ``videos`` of ``data``, then the network per policy."""
+    """Every part's isolated rate: PyAV decoding of ``videos`` of ``data``, then the network per policy.
+
+    The process is set up as a run's: malloc keeps large blocks (without it, the kernel's zeroing of fresh pages
+    halves the network's rates) and the tool's threads and denormal flushing.
+    """
+    tune_malloc()
     used = configure_threads(threads)
     parts = {"load_before": load_line(), "threads": used, "model": options,
              "decode": decode_rate(sample_videos(data, videos), threads or cpu_count())}
