@@ -31,6 +31,7 @@ from vtransfer.engine.explain import (
     GRAD_CAM_TOKENS,
     NO_MAP,
     explain_clip,
+    grad_cam,
     region_mass,
     state_grid,
     temporal_occlusion,
@@ -251,9 +252,17 @@ def test_a_two_stream_model_is_explained_one_stream_at_a_time():
     flow, _ = build_run_model({**opts, "stream": "flow"}, num_classes=3)
     model = TwoStreamBackbone(rgb.eval(), flow.eval(), 0.5).eval()
     p = model.preprocessing
-    e = explain_clip(model, torch.randn(1, p.channels, p.frames, *p.crop_size))
+    x = torch.randn(1, p.channels, p.frames, *p.crop_size)
+    e = explain_clip(model, x)
     assert e.method == "grad-cam per stream" and [m.stream for m in e.maps] == ["rgb", "flow"]
     assert "each stream's network is explained on its own" in e.note and e.importance.shape == (p.frames,)
+    with torch.no_grad():  # the fused score is the whole model's, though each stream ran once for its map
+        fused = model(x)[0]
+    assert e.target == int(fused.argmax()) and e.logit == pytest.approx(float(fused[e.target]), abs=1e-5)
+    assert np.allclose(e.probs, torch.softmax(fused, 0).numpy(), atol=1e-6)
+    for m, name in zip(e.maps, ("rgb", "flow")):  # each stream's map is that network's own Grad-CAM
+        alone, _, _, _ = grad_cam(model.stream(name), model.split_clip(x)[name == "flow"], e.target, stream=name)
+        assert np.allclose(m.cam, alone.cam, atol=1e-6) and m.layer == alone.layer
 
 
 # -- the command ----------------------------------------------------------------------------------

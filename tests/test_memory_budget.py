@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import vtransfer.api as api
 import vtransfer.cli
+import vtransfer.workflows.pipeline as pipeline
 from checkpoints import random_checkpoints
 from vtransfer.cli.app import app
 from vtransfer.data.dataset import ClipDataset
@@ -27,6 +28,7 @@ from vtransfer.engine.feature_cache import CachedPrefixSource, get_store
 from vtransfer.engine import spill as spill_module
 from vtransfer.engine.spill import remove_stale
 from vtransfer.engine.step_memory import StepMemory, fit_step_to_memory, measure_step
+from vtransfer.utils.allocator import MallocTuning
 from vtransfer.engine.trainer import QuietReporter, Trainer
 from vtransfer.models.registry import build_backbone, training_defaults
 from vtransfer.policies.freezing import apply_policy, resolve_policy, set_train_mode
@@ -303,3 +305,85 @@ def test_a_batch_whose_forward_pass_does_not_fit_stops_naming_a_batch_size_that_
                            forward=lambda: StepMemory(0, 100 * MiB, False, "given"))
     assert "--batch-size 8 clips" in str(e.value) and "--batch-size 3" in str(e.value), str(e.value)
     assert "Stopped before training" in str(e.value)
+
+
+def test_the_tuned_heap_scales_both_measurements_by_the_measured_fragmentation():
+    tuned = MallocTuning(applied={"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}, reason="applied")
+    assert step_memory.heap_margin(tuned) == step_memory.HEAP_FRAGMENTATION > 1
+    assert step_memory.heap_margin(MallocTuning(reason="left to glibc")) == 1.0  # glibc maps large blocks itself
+    mem = StepMemory(10 * MiB, 100 * MiB, True, "peak resident set")
+    scaled = step_memory.with_heap_margin(mem, 1.4)
+    assert (scaled.fixed, scaled.per_clip, scaled.checkpointing) == (14 * MiB, 140 * MiB, True)
+    assert scaled.need(8) == int(1.4 * mem.need(8)) and "x1.4 for the heap's fragmentation" in scaled.how
+    assert step_memory.with_heap_margin(mem, 1.0) is mem
+
+
+class _Unreadable:
+    """A resident set that cannot be read: the step falls back to the bytes autograd saves (the same each time)."""
+
+    grown = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_a_measured_step_carries_this_processs_heap_margin(monkeypatch):
+    model, plan, _ = _planned("slowfusion", "all")
+    monkeypatch.setattr(mb, "PeakSampler", _Unreadable)
+    monkeypatch.setattr(step_memory, "heap_margin", lambda tuning=None: 1.0)
+    plain = measure_step(model, plan, CPU, "fp32", checkpointing=False)
+    monkeypatch.setattr(step_memory, "heap_margin", lambda tuning=None: 3.0)
+    scaled = measure_step(model, plan, CPU, "fp32", checkpointing=False)
+    assert plain.how == "bytes saved for backward" and plain.per_clip > 0
+    assert scaled.how == "bytes saved for backward, x3 for the heap's fragmentation"
+    assert (scaled.fixed, scaled.per_clip) == (3 * plain.fixed, 3 * plain.per_clip)
+
+
+def test_a_store_in_memory_sets_its_bytes_aside_so_the_next_one_spills(tmp_path):
+    need = 64 * MiB
+    budget = MemoryBudget(limit=mb.process_memory() + need + need // 2, spill_dir=tmp_path)
+    previous = mb.set_current(budget)
+    try:
+        first = spill_module.RowBuffer(torch.zeros(1, 16 * 1024), capacity=need // (64 * 1024))
+        second = spill_module.RowBuffer(torch.zeros(1, 16 * 1024), capacity=need // (64 * 1024))
+        assert first.spill is None and second.spill is not None  # nothing of the first was written yet
+        assert budget.floor >= need
+        second.finish()
+    finally:
+        mb.set_current(previous)
+
+
+def test_what_a_holder_takes_after_a_reservation_stays_on_top_of_it():
+    budget = MemoryBudget(limit=1 << 50)
+    budget.held(100 * MiB)  # nothing reserved: what the process holds is counted as it is
+    assert budget.floor == 0
+    budget.reserve(500 * MiB)
+    floor = budget.floor
+    budget.held(200 * MiB)  # e.g. a frame cache filled after the step's memory was set aside
+    assert budget.floor == floor + 200 * MiB
+
+
+def test_the_training_step_is_set_aside_before_the_frame_cache_picks_memory_or_disk(data, tmp_path, monkeypatch):
+    seen = {}
+    real_fit, real_reader = pipeline.fit_step_to_memory, pipeline.shared_reader
+
+    def fit(*args, **kwargs):
+        seen["fitted"] = True
+        out = real_fit(*args, **kwargs)
+        seen["reserved"] = mb.current().floor
+        return out
+
+    def reader(*args, **kwargs):
+        seen["floor at the cache"] = mb.current().floor if seen.get("fitted") else None
+        return real_reader(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit_step_to_memory", fit)
+    monkeypatch.setattr(pipeline, "shared_reader", reader)
+    result = CliRunner().invoke(app, ["finetune", str(data), "--backbone", "slowfusion", "--preset", "tiny",
+                                      "--policy", "all", "--out", str(tmp_path / "run"), "--epochs", "1",
+                                      "--size", "32", "--report-videos", "0"])
+    assert result.exit_code == 0, result.output
+    assert seen["reserved"] > 0 and seen["floor at the cache"] == seen["reserved"]

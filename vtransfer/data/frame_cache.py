@@ -615,6 +615,7 @@ def make_reader(
     cache = DecodedFrameCache(mode, cache_dir, short_side=short_side, cache_format=cache_format)
     if mode == "memory":
         cache.prefill([r.path for r in records], on_error=on_error, progress=progress, threads=os.cpu_count() or 1)
+        memory_budget.current().held(cache.stats()["bytes"])  # on top of the training step's reserved memory
     return CachedReader(cache)
 
 

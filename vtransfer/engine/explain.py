@@ -174,18 +174,22 @@ def _is_tokens(state: torch.Tensor) -> bool:
 # -- Grad-CAM ------------------------------------------------------------------------------------
 
 
-def _forward_keeping_maps(model: VideoBackbone, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, ToMap]]]:
-    """Logits, and every group output that is a spatial map (``(index, state, to_map)``), without gradients."""
+def _forward_keeping_maps(model: VideoBackbone, x: torch.Tensor
+                          ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, ToMap]], State]:
+    """Logits, every group output that is a spatial map (``(index, state, to_map)``), and the head's input
+    (the embedding a two-stream model fuses), without gradients."""
     n = len(model.layer_groups())
     maps = []
     state: State = x
     with torch.no_grad():
-        for i in range(n):
+        for i in range(n - 1):
             state = model.run_group(i, state)
-            to_map = state_grid(model, i, state, tuple(x.shape)) if i < n - 1 else None
+            to_map = state_grid(model, i, state, tuple(x.shape))
             if to_map is not None:
                 maps.append((i, state, to_map))
-    return state, maps
+        embedding = state
+        logits = model.run_group(n - 1, embedding)
+    return logits, maps, embedding
 
 
 def _cam_from(model: VideoBackbone, index: int, state: torch.Tensor, to_map: ToMap, target: int,
@@ -206,28 +210,33 @@ def _cam_from(model: VideoBackbone, index: int, state: torch.Tensor, to_map: ToM
     return (up / peak if peak > 0 else up).cpu().numpy().astype(np.float32), grid
 
 
+def _grad_cam_of(model: VideoBackbone, maps: list[tuple[int, torch.Tensor, ToMap]], clip_size: tuple[int, int, int],
+                 target: int, stream: str | None) -> tuple[SpatialMap | None, str | None]:
+    """Grad-CAM of ``target`` at the last spatial map of ``maps`` that a gradient reaches: ``(map or None, note)``."""
+    if not maps:
+        return None, ("no layer group's output keeps a spatial layout at this input size (every map is 1 x 1, or "
+                      "pooled within its group, or a token layout this version does not know), so there is no map of "
+                      "where it looks; the temporal bar still applies")
+    names = model.group_names()
+    for index, state, to_map in reversed(maps[-2:]):
+        found = _cam_from(model, index, state, to_map, target, clip_size)
+        if found is not None:
+            cam, grid = found
+            method = GRAD_CAM_TOKENS if _is_tokens(state) else GRAD_CAM
+            return SpatialMap(cam, method, names[index], grid, stream), None
+    return None, "no gradient of the class score reaches a spatial layer (the score ignores the map)"
+
+
 def grad_cam(model: VideoBackbone, x: torch.Tensor, target: int | None = None, stream: str | None = None,
              ) -> tuple[SpatialMap | None, torch.Tensor, int, str | None]:
     """Grad-CAM of class ``target`` (default: the top class) on the normalised clip ``x`` (``1 x C x T x H x W``).
 
     Returns ``(map or None, logits, target, note)``: ``note`` says why there is no map.
     """
-    logits, maps = _forward_keeping_maps(model, x)
+    logits, maps, _ = _forward_keeping_maps(model, x)
     target = int(logits[0].argmax()) if target is None else int(target)
-    if not maps:
-        return None, logits, target, (
-            "no layer group's output keeps a spatial layout at this input size (every map is 1 x 1, or pooled "
-            "within its group, or a token layout this version does not know), so there is no map of where it "
-            "looks; the temporal bar still applies")
-    names = model.group_names()
-    size = tuple(int(s) for s in x.shape[2:])
-    for index, state, to_map in reversed(maps[-2:]):
-        found = _cam_from(model, index, state, to_map, target, size)
-        if found is not None:
-            cam, grid = found
-            method = GRAD_CAM_TOKENS if _is_tokens(state) else GRAD_CAM
-            return SpatialMap(cam, method, names[index], grid, stream), logits, target, None
-    return None, logits, target, "no gradient of the class score reaches a spatial layer (the score ignores the map)"
+    found, note = _grad_cam_of(model, maps, tuple(int(s) for s in x.shape[2:]), target, stream)
+    return found, logits, target, note
 
 
 # -- temporal importance ---------------------------------------------------------------------------
@@ -297,12 +306,15 @@ def explain_clip(model: VideoBackbone, x: torch.Tensor, target: int | None = Non
     if x.dim() != 5 or x.shape[0] != 1:
         raise ValueError(f"explain_clip takes one clip 1 x C x T x H x W, got shape {tuple(x.shape)}")
     if isinstance(model, TwoStreamBackbone):
+        # each stream's network runs once: its maps for Grad-CAM, its embedding for the fused score
+        forwards = {name: _forward_keeping_maps(model.stream(name), part)
+                    for name, part in zip(STREAM_NAMES, model.split_clip(x))}
         with torch.no_grad():
-            logits = model(x).float()
+            logits = model.run_group(1, tuple(forwards[name][2] for name in STREAM_NAMES)).float()
         target = int(logits[0].argmax()) if target is None else int(target)
         maps, notes = [], []
-        for name, part in zip(STREAM_NAMES, model.split_clip(x)):
-            found, _, _, why = grad_cam(model.stream(name), part, target, stream=name)
+        for name, (_, stream_maps, _) in forwards.items():
+            found, why = _grad_cam_of(model.stream(name), stream_maps, tuple(int(s) for s in x.shape[2:]), target, name)
             if found is not None:
                 maps.append(found)
             else:

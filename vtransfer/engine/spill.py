@@ -153,6 +153,7 @@ class RowBuffer:
         self.spill: SpillFiles | None = None
         if budget.fits(need):
             self.rows = [torch.empty((capacity, *p.shape[1:]), dtype=p.dtype) for p in parts]
+            budget.reserve(need)  # its pages are taken as it fills: the next holder must not count on them
         else:
             folder = budget.spill_folder()
             try:

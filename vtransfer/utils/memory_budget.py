@@ -265,8 +265,9 @@ class MemoryBudget:
     ``described`` says where the figure came from (for messages); ``spill_dir``
     is where feature stores that do not fit are written; ``message`` shows one
     line to the person running it (the run's reporter). :meth:`reserve` sets
-    room aside (the training step's measured activations): it counts as used
-    until the process has actually grown by that much.
+    room aside (the training step's measured activations, a feature store about
+    to be filled): it counts as used until the process has actually grown by
+    that much; :meth:`held` adds what a holder took after it.
     """
 
     limit: int
@@ -307,6 +308,15 @@ class MemoryBudget:
     def reserve(self, nbytes: int) -> None:
         """Set ``nbytes`` aside, on top of what the process holds now (or has reserved already)."""
         self.floor = max(self.floor, self.used()) + max(0, int(nbytes))
+
+    def held(self, nbytes: int) -> None:
+        """The process took ``nbytes`` for good (a frame cache filled): room set aside before stays set aside.
+
+        Without it a holder that grows after :meth:`reserve` would be counted inside the reservation, and the
+        next one would see room that the reserved step still needs.
+        """
+        if self.floor:
+            self.floor += max(0, int(nbytes))
 
     def say(self, text: str) -> None:
         """One line for the person running it (nothing without a reporter)."""

@@ -201,11 +201,14 @@ def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: 
     """Resolve the optimiser settings and the frame reader, write ``config.json``, and build the batch source."""
     c = run.cfg.clips
     config = resolve_training(run.cfg, training_defaults(run.cfg.model.backbone))
+    memory_budget.configure(c.max_memory, spill_dir=c.cache_dir or run.run_dir, message=run.message)  # --max-memory
+    # the training step must fit and frames in memory are only faster, so the step's memory is set aside first
+    # and the frame cache takes what is left (on disk, or as JPEG, when that is too little)
+    config = fit_step_to_memory(model, plan, config, run.device, run.message)  # a micro-batch when a step would not fit
     flow = model.preprocessing.flow
     if flow is not None:
         run.stage(f"computing optical flow ({flow.method}, {flow.pairing}, {flow.channels} channels)")
     per_video, start = [], time.perf_counter()  # flow fields computed, one entry a video
-    memory_budget.configure(c.max_memory, spill_dir=c.cache_dir or run.run_dir, message=run.message)  # --max-memory
     reader = shared_reader(c.cache, Path(c.cache_dir) if c.cache_dir else run.run_dir / "frame_cache", data.index.records,
                            model.preprocessing, flow_frames=per_video.append, cache_format=c.cache_format)
     if per_video:
@@ -219,7 +222,6 @@ def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: 
         run.message("optical flow: the fields an earlier run of this process computed (nothing to compute)")
     clips = replace(c, cache_dir=Path(c.cache_dir) if c.cache_dir else None,
                     workers=c.workers if c.workers is not None else default_workers(run.device, reader))
-    config = fit_step_to_memory(model, plan, config, run.device, run.message)  # a micro-batch when a step would not fit
     if not run.resume and run.main:
         _write_config(run, data, model, plan, info, config, clips)
     run.stage("decoding clips" + (" and caching the frozen layers' outputs" if plan.first_trainable_group else ""))
