@@ -310,11 +310,12 @@ def explain_clip(model: VideoBackbone, x: torch.Tensor, target: int | None = Non
         forwards = {name: _forward_keeping_maps(model.stream(name), part)
                     for name, part in zip(STREAM_NAMES, model.split_clip(x))}
         with torch.no_grad():
-            logits = model.run_group(1, tuple(forwards[name][2] for name in STREAM_NAMES)).float()
+            logits = model.run_group(1, tuple(embedding for _, _, embedding in forwards.values())).float()
         target = int(logits[0].argmax()) if target is None else int(target)
         maps, notes = [], []
+        clip_size = tuple(int(s) for s in x.shape[2:])
         for name, (_, stream_maps, _) in forwards.items():
-            found, why = _grad_cam_of(model.stream(name), stream_maps, tuple(int(s) for s in x.shape[2:]), target, name)
+            found, why = _grad_cam_of(model.stream(name), stream_maps, clip_size, target, name)
             if found is not None:
                 maps.append(found)
             else:
