@@ -15,7 +15,10 @@ flushes denormal floats):
     second; a prefix that starts from another policy's stored outputs runs
     only the groups between;
   * **training**: one training step (forward, backward, optimiser step) of
-    the trainable groups on the prefix's outputs, in clips per second.
+    the trainable groups on the prefix's outputs, in clips per second; for a
+    policy that trains more than the head, also with gradient checkpointing
+    (each group's forward again in the backward pass), the step a run takes
+    when the plain one would not fit its memory budget.
 
 ``bench_scale.py --curve`` runs it once, before the runs it times, and states
 each run's throughput as a fraction of its slowest part's rate (issue 23).
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 from _common import base_parser, cpu_count, load_line, make_demo, median_time, rss_line
 
 from vtransfer.models.registry import preferred_memory_format
+from vtransfer.engine.trainer import TrainablePart
 from vtransfer.policies.freezing import apply_policy, plan_policy, set_train_mode
 from vtransfer.utils.allocator import tune_malloc
 from vtransfer.utils.runtime import configure_threads
@@ -96,9 +100,11 @@ def group_seconds(model, x: torch.Tensor, stop: int, repeat: int) -> list[float]
     return per_group
 
 
-def training_rate(model, plan, x: torch.Tensor, num_classes: int, repeat: int) -> float:
-    """Clips per second of one training step of the policy's trainable groups on the prefix's outputs of ``x``."""
-    stop, n = plan.first_trainable_group, len(model.layer_groups())
+def training_rate(model, plan, x: torch.Tensor, num_classes: int, repeat: int, checkpointed: bool = False) -> float:
+    """Clips per second of one training step of the policy's trainable groups on the prefix's outputs of ``x``
+    (as a run's step: :class:`~vtransfer.engine.trainer.TrainablePart`, checkpointed or not)."""
+    stop = plan.first_trainable_group
+    part = TrainablePart(model, stop, grad_checkpointing=checkpointed)
     with torch.no_grad():
         state = model.forward_groups(x, 0, stop)
     labels = torch.arange(x.shape[0]) % num_classes
@@ -107,7 +113,7 @@ def training_rate(model, plan, x: torch.Tensor, num_classes: int, repeat: int) -
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
 
     def step() -> None:
-        loss = F.cross_entropy(model.forward_groups(state, stop, n), labels)
+        loss = F.cross_entropy(part(state), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -134,6 +140,9 @@ def network_rates(options: dict, policies: list[str], num_classes: int, batch: i
             "prefix_s_per_clip": seconds,
             "prefix_clips_per_s": (1.0 / sum(seconds)) if seconds else None,
             "train_clips_per_s": training_rate(model, plan, x, num_classes, repeat),
+            # only where checkpointing changes anything: more than the head is trained
+            "train_clips_per_s_checkpointed": (training_rate(model, plan, x, num_classes, repeat, checkpointed=True)
+                                               if stop < len(model.layer_groups()) - 1 else None),
         }
     return out
 
@@ -161,11 +170,14 @@ def print_parts(parts: dict) -> None:
           f"= {d['frames_per_s']:.0f} frames/s ({d['frames_per_s'] / d['threads']:.0f} per thread)")
     c, t, h, w = parts["input"]
     print(f"network, batch {parts['batch_size']} of {c}x{t}x{h}x{w}, {parts['threads']} torch threads:")
-    print(f"  {'policy':<18} {'first trainable':<22} {'prefix clips/s':>15} {'training clips/s':>17}")
+    print(f"  {'policy':<18} {'first trainable':<22} {'prefix clips/s':>15} {'training clips/s':>17} "
+          f"{'checkpointed':>13}")
     for policy, p in parts["policies"].items():
         prefix = f"{p['prefix_clips_per_s']:.1f}" if p["prefix_clips_per_s"] else "-"
         first = f"{p['first_trainable_group']} ({p['groups'][p['first_trainable_group']]})"
-        print(f"  {policy:<18} {first:<22} {prefix:>15} {p['train_clips_per_s']:17.1f}")
+        checkpointed = p.get("train_clips_per_s_checkpointed")
+        print(f"  {policy:<18} {first:<22} {prefix:>15} {p['train_clips_per_s']:17.1f} "
+              f"{f'{checkpointed:.1f}' if checkpointed else '-':>13}")
 
 
 def main() -> None:

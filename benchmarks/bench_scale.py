@@ -558,11 +558,13 @@ def measure_parts(args: argparse.Namespace, data: Path, root: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def ideal_seconds(point: Point, times: dict, policy: dict, start: int, parts: dict) -> dict[str, tuple[float, float, float]]:
+def ideal_seconds(point: Point, times: dict, policy: dict, start: int, parts: dict,
+                  checkpointed: bool = False) -> dict[str, tuple[float, float, float]]:
     """Per part of one policy's run: (seconds that part would take alone for the work the run gave it, the rate
     the run reached in that part, the rate alone). Decoding counts every frame of the dataset (the frame cache
     decodes whole videos); the prefix, the groups from ``start`` (a store another policy left) to the first
-    trainable one; training, the clips trained."""
+    trainable one; training, the clips trained, at the checkpointed step's rate when the run chose gradient
+    checkpointing to fit its memory budget (its ``config.json``)."""
     phases, units = times["phases_s"], times.get("units", {})
     alone = parts["policies"].get(policy["policy"])
     out = {}
@@ -574,7 +576,7 @@ def ideal_seconds(point: Point, times: dict, policy: dict, start: int, parts: di
         if per_clip > 0:
             out["prefix"] = (units["prefix"] * per_clip, units["prefix"] / phases["prefix"], 1.0 / per_clip)
     if alone and units.get("training") and phases.get("training"):
-        rate = alone["train_clips_per_s"]
+        rate = (alone.get("train_clips_per_s_checkpointed") if checkpointed else None) or alone["train_clips_per_s"]
         out["training"] = (units["training"] / rate, units["training"] / phases["training"], rate)
     return out
 
@@ -592,13 +594,14 @@ def print_against_limit(points: list[Point], root: Path, runs: dict[str, list[st
     for point in points:
         for name in runs:
             folder = root / "runs" / f"{point.videos}-{name}"
-            plans = {p: json.loads((folder / p / "config.json").read_text())["resolved"]["policy"]
-                     for p in run_times(folder)}
+            resolved = {p: json.loads((folder / p / "config.json").read_text())["resolved"] for p in run_times(folder)}
+            plans = {p: r["policy"] for p, r in resolved.items()}
             for policy, t in run_times(folder).items():
                 stop = plans[policy]["first_trainable_group"]
                 start = max((q["first_trainable_group"] for q in plans.values()
                              if q["first_trainable_group"] < stop), default=0)
-                ideal = ideal_seconds(point, t, plans[policy], start, parts)
+                checkpointed = bool(resolved[policy]["train"].get("grad_checkpointing"))
+                ideal = ideal_seconds(point, t, plans[policy], start, parts, checkpointed)
                 wall = t["wall_s"] or 1e-9
                 cells = [f"{ideal[n][1]:.1f}/{ideal[n][2]:.1f}/s {ideal[n][0]:6.1f}s" if n in ideal else "-"
                          for n in LIMIT_PARTS]

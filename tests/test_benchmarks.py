@@ -53,7 +53,7 @@ def test_bench_scale_curve_quick_prints_the_table_slopes_targets_and_extrapolati
     assert "slopes between successive sizes (extra per extra video):" in out and "12 -> 24" in out
     assert out.count(": PASS") + out.count(": FAIL") == 4
     # each part alone (bench_parts.py), then every policy's run against its slowest part's rate
-    assert re.search(r"decoding \(PyAV.*\d+ frames/s", out) and re.search(r"^  +all +0 \(stem\) +- +[\d.]+$", out, re.M)
+    assert re.search(r"decoding \(PyAV.*\d+ frames/s", out) and re.search(r"^  +all +0 \(stem\) +- +[\d.]+ +[\d.]+$", out, re.M)
     limit = out[out.index("against the limit"):out.index("slopes between")]
     assert len(re.findall(r"^ +(12|24) +(top-layer|all) .* (prefix|training) +\d+% +\d+%$", limit, re.M)) == 4
     assert "LINEAR EXTRAPOLATIONS" in out and "13,320 clips" in out and "MemTotal" in out

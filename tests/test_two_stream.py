@@ -15,6 +15,7 @@ from vtransfer.data.flow_settings import FlowSettings
 from vtransfer.data.preprocessing import Preprocessing
 from vtransfer.data.transforms import TrainClipTransform
 from vtransfer.data.two_stream_reader import TwoStreamReader
+from vtransfer.engine import feature_cache
 from vtransfer.evaluation.fusion import choose_fusion_weight, fuse_probabilities, paired_clips
 from vtransfer.loading.backbone import stream_weights
 from vtransfer.loading.checkpoints import model_from_checkpoint
@@ -205,6 +206,25 @@ def test_compare_policies_shows_each_stream_and_the_fused_row(demo_dataset, tmp_
     again = api.compare_policies(demo_dataset, policies=["top-layer"], out=tmp_path / "cmp",
                                  **{**RUN, "epochs": 1}, stream="two-stream")
     assert [r.test_video_hit1 for r in again.rows] == [r.test_video_hit1 for r in res.rows]
+
+
+def test_comparisons_in_a_kept_block_leave_their_stores_to_the_two_stream_rgb_stream(demo_dataset, tmp_path,
+                                                                                      monkeypatch):
+    """As the demo runs them: RGB top-layer, then top-layer on two streams; the RGB stream computes nothing again."""
+    computed = []  # input channels of every store computed from decoded clips
+    real = feature_cache.compute_store
+    monkeypatch.setattr(feature_cache, "compute_store", lambda model, *a, **k: computed.append(
+        model.preprocessing.channels) or real(model, *a, **k))
+    before = feature_cache.store_keys()
+    with feature_cache.kept_between_comparisons():
+        first = api.compare_policies(demo_dataset, policies=["top-layer"], out=tmp_path / "rgb", **{**RUN, "epochs": 1})
+        assert computed and set(computed) == {3} and feature_cache.store_keys() - before  # still held
+        computed.clear()
+        both = api.compare_policies(demo_dataset, policies=["top-layer"], out=tmp_path / "both", **{**RUN, "epochs": 1},
+                                    stream="two-stream")
+    assert computed and set(computed) == {2}  # only the flow stream's
+    assert both.rows[0].stream == "rgb" and both.rows[0].test_video_hit1 == first.rows[0].test_video_hit1
+    assert feature_cache.store_keys() - before == set()  # let go when the block ends
 
 
 def test_auto_chooses_the_stream_among_rgb_flow_and_both(demo_dataset, tmp_path):

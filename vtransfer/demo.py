@@ -64,6 +64,7 @@ def run_demo(out: Path, *, overwrite: bool = False, settings: dict[str, Any] | N
 
     from vtransfer.api import compare_policies
     from vtransfer.data.demo import make_demo
+    from vtransfer.engine import feature_cache
 
     s = {**DEMO_SETTINGS, **(settings or {})}
     out = Path(out)
@@ -82,11 +83,12 @@ def run_demo(out: Path, *, overwrite: bool = False, settings: dict[str, Any] | N
                   epochs=s["epochs"], ratios=tuple(s["target_ratios"]), categories=target / "categories.csv",
                   reporter=reporter, on_policy=on_policy, frames=s["frames"], stride=s["stride"], size=s["size"],
                   batch_size=s["batch_size"], clips_per_video=s["clips_per_video"], val_clips=s["val_clips"], patience=0)
-    step(f"comparing policies on the target dataset, from {s['weights']}")
-    policies = compare_policies(target, policies=s["policies"], out=out / "compare", **common)
-    streams = None
-    if s["stream_policies"]:
-        step("the same on two streams: RGB frames, optical flow, and both fused (--stream two-stream)")
-        streams = compare_policies(target, policies=s["stream_policies"], out=out / "streams", stream="two-stream",
-                                   **common)
+    with feature_cache.kept_between_comparisons():  # the RGB stream below reuses the frozen features computed here
+        step(f"comparing policies on the target dataset, from {s['weights']}")
+        policies = compare_policies(target, policies=s["policies"], out=out / "compare", **common)
+        streams = None
+        if s["stream_policies"]:
+            step("the same on two streams: RGB frames, optical flow, and both fused (--stream two-stream)")
+            streams = compare_policies(target, policies=s["stream_policies"], out=out / "streams", stream="two-stream",
+                                       **common)
     return DemoResult(policies, streams)

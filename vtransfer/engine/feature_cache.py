@@ -11,7 +11,9 @@ is dropped; its numbers are the same.
 Within one process (``compare-policies``), stores are shared between runs
 whose frozen prefix has the same weights and the same clips; a store for a
 deeper prefix is derived from a shallower one by running only the groups in
-between.
+between. A comparison lets its stores go when it ends, unless it runs inside
+:func:`kept_between_comparisons` (the demo's second comparison trains the
+RGB stream of a two-stream model on the first one's clips).
 
 The epoch's clip order comes from :func:`vtransfer.engine.batches.epoch_indices`,
 exactly as for live decoding, so a cached run trains the same model as an
@@ -20,6 +22,7 @@ uncached one on the same clips, up to float rounding (tested).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -41,6 +44,8 @@ _NOT_PREFIX_KEYS = frozenset({"dropout", "num_classes"})
 
 # (prefix fingerprint, clip-set key) -> FeatureStore; lives for the process.
 _STORES: dict[tuple[str, str], "FeatureStore"] = {}
+# How many kept_between_comparisons() blocks are open.
+_KEEPING = 0
 
 
 @dataclass
@@ -242,6 +247,25 @@ def drop_stores(keys) -> int:
             freed += store.nbytes()
             store.close()
     return freed
+
+
+def comparisons_keep_stores() -> bool:
+    """Whether a comparison ending now should leave its stores for a later one (:func:`kept_between_comparisons`)."""
+    return _KEEPING > 0
+
+
+@contextlib.contextmanager
+def kept_between_comparisons() -> Iterator[None]:
+    """Comparisons run inside this block leave their stores to the ones after them; all go when it ends."""
+    global _KEEPING
+    before = store_keys()
+    _KEEPING += 1
+    try:
+        yield
+    finally:
+        _KEEPING -= 1
+        if not _KEEPING:
+            drop_stores(store_keys() - before)
 
 
 def prune_stores(keys) -> int:

@@ -140,7 +140,8 @@ def _run_policies(order: list[str], seeds: list[int], out_dir: Path, options: di
             earlier_stores |= added
             feature_cache.prune_stores(earlier_stores)
             earlier_stores &= feature_cache.store_keys()
-    feature_cache.drop_stores(earlier_stores)  # nothing after the comparison reads them
+    if not feature_cache.comparisons_keep_stores():
+        feature_cache.drop_stores(earlier_stores)  # nothing after the comparison reads them
     for policy in skipped:
         accuracy.pop(policy, None)
     return rows, run_dirs, accuracy
