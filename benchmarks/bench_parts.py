@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from _common import base_parser, cpu_count, load_line, make_demo, median_time, rss_line
 
-from vtransfer.models.registry import preferred_memory_format
 from vtransfer.engine.trainer import TrainablePart
+from vtransfer.models.registry import preferred_memory_format
 from vtransfer.policies.freezing import apply_policy, plan_policy, set_train_mode
 from vtransfer.utils.allocator import tune_malloc
 from vtransfer.utils.runtime import configure_threads
