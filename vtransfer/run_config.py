@@ -204,7 +204,8 @@ class ClipConfig:
         cli_type=Optional[str], parse=parse_pair)
     workers: Optional[int] = option(
         None, "DataLoader worker processes (default: picked per run for the device and the frame cache; often 0, "
-              "decoding in the main process, when the frames are already decoded in memory).", PANEL_SPEED)
+              "decoding in the main process, when the frames are already decoded in memory, and on CPU when the "
+              "whole network trains from a frame cache).", PANEL_SPEED)
     stream: str = option(
         "rgb", "What the network sees: rgb frames; flow: dense optical flow at the same frame positions (the "
                "flow stream of two-stream networks; its first layer starts from the RGB weights averaged over colour); "

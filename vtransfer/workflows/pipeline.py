@@ -221,7 +221,8 @@ def prepare_training(run: Run, data: RunData, model: VideoBackbone, plan, info: 
     elif flow is not None and getattr(getattr(reader, "cache", None), "mode", None) == "memory":
         run.message("optical flow: the fields an earlier run of this process computed (nothing to compute)")
     clips = replace(c, cache_dir=Path(c.cache_dir) if c.cache_dir else None,
-                    workers=c.workers if c.workers is not None else default_workers(run.device, reader))
+                    workers=c.workers if c.workers is not None
+                    else default_workers(run.device, reader, whole_network=plan.first_trainable_group == 0))
     if not run.resume and run.main:
         _write_config(run, data, model, plan, info, config, clips)
     run.stage("decoding clips" + (" and caching the frozen layers' outputs" if plan.first_trainable_group else ""))
