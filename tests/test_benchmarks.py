@@ -102,7 +102,7 @@ def test_bench_motion_quick_builds_the_arrow_of_time_and_runs_both_streams(demo_
     table = out.split("test video accuracy on the arrow of time (chance 50%)")[1]
     rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:4]}
     assert set(rows) == {"rgb", "flow"} and all(v.endswith("%") for v in rows.values())
-    assert "motion+LR" in table and "flowhist+LR" in table
+    assert "motion+LR" in table and "flowhist+LR" in table and "flowhist/clip+LR (8 frames" in table
 
 
 @pytest.mark.slow

@@ -35,6 +35,9 @@ def test_demo_runs_and_reuses(tmp_path, home):  # offline: the demo's weights co
     assert [(r["policy"], r["stream"]) for r in streams] == [("top-layer", "rgb"), ("top-layer", "flow"),
                                                              ("top-layer", "two-stream")]
     assert "two-stream" in first.output
+    flow_config = json.loads((out / "streams" / "top-layer" / "flow" / "config.json").read_text())
+    assert flow_config["options"]["flow_channels"] == 3  # x, y and magnitude: what a frozen flow network tells apart
+    assert json.loads((out / "compare" / "top-layer" / "config.json").read_text())["options"]["stream"] == "rgb"
     for f in ("data/target/categories.csv", "compare/top-layer/report/report.html", "compare/compare_categories.png"):
         assert (out / f).exists(), f
     run_stamp = (out / "compare" / "top-layer" / "model.safetensors").stat().st_mtime_ns

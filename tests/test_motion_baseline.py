@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from videos import write_frames
-from vtransfer.evaluation.motion_baseline import fit_and_score, flow_histogram_features, motion_features
+from vtransfer.evaluation.motion_baseline import (
+    fit_and_score,
+    fit_and_score_clips,
+    flow_histogram_clip_features,
+    flow_histogram_features,
+    motion_features,
+)
 
 SIZE, SQUARE, FRAMES = 64, 16, 16
 
@@ -53,3 +59,23 @@ def test_flow_histogram_is_a_normalised_grid_of_orientations(direction_task):
     (path, _), *_ = direction_task[0]
     hist = flow_histogram_features(path)
     assert hist.shape == (4 * 4 * 8,) and hist.min() >= 0 and hist.sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_flow_histogram_per_clip_has_a_normalised_row_per_clip(direction_task):
+    (path, _), *_ = direction_task[0]
+    rows = flow_histogram_clip_features(path, frames=4, stride=2, clips=3)  # 16 frames: flows 0-2, 2-4, ... 12-14
+    assert rows.shape == (3, 4 * 4 * 8) and rows.min() >= 0
+    np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-4)
+    # clips spread over the video: the first and the last see different stretches of the square's path
+    assert not np.allclose(rows[0], rows[-1])
+    # a clip longer than the video takes all of its flows, once
+    whole = flow_histogram_clip_features(path, frames=40, stride=2, clips=5)
+    assert whole.shape == (1, 4 * 4 * 8)
+    np.testing.assert_allclose(whole[0], flow_histogram_features(path, step=2), atol=1e-6)
+
+
+def test_flow_histogram_per_clip_tells_the_direction_from_one_clip_at_a_time(direction_task):
+    train, test = direction_task
+    result = fit_and_score_clips(train, test, features=lambda p: flow_histogram_clip_features(p, frames=4, stride=2))
+    assert result.accuracy >= 0.9, result
+    assert sorted(set(result.predictions)) == ["left", "right"]

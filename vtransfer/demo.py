@@ -45,6 +45,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "val_clips": 2,
     "policies": list(FREEZING_POLICY_NAMES),
     "stream_policies": ["top-layer"],
+    "flow_channels": 3,  # x, y, magnitude: a frozen 2-channel flow network sees only x + y (README, "Motion")
     "seed": 0,
 }
 
@@ -90,5 +91,5 @@ def run_demo(out: Path, *, overwrite: bool = False, settings: dict[str, Any] | N
         if s["stream_policies"]:
             step("the same on two streams: RGB frames, optical flow, and both fused (--stream two-stream)")
             streams = compare_policies(target, policies=s["stream_policies"], out=out / "streams", stream="two-stream",
-                                       **common)
+                                       flow_channels=s["flow_channels"], **common)
     return DemoResult(policies, streams)
