@@ -30,15 +30,14 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
-
-import json
 from functools import partial
+from pathlib import Path
 
 import av
 import numpy as np

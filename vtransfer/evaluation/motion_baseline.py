@@ -136,10 +136,7 @@ def fit_and_score(train: list[tuple[Path, str]], test: list[tuple[Path, str]], c
     x_test = np.stack([features(p) for p, _ in test])
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
     clf.fit(x_train, [label for _, label in train])
-    predicted = [str(v) for v in clf.predict(x_test)]
-    labels = [label for _, label in test]
-    accuracy = float(np.mean([p == t for p, t in zip(predicted, labels)])) if labels else 0.0
-    return BaselineResult(accuracy, predicted, labels)
+    return _scored([str(v) for v in clf.predict(x_test)], test)
 
 
 def fit_and_score_clips(train: list[tuple[Path, str]], test: list[tuple[Path, str]],
@@ -153,7 +150,11 @@ def fit_and_score_clips(train: list[tuple[Path, str]], test: list[tuple[Path, st
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
     clf.fit(np.concatenate([x for x, _ in rows]), [label for x, label in rows for _ in range(len(x))])
     classes = [str(v) for v in clf.classes_]
-    predicted = [classes[int(clf.predict_proba(features(p)).mean(axis=0).argmax())] for p, _ in test]
+    return _scored([classes[int(clf.predict_proba(features(p)).mean(axis=0).argmax())] for p, _ in test], test)
+
+
+def _scored(predicted: list[str], test: list[tuple[Path, str]]) -> BaselineResult:
+    """The video accuracy of ``predicted`` against ``test``'s classes."""
     labels = [label for _, label in test]
     accuracy = float(np.mean([p == t for p, t in zip(predicted, labels)])) if labels else 0.0
     return BaselineResult(accuracy, predicted, labels)
