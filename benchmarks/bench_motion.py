@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"arrow of time from {args.data}: {n} videos x {len(ARROW_CLASSES)} directions "
               f"({time.perf_counter() - start:.0f} s to write)")
     results: dict[str, dict[str, float | None]] = {}
+    flow_options = {k: v for k, v in (("flow_bound", args.flow_bound), ("flow_method", args.flow_method),
+                                      ("flow_channels", args.flow_channels)) if v is not None}
     for stream in args.streams.split(","):
-        flow_options = (("flow_bound", args.flow_bound), ("flow_method", args.flow_method),
-                        ("flow_channels", args.flow_channels))
-        extra = {k: v for k, v in flow_options if v is not None} if stream != "rgb" else {}
+        extra = flow_options if stream != "rgb" else {}
         start = time.perf_counter()
         res = api.compare_policies(
             dataset, backbone=args.backbone, weights=args.weights, policies=args.policies.split(","),
