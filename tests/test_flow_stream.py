@@ -40,7 +40,7 @@ def test_cross_modality_weight_refuses_what_is_not_an_rgb_filter():
 
 
 def test_a_flow_effnet3d_starts_from_the_imagenet_weights_averaged_over_colour(home):
-    flow, _ = build_run_model({**TINY, "weights": "effnet3d:imagenet", "stream": "flow"}, num_classes=3)
+    flow, _ = build_run_model({**TINY, "weights": "effnet3d:imagenet", "stream": "flow", "flow_channels": 2}, num_classes=3)
     rgb, _ = build_run_model({**TINY, "weights": "effnet3d:imagenet"}, num_classes=3)
     stem_rgb = rgb._conv_stem.conv.weight
     assert flow._conv_stem.conv.weight.shape[1] == 2
@@ -49,6 +49,33 @@ def test_a_flow_effnet3d_starts_from_the_imagenet_weights_averaged_over_colour(h
     same = [k for k in rgb_state if k != "_conv_stem.conv.weight" and not k.startswith("_fc.")]
     assert all(torch.equal(flow_state[k], rgb_state[k]) for k in same)
     assert flow.config["in_channels"] == 2 and "in_channels" not in rgb.config
+
+
+def test_flow_from_rgb_weights_takes_three_channels_by_default_with_the_rgb_filters_unchanged(home):
+    flow, _ = build_run_model({**TINY, "weights": "effnet3d:imagenet", "stream": "flow"}, num_classes=3)
+    rgb, _ = build_run_model({**TINY, "weights": "effnet3d:imagenet"}, num_classes=3)
+    assert flow.preprocessing.flow.channels == 3 and flow.preprocessing.channels == 3
+    assert torch.equal(flow._conv_stem.conv.weight, rgb._conv_stem.conv.weight)  # x, y, magnitude in place of R, G, B
+
+
+def test_flow_channels_follow_weights_trained_on_flow(tmp_path, home):
+    from vtransfer.loading.backbone import check_weights_stream, weights_flow_channels
+
+    two, _ = build_run_model({**TINY, "stream": "flow", "flow_channels": 2, "policy": "scratch"}, num_classes=3)
+    path = save_checkpoint(tmp_path / "flow2.safetensors", two, classes=["a", "b", "c"])
+    assert weights_flow_channels(path) == 2
+    assert weights_flow_channels("i3d:kinetics400-flow") == 2
+    assert weights_flow_channels("effnet3d:imagenet") is None and weights_flow_channels(None) is None
+    started, _ = build_run_model({"backbone": "effnet3d", "weights": str(path), "stream": "flow", "policy": "top-layer"},
+                                 num_classes=3)
+    assert started.preprocessing.flow.channels == 2 and started._conv_stem.conv.weight.shape[1] == 2
+    with pytest.raises(ConfigError, match=r"flow2.safetensors is a flow network on 2 channels; --flow-channels 3 "
+                                          r"does not fit it \(leave --flow-channels out"):
+        check_weights_stream(path, "flow", flow_channels=3)
+    with pytest.raises(ConfigError, match="i3d:kinetics400-flow is a flow network on 2 channels; --flow-channels 3"):
+        check_weights_stream("i3d:kinetics400", "two-stream", flow_channels=3)  # its flow twin fixes 2
+    check_weights_stream("i3d:kinetics400", "two-stream", flow_channels=2)
+    check_weights_stream("effnet3d:imagenet", "flow", flow_channels=2)  # RGB weights start any count
 
 
 def test_flow_preprocessing_maps_the_uint8_levels_to_minus_one_one(home):
@@ -79,7 +106,7 @@ def test_a_flow_checkpoint_reloads_as_a_flow_model(tmp_path, home):
     model, _ = build_run_model({**TINY, "stream": "flow", "flow_method": "farneback", "policy": "scratch"}, num_classes=3)
     path = save_checkpoint(tmp_path / "flow.safetensors", model, classes=["a", "b", "c"])
     back, ckpt = model_from_checkpoint(path)
-    assert back._conv_stem.conv.weight.shape[1] == 2
+    assert back._conv_stem.conv.weight.shape[1] == 3  # the default for a network not started from flow weights
     assert back.preprocessing == model.preprocessing and ckpt.preprocessing.flow.method == "farneback"
     assert Preprocessing.from_dict(model.preprocessing.to_dict()) == model.preprocessing
 

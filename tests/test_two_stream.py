@@ -33,7 +33,7 @@ RUN = {"backbone": "effnet3d", "frames": 4, "stride": 2, "size": 48, "flow_metho
 def _pair(flow_weight: float = 0.3, rule: str = "mean") -> TwoStreamBackbone:
     torch.manual_seed(0)
     rgb, _ = build_run_model({**TINY, "stream": "rgb"}, num_classes=3)
-    flow, _ = build_run_model({**TINY, "stream": "flow"}, num_classes=3)
+    flow, _ = build_run_model({**TINY, "stream": "flow", "flow_channels": 2}, num_classes=3)
     return TwoStreamBackbone(rgb.eval(), flow.eval(), flow_weight, fusion_rule=rule).eval()
 
 
@@ -211,18 +211,18 @@ def test_compare_policies_shows_each_stream_and_the_fused_row(demo_dataset, tmp_
 def test_comparisons_in_a_kept_block_leave_their_stores_to_the_two_stream_rgb_stream(demo_dataset, tmp_path,
                                                                                       monkeypatch):
     """As the demo runs them: RGB top-layer, then top-layer on two streams; the RGB stream computes nothing again."""
-    computed = []  # input channels of every store computed from decoded clips
+    computed = []  # the stream of every store computed from decoded clips
     real = feature_cache.compute_store
     monkeypatch.setattr(feature_cache, "compute_store", lambda model, *a, **k: computed.append(
-        model.preprocessing.channels) or real(model, *a, **k))
+        model.preprocessing.stream) or real(model, *a, **k))
     before = feature_cache.store_keys()
     with feature_cache.kept_between_comparisons():
         first = api.compare_policies(demo_dataset, policies=["top-layer"], out=tmp_path / "rgb", **{**RUN, "epochs": 1})
-        assert computed and set(computed) == {3} and feature_cache.store_keys() - before  # still held
+        assert computed and set(computed) == {"rgb"} and feature_cache.store_keys() - before  # still held
         computed.clear()
         both = api.compare_policies(demo_dataset, policies=["top-layer"], out=tmp_path / "both", **{**RUN, "epochs": 1},
                                     stream="two-stream")
-    assert computed and set(computed) == {2}  # only the flow stream's
+    assert computed and set(computed) == {"flow"}  # only the flow stream's
     assert both.rows[0].stream == "rgb" and both.rows[0].test_video_hit1 == first.rows[0].test_video_hit1
     assert feature_cache.store_keys() - before == set()  # let go when the block ends
 

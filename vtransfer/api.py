@@ -108,7 +108,7 @@ def finetune(
         cfg = cfg.replace(data=data)
     check_training(cfg.training, cfg.clips)  # out-of-range options fail before a run folder exists
     check_stream(cfg.model.backbone, cfg.clips.stream)
-    check_weights_stream(cfg.model.weights, cfg.clips.stream, cfg.model.flow_weights)
+    check_weights_stream(cfg.model.weights, cfg.clips.stream, cfg.model.flow_weights, cfg.clips.flow_channels)
     ctx = distributed.init_from_env(resolve_device(cfg.runtime.device))
     if resume is not None:
         run_dir = runs.prepare_run_dir(Path(resume), resume=True) if ctx.is_main else Path(resume)

@@ -227,22 +227,23 @@ class ClipConfig:
         None, f"Flow is clipped to +-N pixels of the working resolution and stored as uint8 (default: "
               f"{DEFAULT_FLOW.bound:g} px at a {FLOW_BOUND_AT} px short side, as in the I3D paper, scaled with the "
               f"working resolution).", PANEL_DATA)
-    flow_channels: int = option(
-        DEFAULT_FLOW.channels, "Flow channels: 2 (x, y) or 3 (x, y, magnitude). Started from RGB weights, a 2-channel "
-                               "flow network has the same first-layer filters (the colour average) on x and y, so "
-                               "with frozen layers it sees x + y, whose sign a reversed motion flips; a 3-channel one "
-                               "keeps the RGB filters as they are and sees x, y and the magnitude apart (top-layer "
-                               "on the demo's motion classes: 84% with 2, 93% with 3).",
+    flow_channels: Optional[int] = option(
+        None, f"Flow channels: 2 (x, y) or 3 (x, y, magnitude). Default: the flow weights' own count (a flow network "
+              f"such as i3d:kinetics400-flow: 2), else {DEFAULT_FLOW.channels}. Started from RGB weights, a 3-channel "
+              f"flow network keeps the RGB filters as they are and sees x, y and the magnitude apart; a 2-channel one "
+              f"has the same first-layer filter (the colour average) on x and y, so with frozen layers it sees x + y, "
+              f"whose sign a reversed motion flips (top-layer on the demo's motion classes: 93% with 3, 84% with 2).",
         PANEL_DATA)
     flow_pairing: str = option(
         DEFAULT_FLOW.pairing, "Flow of each sampled frame to the next video frame (next-frame), or to the next "
                               "sampled frame (next-sampled: the motion over --stride frames).", PANEL_DATA)
 
-    def flow_settings(self, short_side: int | None = None) -> FlowSettings | None:
+    def flow_settings(self, short_side: int | None = None, weights_channels: int | None = None) -> FlowSettings | None:
         """The flow a ``--stream flow`` or ``two-stream`` run computes at working resolution ``short_side`` (``None`` for RGB).
 
         An unset ``--flow-bound`` is the default bound scaled to ``short_side`` (unscaled when it is not known
-        yet, for checking). Raises :class:`ConfigError` on a bad value.
+        yet, for checking); unset ``--flow-channels`` are ``weights_channels`` (what the flow network's weights
+        take, when they fix it), else the default's. Raises :class:`ConfigError` on a bad value.
         """
         if self.stream not in STREAMS:
             raise ConfigError(f"--stream must be one of {', '.join(STREAMS)}, got {self.stream!r}")
@@ -261,7 +262,8 @@ class ClipConfig:
         bound = self.flow_bound
         if bound is None:
             bound = round(DEFAULT_FLOW.bound * (short_side or FLOW_BOUND_AT) / FLOW_BOUND_AT, 2)
-        return FlowSettings(self.flow_method, bound, self.flow_channels, self.flow_pairing)
+        channels = self.flow_channels if self.flow_channels is not None else weights_channels or DEFAULT_FLOW.channels
+        return FlowSettings(self.flow_method, bound, channels, self.flow_pairing)
 
 
 @dataclass

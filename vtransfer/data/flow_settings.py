@@ -87,8 +87,10 @@ class FlowSettings:
 #: What ``--stream flow`` computes unless told otherwise, chosen by measurement (``benchmarks/bench_flow.py``):
 #: Farneback between sampled frames beat DIS on both real-video tasks there (people never seen in training,
 #: and the arrow of time), at about half DIS-medium's speed; TV-L1 was best on the arrow of time but about
-#: 45 times slower than Farneback.
-DEFAULT_FLOW = FlowSettings("farneback", 20.0, 2, "next-sampled")
+#: 45 times slower than Farneback. Three channels (x, y, magnitude) because a network started from RGB weights
+#: keeps its RGB filters for them, where with two it sees only x + y (README, "Motion"); weights trained on flow
+#: bring their own count instead (``i3d:kinetics400-flow``: 2).
+DEFAULT_FLOW = FlowSettings("farneback", 20.0, 3, "next-sampled")
 #: The short side (px) at which :data:`DEFAULT_FLOW`'s bound applies; ``--stream flow`` scales it to the working
 #: resolution (the study found 8 px better than 20 at 128 px: motion in pixels shrinks with the frame).
 FLOW_BOUND_AT = 256

@@ -365,16 +365,18 @@ def inspect_backbone(
     return out
 
 
-def check_weights_stream(weights: str | Path | None, stream: str, flow_weights: str | Path | None = None) -> None:
+def check_weights_stream(weights: str | Path | None, stream: str, flow_weights: str | Path | None = None,
+                         flow_channels: int | None = None) -> None:
     """Raise :class:`ConfigError` when ``weights`` cannot start a network for input ``stream`` (reads no video).
 
     A built-in source says which streams it can start (2D ImageNet weights start RGB and, by
     cross-modality averaging, flow; a video network only the stream it was trained on); a
     vtransfer checkpoint starts only the stream its preprocessing records. A two-stream run
     checks both networks' weights (:func:`stream_weights`); ``flow_weights`` is only for it.
+    ``flow_channels`` (``--flow-channels``) must match what weights trained on flow take.
     """
     if stream == "two-stream":
-        stream_weights(weights, flow_weights)
+        stream_weights(weights, flow_weights, flow_channels)
         return
     if flow_weights is not None:
         raise ConfigError(f"--flow-weights is for --stream two-stream; this run is --stream {stream}")
@@ -386,16 +388,41 @@ def check_weights_stream(weights: str | Path | None, stream: str, flow_weights: 
         if stream not in streams:
             raise ConfigError(f"--weights {text} starts a {' or '.join(streams)} network, not --stream {stream}"
                               + ("; add --stream flow" if streams == ("flow",) else ""))
-        return
+    else:
+        path = Path(text).expanduser()
+        meta = read_checkpoint_metadata(path) if path.is_file() else None
+        if meta and isinstance(meta.get("preprocessing"), dict):
+            saved = meta["preprocessing"].get("stream", "rgb")
+            if saved != stream:
+                raise ConfigError(f"--weights {path} is a {saved} network, but --stream is {stream}")
+    fixed = weights_flow_channels(weights) if stream == "flow" else None
+    if fixed is not None and flow_channels is not None and flow_channels != fixed:
+        raise ConfigError(f"--weights {text} is a flow network on {fixed} channels; --flow-channels {flow_channels} "
+                          f"does not fit it (leave --flow-channels out: it follows the weights)")
+
+
+def weights_flow_channels(weights: str | Path | None) -> int | None:
+    """The flow channels that a flow network started from ``weights`` must take, or ``None`` when any count will do.
+
+    Weights trained on flow fix it (a built-in flow source's ``in_channels``, a flow checkpoint's
+    recorded flow settings); RGB weights start any count the cross-modality way, random weights too.
+    """
+    if weights is None:
+        return None
+    text = str(weights)
+    source = BUILTIN_SOURCES.get(text)
+    if source is not None:
+        return source.config.get("in_channels") if source.streams == ("flow",) else None
     path = Path(text).expanduser()
     meta = read_checkpoint_metadata(path) if path.is_file() else None
-    if meta and isinstance(meta.get("preprocessing"), dict):
-        saved = meta["preprocessing"].get("stream", "rgb")
-        if saved != stream:
-            raise ConfigError(f"--weights {path} is a {saved} network, but --stream is {stream}")
+    pre = meta.get("preprocessing") if meta else None
+    if isinstance(pre, dict) and pre.get("stream") == "flow" and isinstance(pre.get("flow"), dict):
+        return pre["flow"].get("channels")
+    return None
 
 
-def stream_weights(weights: str | Path | None, flow_weights: str | Path | None) -> tuple[str | None, str | None]:
+def stream_weights(weights: str | Path | None, flow_weights: str | Path | None,
+                   flow_channels: int | None = None) -> tuple[str | None, str | None]:
     """The RGB and the flow network's weights of a two-stream run, each checked (reads no video).
 
     The flow network takes ``flow_weights`` when given; else ``weights`` when
@@ -405,7 +432,8 @@ def stream_weights(weights: str | Path | None, flow_weights: str | Path | None) 
 
     Raises:
         ConfigError: weights that cannot start the stream they are given for,
-            or RGB weights with no flow counterpart and no ``flow_weights``.
+            RGB weights with no flow counterpart and no ``flow_weights``, or
+            ``flow_channels`` that the flow network's weights do not take.
     """
     rgb = None if weights is None else str(weights)
     check_weights_stream(rgb, "rgb")
@@ -419,5 +447,5 @@ def stream_weights(weights: str | Path | None, flow_weights: str | Path | None) 
             raise ConfigError(f"--stream two-stream: --weights {rgb} cannot start the flow network; "
                               "give its weights with --flow-weights")
     flow = None if flow_weights is None else str(flow_weights)
-    check_weights_stream(flow, "flow")
+    check_weights_stream(flow, "flow", flow_channels=flow_channels)
     return rgb, flow

@@ -9,7 +9,7 @@ from vtransfer.data.clips import adapt_preprocessing
 from vtransfer.data.flow import FLOW_MEAN, FLOW_STD
 from vtransfer.data.flow_settings import FlowSettings
 from vtransfer.data.preprocessing import Preprocessing
-from vtransfer.loading.backbone import check_weights_stream, load_backbone_with_info
+from vtransfer.loading.backbone import check_weights_stream, load_backbone_with_info, weights_flow_channels
 from vtransfer.models.base import VideoBackbone
 from vtransfer.models.registry import build_from_config, check_stream, geometry_keys, resolve_config
 from vtransfer.run_config import RunConfig
@@ -44,9 +44,10 @@ def build_run_model(cfg: RunConfig | dict, num_classes: int) -> tuple[VideoBackb
 
     cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_options(cfg)
     m, c = cfg.model, cfg.clips
-    flow = c.flow_settings()
     check_stream(m.backbone, c.stream)
-    check_weights_stream(m.weights, c.stream, m.flow_weights)
+    check_weights_stream(m.weights, c.stream, m.flow_weights, c.flow_channels)
+    fixed_channels = weights_flow_channels(m.weights) if c.stream == "flow" else None
+    flow = c.flow_settings(weights_channels=fixed_channels)
     arch_overrides = {}
     if m.dropout is not None:
         arch_overrides["dropout"] = m.dropout
@@ -61,7 +62,8 @@ def build_run_model(cfg: RunConfig | dict, num_classes: int) -> tuple[VideoBackb
         model, info = _random_twin(model, info)
     model.preprocessing = adapt_preprocessing(model.preprocessing, c.frames, c.stride, c.size)
     if flow is not None:  # the bound follows the working resolution unless --flow-bound fixed it
-        model.preprocessing = flow_preprocessing(model.preprocessing, c.flow_settings(model.preprocessing.resize_short))
+        model.preprocessing = flow_preprocessing(model.preprocessing,
+                                                 c.flow_settings(model.preprocessing.resize_short, fixed_channels))
     return model, info
 
 
