@@ -35,6 +35,11 @@ def test_the_report_shows_the_strips_by_relative_path_and_lists_them(tmp_path):
     sections = dict(gallery_sections(result, items))
     assert [i.name for i in sections["Most confident errors"]] == ["v1.mp4", "v4.mp4"]
     assert sections["Least confident correct answers"][0].name == "v2.mp4"
+    shown = [i.name for chosen in sections.values() for i in chosen]
+    assert len(shown) == len(set(shown))  # each video once: every class's correct video is already shown above
+    assert "A correct video of each class not shown above" not in sections
+    few = dict(gallery_sections(result, items, size=1))  # only v2 (class b) above: a and c get their own
+    assert [i.name for i in few["A correct video of each class not shown above"]] == ["v5.mp4", "v0.mp4"]
     write_eval_report(result, tmp_path, gallery=items, gallery_note="frames of each video")
     html = (tmp_path / "report.html").read_text()
     assert 'src="gallery/1.png"' in html and "The videos behind the numbers" in html and str(tmp_path) not in html
