@@ -395,8 +395,8 @@ def check_weights_stream(weights: str | Path | None, stream: str, flow_weights: 
             saved = meta["preprocessing"].get("stream", "rgb")
             if saved != stream:
                 raise ConfigError(f"--weights {path} is a {saved} network, but --stream is {stream}")
-    fixed = weights_flow_channels(weights) if stream == "flow" else None
-    if fixed is not None and flow_channels is not None and flow_channels != fixed:
+    fixed = weights_flow_channels(weights) if stream == "flow" and flow_channels is not None else None
+    if fixed is not None and flow_channels != fixed:
         raise ConfigError(f"--weights {text} is a flow network on {fixed} channels; --flow-channels {flow_channels} "
                           f"does not fit it (leave --flow-channels out: it follows the weights)")
 

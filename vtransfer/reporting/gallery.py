@@ -72,7 +72,8 @@ def gallery_sections(result: EvalResult, items: Sequence[GalleryItem],
     for p in right:
         first_per_class.setdefault(p.true, p)
     shaky = right[:size]
-    others = [p for p in first_per_class.values() if p not in shaky]  # a small test set shows them all above
+    above = {p.index for p in shaky}
+    others = [p for p in first_per_class.values() if p.index not in above]  # a small test set shows them all above
     sections = [("Most confident errors", pick(wrong[:size])),
                 ("Least confident correct answers", pick(shaky)),
                 ("A correct video of each class not shown above", pick(others))]
