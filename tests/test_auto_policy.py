@@ -48,6 +48,8 @@ def test_auto_trains_the_winner_in_the_run_folder_and_never_tests_a_trial(target
     doc = json.loads((tmp_path / "run" / "auto.json").read_text())
     tried = [t["policy"] for t in doc["trials"]]
     assert tried[0] == "top-layer" and len(tried) == 2 and doc["trials"][1]["epochs"] == 1
+    # the cached-feature trial trains as long as the winner will: the run's --epochs, not the policy's default (30)
+    assert doc["trials"][0]["epochs"] == 2 and doc["trials"][0]["full"] and not doc["trials"][1]["full"]
     assert doc["winner"] in tried and doc["winner"] in doc["why"]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["options"]["policy"] == doc["winner"] == res.plan["policy"]

@@ -4,7 +4,8 @@ The trials, cheapest first:
 
 1. every policy that trains the classifier alone on frozen features (``top-layer``,
    and any other policy whose trainable part is only the head group) runs in
-   full: its epochs cost next to nothing on the frozen-prefix feature cache;
+   full, for the run's own epochs as the winner will (unset: the policy's default): its epochs cost
+   next to nothing on the frozen-prefix feature cache;
 2. then at most ``auto_trials`` of the other policies that apply to the model,
    fewest trainable parameters first, each for ``auto_epochs`` epochs.
 
@@ -93,12 +94,14 @@ def choose_policy(run_dir: Path, cfg: RunConfig, reporter=None) -> tuple[str, li
         raise ConfigError(f"--auto-trials must be >= 0 and --auto-epochs >= 1 (got {cfg.policy.auto_trials}, "
                           f"{cfg.policy.auto_epochs})")
     cheap, rest = candidate_policies(cfg)
-    chosen = [(p, None) for p in cheap] + [(p, cfg.policy.auto_epochs) for _, p in rest[: cfg.policy.auto_trials]]
+    # the cached-feature policies get the run's own epochs (as the winner will; unset: each policy's default)
+    chosen = [(p, cfg.training.epochs, True) for p in cheap]
+    chosen += [(p, cfg.policy.auto_epochs, False) for _, p in rest[: cfg.policy.auto_trials]]
     trials: list[Trial] = []
     stores: dict[str, set] = {}  # trial policy -> feature-store keys it added
-    for policy, epochs in chosen:
+    for policy, epochs, full in chosen:
         trial_cfg = cfg.replace(policy=policy, epochs=epochs, out=None, merge=False).with_policy_epochs()
-        if epochs is not None:
+        if not full:
             trial_cfg = trial_cfg.replace(patience=0)
         sub = runs.prepare_run_dir(run_dir / TRIALS_DIR / policy, overwrite=True)
         _say(reporter, f"auto: trying {policy} for {trial_cfg.training.epochs} epochs")
@@ -109,7 +112,7 @@ def choose_policy(run_dir: Path, cfg: RunConfig, reporter=None) -> tuple[str, li
         parts = {**res.streams, "two-stream": res} if res.streams else {trial_cfg.clips.stream: res}
         for stream, part in parts.items():
             where = sub / stream if res.streams and stream != "two-stream" else sub
-            trials.append(Trial(policy, n, epochs is None, float(part.best_val_video_acc), part.trainable_params,
+            trials.append(Trial(policy, n, full, float(part.best_val_video_acc), part.trainable_params,
                                 elapsed, str(where), stream=stream))
         stores[policy] = feature_cache.store_keys() - before
         _drop_losers(trials, stores, reporter)
